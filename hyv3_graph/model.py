@@ -1,0 +1,159 @@
+"""The Hy3 graph, built by hand with `max.graph`: embedding -> decoder layers -> norm -> lm_head.
+
+One subgraph body per layer kind ("dense", "sparse"), built once and called per layer with
+`ops.call(..., prefix="layers.{i}.")`, which binds the body's placeholder weights to that
+layer's tensors. Compile time therefore stays flat as depth grows.
+
+Inputs (ragged batch): tokens [T] (all new tokens of all sequences, concatenated),
+input_row_offsets [B + 1] uint32, then the paged KV cache inputs (`kv_cache.py`).
+Output: float32 logits [B, V] of each sequence's last new token.
+
+Shapes: T = total new tokens, H = hidden, Hq/Hkv = heads, D = head_dim, E = experts,
+k = experts per token, I = expert width, S = shared-expert width, V = vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from max.dtype import DType
+from max.graph import DeviceRef, Graph, TensorType, TensorValue, Weight, ops
+from max.nn.kv_cache import MHAKVCacheParams
+
+from .config import HYV3Config
+from .kernels import MOJO_KERNELS
+from .kernels.attention import attention_builtin
+from .kernels.experts import experts_builtin
+from .kernels.router import router_builtin
+
+CPU = DeviceRef.CPU()
+KERNEL_BACKENDS = ("builtin", "custom")
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Which implementation each hot spot uses; `custom` falls back to builtin until our op lands."""
+
+    backend: str = "builtin"
+
+    def __post_init__(self):
+        if self.backend not in KERNEL_BACKENDS:
+            raise ValueError(f"--kernels must be one of {KERNEL_BACKENDS}, got {self.backend!r}")
+
+    def fallbacks(self) -> list[str]:
+        """Hot spots that `custom` still serves with MAX built-ins (said once, by the CLI)."""
+        return ["router", "experts", "attention"] if self.backend == "custom" else []
+
+
+def rope_freqs_cis(cfg: HYV3Config, n_positions: int) -> np.ndarray:
+    """[n_positions, D] float32, (cos, sin) interleaved per frequency: the layout MAX's fused rope reads.
+
+    Computed the way HF does (inv_freq and angles in float32) so positions far out agree too.
+    """
+    D = cfg.head_dim
+    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, D, 2, dtype=np.float32) / np.float32(D)))).astype(np.float32)
+    angles = np.arange(n_positions, dtype=np.float32)[:, None] * inv_freq[None, :]  # [P, D/2]
+    return np.stack([np.cos(angles), np.sin(angles)], axis=-1).reshape(n_positions, D).astype(np.float32)
+
+
+def _w(name: str, dtype: DType, shape) -> TensorValue:
+    """A subgraph weight, bound per layer by `ops.call(prefix=...)`."""
+    return Weight(name, dtype, shape, device=CPU, _placeholder=True)
+
+
+def _linear(x: TensorValue, w: TensorValue) -> TensorValue:
+    """x [T, in] @ w[out, in]^T -> [T, out] (HF's nn.Linear layout)."""
+    return x @ ops.transpose(w, 0, 1)
+
+
+def _rms_norm(x: TensorValue, w: TensorValue, eps: float) -> TensorValue:
+    """HF order: normalize in float32, cast back, then scale by the weight in the model dtype."""
+    x32 = ops.cast(x, DType.float32)
+    normed = x32 / ops.sqrt(ops.mean(x32 * x32, axis=-1) + eps)  # mean keeps the axis: [T, 1]
+    return w * ops.cast(normed, x.dtype)
+
+
+def _swiglu(x: TensorValue, gate: TensorValue, up: TensorValue, down: TensorValue) -> TensorValue:
+    return _linear(ops.silu(_linear(x, gate)) * _linear(x, up), down)
+
+
+class HYV3Graph:
+    def __init__(self, cfg: HYV3Config, dtype: DType, kv_params: MHAKVCacheParams, n_positions: int,
+                 kernels: Kernels = Kernels()):
+        self.cfg, self.dtype, self.kv_params, self.n_positions, self.kernels = cfg, dtype, kv_params, n_positions, kernels
+
+    def input_types(self) -> list:
+        return [TensorType(DType.int64, ["total_seq_len"], device=CPU),
+                TensorType(DType.uint32, ["input_row_offsets_len"], device=CPU),
+                *self.kv_params.flattened_kv_inputs()]
+
+    def extra_weights(self) -> dict[str, np.ndarray]:
+        """Weights the graph makes itself rather than reads from the checkpoint."""
+        return {"rope.freqs_cis": rope_freqs_cis(self.cfg, self.n_positions)}
+
+    def build(self) -> Graph:
+        cfg, dt = self.cfg, self.dtype
+        H, V = cfg.hidden_size, cfg.vocab_size
+        with Graph("hyv3", input_types=self.input_types(), custom_extensions=[MOJO_KERNELS]) as g:
+            tokens, row_offsets, *kv_inputs = g.inputs
+            freqs = Weight("rope.freqs_cis", DType.float32, [self.n_positions, cfg.head_dim], device=CPU)
+            layer_bodies = {kind: self._layer_subgraph(g, kind) for kind in sorted(set(cfg.mlp_layer_types))}
+
+            x = ops.gather(Weight("embed_tokens.weight", dt, [V, H], device=CPU), tokens.tensor, axis=0)  # [T, H]
+            for i, kind in enumerate(cfg.mlp_layer_types):
+                layer_idx = ops.constant(i, DType.uint32, device=CPU)
+                x = ops.call(layer_bodies[kind], x, row_offsets, layer_idx, freqs, *kv_inputs, prefix=f"layers.{i}.")[0].tensor
+
+            last = ops.cast(row_offsets.tensor[1:], DType.int64) - 1  # [B] index of each sequence's last token
+            h = _rms_norm(ops.gather(x, last, axis=0), Weight("norm.weight", dt, [H], device=CPU), cfg.rms_norm_eps)  # [B, H]
+            logits = _linear(h, Weight("lm_head.weight", dt, [V, H], device=CPU))  # [B, V]
+            g.output(ops.cast(logits, DType.float32))
+        return g
+
+    def _layer_subgraph(self, g: Graph, kind: str) -> Graph:
+        cfg, dt = self.cfg, self.dtype
+        H, D, eps = cfg.hidden_size, cfg.head_dim, cfg.rms_norm_eps
+        types = [TensorType(dt, ["total_seq_len", H], device=CPU),
+                 TensorType(DType.uint32, ["input_row_offsets_len"], device=CPU),
+                 TensorType(DType.uint32, [], device=CPU),
+                 TensorType(DType.float32, [self.n_positions, D], device=CPU),
+                 *self.kv_params.flattened_kv_inputs()]
+        with g.add_subgraph(f"{kind}_layer", input_types=types, custom_extensions=[MOJO_KERNELS]) as sub:
+            x, row_offsets, layer_idx, freqs, *kv_inputs = sub.inputs
+            x, row_offsets, layer_idx = x.tensor, row_offsets.tensor, layer_idx.tensor
+            kv = self.kv_params.unflatten_kv_inputs(iter(kv_inputs))[0]
+
+            h = _rms_norm(x, _w("input_layernorm.weight", dt, [H]), eps)  # [T, H]
+            attn = attention_builtin(
+                self.kv_params, h, row_offsets, kv, layer_idx,
+                wqkv=_w("self_attn.qkv_proj.weight", dt, [cfg.q_dim + 2 * cfg.kv_dim, H]),
+                q_norm=_w("self_attn.q_norm.weight", dt, [D]), k_norm=_w("self_attn.k_norm.weight", dt, [D]),
+                freqs_cis=ops.cast(freqs.tensor, dt), n_heads=cfg.num_attention_heads, eps=eps)  # [T, Hq*D]
+            x = x + _linear(attn, _w("self_attn.o_proj.weight", dt, [H, cfg.q_dim]))  # [T, H]
+
+            h = _rms_norm(x, _w("post_attention_layernorm.weight", dt, [H]), eps)  # [T, H]
+            x = x + (self._moe(h) if kind == "sparse" else self._dense_mlp(h))  # [T, H]
+            sub.output(x)
+        return sub
+
+    def _dense_mlp(self, h: TensorValue) -> TensorValue:
+        cfg, dt, H, I = self.cfg, self.dtype, self.cfg.hidden_size, self.cfg.intermediate_size
+        return _swiglu(h, _w("mlp.gate_proj.weight", dt, [I, H]), _w("mlp.up_proj.weight", dt, [I, H]),
+                       _w("mlp.down_proj.weight", dt, [H, I]))
+
+    def _moe(self, h: TensorValue) -> TensorValue:
+        cfg, dt = self.cfg, self.dtype
+        H, E, I, S = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_intermediate_size
+        router_logits = _linear(ops.cast(h, DType.float32), _w("mlp.router.weight", DType.float32, [E, H]))  # [T, E]
+        topk_ids, topk_w = router_builtin(router_logits, _w("mlp.expert_bias", DType.float32, [E]),
+                                          cfg.num_experts_per_tok, cfg.router_scaling_factor, cfg.route_norm)  # [T, k]
+        routed = experts_builtin(h, topk_ids, topk_w, _w("mlp.experts.gate_up", dt, [E, 2 * I, H]),
+                                 _w("mlp.experts.down", dt, [E, H, I]))  # [T, H] float32
+        if cfg.num_shared_experts:
+            shared = _swiglu(h, _w("mlp.shared.gate_proj.weight", dt, [S, H]), _w("mlp.shared.up_proj.weight", dt, [S, H]),
+                             _w("mlp.shared.down_proj.weight", dt, [H, S]))  # [T, H]
+            if cfg.enable_moe_fp32_combine:
+                return ops.cast(routed + ops.cast(shared, DType.float32), dt)
+            return ops.cast(routed, dt) + shared
+        return ops.cast(routed, dt)
