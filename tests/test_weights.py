@@ -1,0 +1,157 @@
+import json
+
+import numpy as np
+import pytest
+from max.dtype import DType
+
+from hyv3_graph.checkpoints import hf_config_dict, random_tensors, write_checkpoint
+from hyv3_graph.config import HYV3Config
+from hyv3_graph.dtypes import bf16_bits_to_f32, f32_to_bf16_bits
+from hyv3_graph.weights import WeightError, load_weights
+
+SPEC = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, intermediate_size=48, moe_intermediate_size=16, num_experts=5, num_experts_per_tok=2,
+            num_shared_experts=1, router_scaling_factor=2.0, rope_theta=10000.0, max_position_embeddings=128,
+            mlp_layer_types=["dense", "sparse", "sparse"])
+
+
+def make(tmp_path, spec=SPEC, mutate=None, shards=1):
+    config = hf_config_dict(spec)
+    tensors = random_tensors(config, seed=1)
+    if mutate:
+        mutate(tensors)
+    write_checkpoint(tmp_path, config, tensors, shards=shards)
+    return HYV3Config.from_file(tmp_path), tensors
+
+
+def test_raw_layout_stacks_experts_and_keeps_router_fp32(tmp_path):
+    cfg, t = make(tmp_path)
+    w = load_weights(tmp_path, cfg, DType.bfloat16).tensors
+    gu = w["layers.1.mlp.experts.gate_up"]
+    assert gu.shape == (5, 32, 32) and gu.dtype == np.uint16  # bf16 bits
+    np.testing.assert_array_equal(gu[3, :16], f32_to_bf16_bits(t["model.layers.1.mlp.experts.3.gate_proj.weight"]))
+    np.testing.assert_array_equal(gu[3, 16:], f32_to_bf16_bits(t["model.layers.1.mlp.experts.3.up_proj.weight"]))
+    assert w["layers.1.mlp.expert_bias"].dtype == np.float32
+    np.testing.assert_array_equal(w["layers.1.mlp.expert_bias"], t["model.layers.1.mlp.expert_bias"])
+    assert w["layers.2.mlp.router.weight"].dtype == np.float32
+    assert w["layers.0.self_attn.qkv_proj.weight"].shape == ((4 + 2 + 2) * 8, 32)
+
+
+def test_equals_what_transformers_loads(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg, _ = make(tmp_path)
+    ours = load_weights(tmp_path, cfg).tensors
+    sd = {k: v.float().numpy() for k, v in AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).state_dict().items()}
+    for i in (1, 2):
+        p = f"model.layers.{i}.mlp."
+        np.testing.assert_array_equal(ours[f"layers.{i}.mlp.experts.gate_up"], sd[p + "experts.gate_up_proj"])
+        np.testing.assert_array_equal(ours[f"layers.{i}.mlp.experts.down"], sd[p + "experts.down_proj"])
+        np.testing.assert_array_equal(ours[f"layers.{i}.mlp.router.weight"], sd[p + "gate.weight"])
+        np.testing.assert_array_equal(ours[f"layers.{i}.mlp.expert_bias"], sd[p + "e_score_correction_bias"])
+        np.testing.assert_array_equal(ours[f"layers.{i}.mlp.shared.down_proj.weight"], sd[p + "shared_experts.down_proj.weight"])
+    qkv = np.concatenate([sd[f"model.layers.0.self_attn.{x}_proj.weight"] for x in "qkv"])
+    np.testing.assert_array_equal(ours["layers.0.self_attn.qkv_proj.weight"], qkv)
+    np.testing.assert_array_equal(ours["lm_head.weight"], sd["lm_head.weight"])
+    np.testing.assert_array_equal(ours["embed_tokens.weight"], sd["model.embed_tokens.weight"])
+
+
+def test_hf_fused_naming_matches_raw(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg, _ = make(tmp_path / "raw")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "raw", dtype=torch.float32)
+    from safetensors.torch import save_file
+
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, fused / "model.safetensors")
+    (fused / "config.json").write_text((tmp_path / "raw" / "config.json").read_text())
+    a, b = load_weights(tmp_path / "raw", cfg), load_weights(fused, cfg)
+    assert (a.naming, b.naming) == ("raw", "hf_fused")
+    assert a.tensors.keys() == b.tensors.keys()
+    for k in a.tensors:
+        np.testing.assert_array_equal(a.tensors[k], b.tensors[k], err_msg=k)
+
+
+def test_sharded_index(tmp_path):
+    cfg, _ = make(tmp_path / "one")
+    make(tmp_path / "sharded", shards=3)
+    assert len(json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+    a, b = load_weights(tmp_path / "one", cfg), load_weights(tmp_path / "sharded", cfg)
+    for k in a.tensors:
+        np.testing.assert_array_equal(a.tensors[k], b.tensors[k])
+
+
+def test_tied_embeddings_use_embed_tokens(tmp_path):
+    cfg, t = make(tmp_path, dict(SPEC, tie_word_embeddings=True))
+    assert "lm_head.weight" not in t
+    w = load_weights(tmp_path, cfg).tensors
+    assert w["lm_head.weight"] is w["embed_tokens.weight"]
+
+
+def test_mtp_layer_dropped(tmp_path):
+    def add_mtp(t):
+        t["model.layers.3.input_layernorm.weight"] = np.ones(32, np.float32)
+        t["model.layers.3.eh_proj.weight"] = np.ones((32, 64), np.float32)
+
+    cfg, _ = make(tmp_path, mutate=add_mtp)
+    assert not any(k.startswith("layers.3.") for k in load_weights(tmp_path, cfg).tensors)
+
+
+def test_bf16_checkpoint(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    cfg, t = make(tmp_path / "f32")
+    bf = tmp_path / "bf16"
+    bf.mkdir()
+    save_file({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in t.items()}, bf / "model.safetensors")
+    (bf / "config.json").write_text((tmp_path / "f32" / "config.json").read_text())
+    w = load_weights(bf, cfg, DType.float32).tensors
+    expect = bf16_bits_to_f32(f32_to_bf16_bits(t["model.layers.1.mlp.experts.2.down_proj.weight"]))
+    np.testing.assert_array_equal(w["layers.1.mlp.experts.down"][2], expect)
+
+
+def test_missing_tensor(tmp_path):
+    cfg, _ = make(tmp_path, mutate=lambda t: t.pop("model.layers.2.mlp.experts.4.up_proj.weight"))
+    with pytest.raises(WeightError, match=r"missing tensor 'model.layers.2.mlp.experts.4.up_proj.weight' \(expected shape \[16, 32\]\)"):
+        load_weights(tmp_path, cfg)
+
+
+def test_unexpected_tensor(tmp_path):
+    cfg, _ = make(tmp_path, mutate=lambda t: t.__setitem__("model.layers.1.mlp.extra.weight", np.ones(3, np.float32)))
+    with pytest.raises(WeightError, match=r"unexpected tensor 'model.layers.1.mlp.extra.weight' \(shape \[3\]\)"):
+        load_weights(tmp_path, cfg)
+
+
+def test_misshaped_tensor(tmp_path):
+    cfg, _ = make(tmp_path, mutate=lambda t: t.__setitem__("model.layers.1.mlp.expert_bias", np.ones(6, np.float32)))
+    with pytest.raises(WeightError, match=r"'model.layers.1.mlp.expert_bias': expected shape \[5\], found \[6\]"):
+        load_weights(tmp_path, cfg)
+
+
+def test_non_float_tensor(tmp_path):
+    cfg, _ = make(tmp_path, mutate=lambda t: t.__setitem__("model.norm.weight", np.ones(32, np.int32)))
+    with pytest.raises(WeightError, match=r"'model.norm.weight': expected a float dtype.*found I32"):
+        load_weights(tmp_path, cfg)
+
+
+def test_mixed_namings_rejected(tmp_path):
+    cfg, _ = make(tmp_path, mutate=lambda t: t.__setitem__("model.layers.1.mlp.experts.gate_up_proj", np.ones((5, 32, 32), np.float32)))
+    with pytest.raises(WeightError, match="mixes"):
+        load_weights(tmp_path, cfg)
+
+
+def test_tiny_checkpoint_loads_in_transformers(tiny_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_path)
+    assert type(model).__name__ == "HYV3ForCausalLM"
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    ids = tok.encode("def forward(self, x):", add_special_tokens=False)
+    assert tok.decode(ids) == "def forward(self, x):" and max(ids) < model.config.vocab_size
+    bias = load_weights(tiny_path, HYV3Config.from_file(tiny_path)).tensors["layers.1.mlp.expert_bias"]
+    assert np.abs(bias).max() > 0
