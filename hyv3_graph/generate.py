@@ -3,7 +3,7 @@
     --model-path DIR          config.json + safetensors + tokenizer (default: the embedded tiny checkpoint)
     --prompt TEXT / --prompt-ids 1,2,3   repeatable; all prompts run together
     --max-new-tokens N --temperature T (0 = greedy) --top-k K --top-p P --seed S --ignore-eos
-    --dtype float32|bfloat16 --kernels builtin|custom --max-batch-size N --max-length N (KV capacity)
+    --dtype float32|bfloat16 --kernels builtin|custom --max-batch-size N --max-length N (KV capacity) --page-size N
     --json                    one line per prompt {prompt_ids, output_ids, text}, then one stats line
 """
 
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernels", choices=KERNEL_BACKENDS, default="builtin")
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=1024, help="KV cache capacity per sequence, in tokens")
+    ap.add_argument("--page-size", type=int, default=128, help="KV cache page size, in tokens")
     ap.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     args = ap.parse_args(argv)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -149,7 +150,7 @@ def _run(args, log) -> int:
     from .runtime import HYV3Engine
 
     engine = HYV3Engine(model_path, dtype=DTYPES[args.dtype], kernels=args.kernels, max_batch_size=args.max_batch_size,
-                        max_length=args.max_length, progress=log)
+                        max_length=args.max_length, page_size=args.page_size, progress=log)
     for name in engine.kernels.fallbacks():
         log(f"--kernels custom: no custom '{name}' kernel yet, using MAX built-ins for it")
     log(f"compiled in {engine.compile_s:.1f}s")

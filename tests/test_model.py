@@ -1,0 +1,135 @@
+"""Whole-model graph vs HF `HYV3ForCausalLM` (float32), on `tiny` and on ALT_SPEC (see conftest)."""
+
+import numpy as np
+import pytest
+
+from conftest import hf_last_logits
+from hyv3_graph.generate import generate
+from hyv3_graph.runtime import RequestError
+
+# float32 end to end; MAX and torch sum in different orders, observed max |diff| ~1.5e-5 on logits of std ~4
+LOGITS_ATOL = 2e-4
+PROMPTS = [[5, 17, 300, 2, 9, 77, 31], [44], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26]]
+CHECKPOINTS = ["tiny_path", "alt_path"]
+BACKENDS = ["builtin", "custom"]
+
+
+@pytest.fixture(params=CHECKPOINTS)
+def path(request):
+    return request.getfixturevalue(request.param)
+
+
+def prompts_for(engine):
+    return [[t % engine.cfg.vocab_size for t in p] for p in PROMPTS]
+
+
+@pytest.mark.parametrize("kernels", BACKENDS)
+def test_ragged_prefill_logits_match_hf(engines, hf_models, path, kernels):
+    engine, hf = engines.get(path, kernels), hf_models(path)
+    prompts = prompts_for(engine)
+    for i in range(len(prompts)):
+        engine.add_sequence(i)
+    try:
+        logits = engine.step(list(enumerate(prompts)))
+    finally:
+        for i in range(len(prompts)):
+            engine.release(i)
+    assert logits.shape == (len(prompts), engine.cfg.vocab_size) and logits.dtype == np.float32
+    for i, p in enumerate(prompts):
+        np.testing.assert_allclose(logits[i], hf_last_logits(hf, p), rtol=0, atol=LOGITS_ATOL)
+
+
+@pytest.mark.parametrize("kernels", BACKENDS)
+def test_greedy_32_steps_match_hf_loop(engines, hf_models, path, kernels):
+    engine, hf = engines.get(path, kernels), hf_models(path)
+    prompts = prompts_for(engine)
+    outputs, _ = generate(engine, prompts, max_new_tokens=32, ignore_eos=True)
+    for p, out in zip(prompts, outputs):
+        ids, expect = list(p), []
+        for _ in range(32):  # HF's plain greedy loop: argmax of a full forward each step, no processors
+            expect.append(int(np.argmax(hf_last_logits(hf, ids))))
+            ids.append(expect[-1])
+        assert out == expect
+
+
+def test_custom_and_builtin_agree(engines, path):
+    prompts = prompts_for(engines.get(path))
+    a, _ = generate(engines.get(path, "builtin"), prompts, max_new_tokens=16, ignore_eos=True)
+    b, _ = generate(engines.get(path, "custom"), prompts, max_new_tokens=16, ignore_eos=True)
+    assert a == b
+
+
+def test_prefill_then_decode_equals_full_recompute(engines, path):
+    engine = engines.get(path)
+    p = prompts_for(engine)[2]
+    engine.add_sequence(0)
+    engine.add_sequence(1)
+    try:
+        engine.step([(0, p[:5])])
+        engine.step([(0, p[5:12])])  # a second prefill chunk on a non-empty cache
+        decoded = [engine.step([(0, [t])])[0] for t in p[12:]]
+        full = engine.step([(1, p)])[0]
+    finally:
+        engine.release(0)
+        engine.release(1)
+    np.testing.assert_allclose(decoded[-1], full, rtol=0, atol=LOGITS_ATOL)
+
+
+def test_mixed_prefill_and_decode_batch(engines, hf_models, path):
+    engine, hf = engines.get(path), hf_models(path)
+    prompts = prompts_for(engine)
+    engine.add_sequence(0)
+    engine.add_sequence(1)
+    try:
+        engine.step([(0, prompts[0])])
+        # seq 0 decodes one token while seq 1 prefills its whole prompt, in one ragged step
+        logits = engine.step([(1, prompts[2]), (0, [3])])
+    finally:
+        engine.release(0)
+        engine.release(1)
+    np.testing.assert_allclose(logits[0], hf_last_logits(hf, prompts[2]), rtol=0, atol=LOGITS_ATOL)
+    np.testing.assert_allclose(logits[1], hf_last_logits(hf, prompts[0] + [3]), rtol=0, atol=LOGITS_ATOL)
+
+
+def test_batch_gives_same_tokens_as_alone(engines, tiny_path):
+    engine = engines.get(tiny_path)
+    prompts = prompts_for(engine)
+    batched, _ = generate(engine, prompts, max_new_tokens=12, ignore_eos=True)
+    alone = [generate(engine, [p], max_new_tokens=12, ignore_eos=True)[0][0] for p in prompts]
+    assert batched == alone
+
+
+def test_request_errors_leave_other_sequences_intact(engines, tiny_path):
+    engine = engines.get(tiny_path)  # max_batch_size 4, max_length 256, page 16, 40 pages
+    p = prompts_for(engine)[0]
+    engine.add_sequence(0)
+    try:
+        engine.step([(0, p)])
+        free = engine.cache.free_pages
+        engine.add_sequence(1)
+        with pytest.raises(RequestError, match="outside the vocab"):
+            engine.step([(0, [1]), (1, [engine.cfg.vocab_size])])
+        with pytest.raises(RequestError, match="no tokens"):
+            engine.step([(0, [1]), (1, [])])
+        with pytest.raises(RequestError, match="capacity is 256"):
+            engine.step([(0, [1]), (1, [1] * 257)])
+        for s in (2, 3):
+            engine.add_sequence(s)
+        with pytest.raises(RequestError, match="batch capacity 4"):
+            engine.add_sequence(4)
+        engine.step([(2, [1] * 250), (3, [1] * 250)])  # 16 pages each: 7 of 40 left
+        with pytest.raises(RequestError, match="KV pages exhausted"):
+            engine.step([(0, [1]), (1, [1] * 200)])
+        assert engine.cache.length(0) == len(p) and engine.cache.length(1) == 0
+        assert engine.cache.free_pages == free - 32
+        # sequence 0 carries on as if nothing had happened
+        alone = engine.step([(0, [9])])[0]
+    finally:
+        for s in range(4):
+            engine.release(s)
+    engine.add_sequence(0)
+    try:
+        expect = engine.step([(0, p + [9])])[0]
+    finally:
+        engine.release(0)
+    np.testing.assert_allclose(alone, expect, rtol=0, atol=LOGITS_ATOL)
