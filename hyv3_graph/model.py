@@ -25,7 +25,7 @@ from .config import HYV3Config
 from .kernels import MOJO_KERNELS
 from .kernels.attention import attention_builtin
 from .kernels.experts import experts_builtin
-from .kernels.router import router_builtin
+from .kernels.moe_router import moe_router, moe_router_builtin
 
 CPU = DeviceRef.CPU()
 KERNEL_BACKENDS = ("builtin", "custom")
@@ -41,9 +41,13 @@ class Kernels:
         if self.backend not in KERNEL_BACKENDS:
             raise ValueError(f"--kernels must be one of {KERNEL_BACKENDS}, got {self.backend!r}")
 
+    @property
+    def custom(self) -> bool:
+        return self.backend == "custom"
+
     def fallbacks(self) -> list[str]:
         """Hot spots that `custom` still serves with MAX built-ins (said once, by the CLI)."""
-        return ["router", "experts", "attention"] if self.backend == "custom" else []
+        return ["experts", "attention"] if self.custom else []
 
 
 def rope_freqs_cis(cfg: HYV3Config, n_positions: int) -> np.ndarray:
@@ -146,8 +150,9 @@ class HYV3Graph:
         cfg, dt = self.cfg, self.dtype
         H, E, I, S = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_intermediate_size
         router_logits = _linear(ops.cast(h, DType.float32), _w("mlp.router.weight", DType.float32, [E, H]))  # [T, E]
-        topk_ids, topk_w = router_builtin(router_logits, _w("mlp.expert_bias", DType.float32, [E]),
-                                          cfg.num_experts_per_tok, cfg.router_scaling_factor, cfg.route_norm)  # [T, k]
+        route = moe_router if self.kernels.custom else moe_router_builtin
+        topk_ids, topk_w, *_dispatch = route(router_logits, _w("mlp.expert_bias", DType.float32, [E]),
+                                             cfg.num_experts_per_tok, cfg.router_scaling_factor, cfg.route_norm)  # [T, k]
         routed = experts_builtin(h, topk_ids, topk_w, _w("mlp.experts.gate_up", dt, [E, 2 * I, H]),
                                  _w("mlp.experts.down", dt, [E, H, I]))  # [T, H] float32
         if cfg.num_shared_experts:

@@ -1,0 +1,152 @@
+# Fused MoE router: sigmoid + fp32 correction bias + top-k + unbiased weights + renorm + scale,
+# plus the dispatch metadata the experts kernel groups tokens by, in one custom op.
+#
+# Reference (the spec): hyv3_graph/kernels/moe_router.py::moe_router_reference
+# Wrapper:              hyv3_graph/kernels/moe_router.py::moe_router
+# Fuzz test:            tests/test_moe_router.py     Bench: bench/cases/moe_router.py (`router` cases)
+#
+# Semantics (HF HYV3TopKRouter): score = sigmoid(logit); the k experts with the largest
+# score + bias are chosen; weight = the UNBIASED score; if renormalize, w / (sum(w) + 1e-20);
+# times scale. Defined where HF leaves it open:
+#   * outputs are in descending order of score + bias; on equal score + bias the lower expert
+#     index wins (an insertion that needs a strictly larger key keeps the earlier expert);
+#   * a NaN logit scores 0, as a -inf logit does (its expert can still be chosen through the
+#     bias, with weight 0); a NaN score + bias (a NaN bias) ranks as -inf, below every number,
+#     ties again by index. So ids are always valid and distinct and nothing is read or written
+#     out of bounds, whatever the input; weights are NaN only where the bias makes them so: never.
+# Dispatch metadata: expert_offsets [E + 1] (exclusive prefix sum of per-expert counts) and
+# sorted_slots [T * k]: the slots t * k + j grouped by expert, ascending t within an expert
+# (stable, so everything downstream is bit-for-bit deterministic).
+#
+# CPU design: tokens split into blocks across cores; per token a SIMD sigmoid over the experts
+# into a per-block scratch row (one allocation per block, none per token), then one pass over
+# the experts keeping a sorted top-k list (k is small; most experts are rejected by one compare
+# against the current k-th key). The metadata is a serial counting sort over T * k slots.
+import extensibility
+from extensibility import InputTensor, OutputTensor
+from max.gpu.host import DeviceContext
+from max.algorithm import parallelize
+from std.math import exp
+from std.runtime import parallelism_level
+
+comptime W = 16  # SIMD width for the sigmoid
+
+
+@extensibility.register("moe_router")
+struct MoeRouter:
+    @staticmethod
+    def execute[
+        target: StaticString,
+        top_k: Int,
+        scale: Float32,
+        renormalize: Bool,
+    ](
+        topk_ids: OutputTensor[dtype = DType.int32, rank=2, ...],
+        topk_weights: OutputTensor[dtype = DType.float32, rank=2, ...],
+        expert_offsets: OutputTensor[dtype = DType.int32, rank=1, ...],
+        sorted_slots: OutputTensor[dtype = DType.int32, rank=1, ...],
+        logits: InputTensor[dtype = DType.float32, rank=2, ...],
+        bias: InputTensor[dtype = DType.float32, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime assert target == "cpu", "moe_router: CPU-only kernel"
+        comptime assert top_k >= 1, "moe_router: top_k must be >= 1"
+        var T = logits.dim_size(0)
+        var E = logits.dim_size(1)
+        if bias.dim_size(0) != E or expert_offsets.dim_size(0) != E + 1:
+            raise Error("moe_router: bias must be [E] and expert_offsets [E + 1], E=", E)
+        if top_k > E:
+            raise Error("moe_router: top_k=", top_k, " exceeds the number of experts ", E)
+        if topk_ids.dim_size(0) != T or topk_ids.dim_size(1) != top_k or sorted_slots.dim_size(0) != T * top_k:
+            raise Error("moe_router: output shapes do not match T=", T, " k=", top_k)
+        if logits.stride_length(1) != 1 or topk_ids.stride_length(1) != 1 or topk_weights.stride_length(1) != 1:
+            raise Error("moe_router: expected contiguous rows")
+        if T == 0:
+            var op0 = expert_offsets.unsafe_ptr()
+            for e in range(E + 1):
+                op0[unsafe_offset=e] = 0
+            return
+
+        var lp = logits.unsafe_ptr()
+        var bp = bias.unsafe_ptr()
+        var ip = topk_ids.unsafe_ptr()
+        var wp = topk_weights.unsafe_ptr()
+        var ls = logits.stride_length(0)
+        var ids_s = topk_ids.stride_length(0)
+        var ws = topk_weights.stride_length(0)
+        var workers = parallelism_level()
+        var block = max(1, min(256, (T + 4 * workers - 1) // (4 * workers)))
+        var n_blocks = (T + block - 1) // block
+
+        def route_block(b: Int) {var lp, var bp, var ip, var wp, var ls, var ids_s, var ws, var E, var T, var block}:
+            var scores = List[Float32](length=E, fill=0)
+            var keys = List[Float32](length=top_k, fill=0)
+            var best = List[Int](length=top_k, fill=0)
+            var sp = scores.unsafe_ptr()
+            var kp = keys.unsafe_ptr()
+            var xp = best.unsafe_ptr()
+            for t in range(b * block, min(T, (b + 1) * block)):
+                var row = lp.unsafe_offset(t * ls)
+                var e = 0
+                while e + W <= E:
+                    var v = row.unsafe_load[width=W](e)
+                    sp.unsafe_store(e, 1.0 / (1.0 + exp(-v)))
+                    e += W
+                while e < E:
+                    var v = row[unsafe_offset=e]
+                    sp[unsafe_offset=e] = 1.0 / (1.0 + exp(-v))
+                    e += 1
+                var n = 0
+                for x in range(E):
+                    var logit = row[unsafe_offset=x]
+                    if logit != logit:
+                        sp[unsafe_offset=x] = 0  # NaN logit: scores as -inf would
+                    var key = sp[unsafe_offset=x] + bp[unsafe_offset=x]
+                    if key != key:
+                        key = Float32.MIN  # NaN ranks as -inf
+                    var pos: Int
+                    if n < top_k:
+                        pos = n
+                        n += 1
+                    elif key > kp[unsafe_offset=top_k - 1]:
+                        pos = top_k - 1
+                    else:
+                        continue
+                    while pos > 0 and kp[unsafe_offset=pos - 1] < key:
+                        kp[unsafe_offset=pos] = kp[unsafe_offset=pos - 1]
+                        xp[unsafe_offset=pos] = xp[unsafe_offset=pos - 1]
+                        pos -= 1
+                    kp[unsafe_offset=pos] = key
+                    xp[unsafe_offset=pos] = x
+                var total: Float32 = 0
+                for j in range(top_k):
+                    total += sp[unsafe_offset=xp[unsafe_offset=j]]
+                var den: Float32 = 1  # dividing by 1 is exact: one formula, HF's rounding order, both modes
+                comptime if renormalize:
+                    den = total + Float32(1e-20)
+                for j in range(top_k):
+                    var x = xp[unsafe_offset=j]
+                    ip[unsafe_offset=t * ids_s + j] = Int32(x)
+                    wp[unsafe_offset=t * ws + j] = sp[unsafe_offset=x] / den * scale
+
+        parallelize(route_block, n_blocks)
+
+        # Dispatch metadata: a stable counting sort of the T * k slots by expert.
+        var op = expert_offsets.unsafe_ptr()
+        var slots = sorted_slots.unsafe_ptr()
+        for e in range(E + 1):
+            op[unsafe_offset=e] = 0
+        for t in range(T):
+            for j in range(top_k):
+                var x = Int(ip[unsafe_offset=t * ids_s + j])
+                op[unsafe_offset=x + 1] = op[unsafe_offset=x + 1] + 1
+        for e in range(E):
+            op[unsafe_offset=e + 1] = op[unsafe_offset=e + 1] + op[unsafe_offset=e]
+        var cursor = List[Int](length=E, fill=0)
+        for e in range(E):
+            cursor[e] = Int(op[unsafe_offset=e])
+        for t in range(T):
+            for j in range(top_k):
+                var x = Int(ip[unsafe_offset=t * ids_s + j])
+                slots[unsafe_offset=cursor[x]] = Int32(t * top_k + j)
+                cursor[x] += 1
