@@ -87,6 +87,10 @@ class HYV3Graph:
                  kernels: Kernels = Kernels()):
         self.cfg, self.dtype, self.kv_params, self.n_positions, self.kernels = cfg, dtype, kv_params, n_positions, kernels
 
+    def _extensions(self) -> list:
+        """Our Mojo package only for `custom`: a builtin graph then stays cached when a kernel changes."""
+        return [MOJO_KERNELS] if self.kernels.custom else []
+
     def input_types(self) -> list:
         return [TensorType(DType.int64, ["total_seq_len"], device=CPU),
                 TensorType(DType.uint32, ["input_row_offsets_len"], device=CPU),
@@ -99,7 +103,7 @@ class HYV3Graph:
     def build(self) -> Graph:
         cfg, dt = self.cfg, self.dtype
         H, V = cfg.hidden_size, cfg.vocab_size
-        with Graph("hyv3", input_types=self.input_types(), custom_extensions=[MOJO_KERNELS]) as g:
+        with Graph("hyv3", input_types=self.input_types(), custom_extensions=self._extensions()) as g:
             tokens, row_offsets, *kv_inputs = g.inputs
             freqs = Weight("rope.freqs_cis", DType.float32, [self.n_positions, cfg.head_dim], device=CPU)
             layer_bodies = {kind: self._layer_subgraph(g, kind) for kind in sorted(set(cfg.mlp_layer_types))}
@@ -123,7 +127,7 @@ class HYV3Graph:
                  TensorType(DType.uint32, [], device=CPU),
                  TensorType(DType.float32, [self.n_positions, D], device=CPU),
                  *self.kv_params.flattened_kv_inputs()]
-        with g.add_subgraph(f"{kind}_layer", input_types=types, custom_extensions=[MOJO_KERNELS]) as sub:
+        with g.add_subgraph(f"{kind}_layer", input_types=types, custom_extensions=self._extensions()) as sub:
             x, row_offsets, layer_idx, freqs, *kv_inputs = sub.inputs
             x, row_offsets, layer_idx = x.tensor, row_offsets.tensor, layer_idx.tensor
             kv = self.kv_params.unflatten_kv_inputs(iter(kv_inputs))[0]

@@ -18,18 +18,120 @@
 # sorted_slots [T * k]: the slots t * k + j grouped by expert, ascending t within an expert
 # (stable, so everything downstream is bit-for-bit deterministic).
 #
-# CPU design: tokens split into blocks across cores; per token a SIMD sigmoid over the experts
-# into a per-block scratch row (one allocation per block, none per token), then one pass over
-# the experts keeping a sorted top-k list (k is small; most experts are rejected by one compare
-# against the current k-th key). The metadata is a serial counting sort over T * k slots.
+# CPU design: tokens split into blocks across cores (one scratch allocation per block, none per
+# token). Per token, pass 1 computes sigmoid and key for all experts in SIMD chunks and keeps
+# per-lane maxima; the k-th largest lane maximum is a lower bound of the k-th largest key, so
+# pass 2 inserts only the few experts at or above it into a sorted top-k list (most chunks are
+# one vector compare). The metadata is a serial counting sort over the T * k slots.
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
 from max.algorithm import parallelize
-from std.math import exp
+from std.bit import count_trailing_zeros
+from std.math import exp, isnan
 from std.runtime import parallelism_level
 
 comptime W = 16  # SIMD width for the sigmoid
+
+
+def _pow2_at_least(k: Int) -> Int:
+    var p = 1
+    while p < k:
+        p *= 2
+    return p
+
+
+@always_inline
+def _lane_bits() -> SIMD[DType.uint32, W]:
+    var bits = SIMD[DType.uint32, W](0)
+    comptime for i in range(W):
+        bits[i] = UInt32(1 << i)
+    return bits
+
+
+@always_inline
+def _insert[top_k: Int](kp: Pointer[mut=True, Float32, _], xp: Pointer[mut=True, Int, _], mut n: Int, key: Float32, x: Int):
+    """Inserts expert x into the sorted top-k list; a key must be strictly larger to displace: ties keep the earlier expert."""
+    var pos: Int
+    if n < top_k:
+        pos = n
+        n += 1
+    elif key > kp[unsafe_offset=top_k - 1]:
+        pos = top_k - 1
+    else:
+        return
+    while pos > 0 and kp[unsafe_offset=pos - 1] < key:
+        kp[unsafe_offset=pos] = kp[unsafe_offset=pos - 1]
+        xp[unsafe_offset=pos] = xp[unsafe_offset=pos - 1]
+        pos -= 1
+    kp[unsafe_offset=pos] = key
+    xp[unsafe_offset=pos] = x
+
+
+@always_inline
+def route_token[top_k: Int, scale: Float32, renormalize: Bool](
+    row: Pointer[Float32, _],
+    bp: Pointer[Float32, _],
+    E: Int,
+    scratch: Pointer[mut=True, Float32, _],
+    xp: Pointer[mut=True, Int, _],
+    ids: Pointer[mut=True, Int32, _],
+    weights: Pointer[mut=True, Float32, _],
+):
+    """Routes one token: logits row [E] -> ids [top_k], weights [top_k].
+
+    scratch holds [E] scores, [E] keys and [top_k] sorted keys; xp the [top_k] sorted experts.
+    """
+    var sp = scratch
+    var cp = scratch.unsafe_offset(E)
+    var kp = scratch.unsafe_offset(2 * E)
+    # Pass 1 (SIMD): scores and keys into scratch; per-lane maxima over the full chunks.
+    var lane_max = SIMD[DType.float32, W](Float32.MIN)
+    var e = 0
+    while e + W <= E:
+        var v = row.unsafe_load[width=W](e)
+        var score = isnan(v).select(SIMD[DType.float32, W](0), 1.0 / (1.0 + exp(-v)))
+        var key = score + bp.unsafe_load[width=W](e)
+        key = isnan(key).select(SIMD[DType.float32, W](Float32.MIN), key)
+        sp.unsafe_store(e, score)
+        cp.unsafe_store(e, key)
+        lane_max = max(lane_max, key)
+        e += W
+    for x in range(e, E):
+        var v = row[unsafe_offset=x]
+        var score: Float32 = 0 if v != v else 1.0 / (1.0 + exp(-v))
+        var key = score + bp[unsafe_offset=x]
+        sp[unsafe_offset=x] = score
+        cp[unsafe_offset=x] = Float32.MIN if key != key else key
+    # Any P distinct experts have a P-th largest key <= the true k-th largest (P >= k), so the
+    # smallest of P lane-group maxima is a cheap lower bound: only keys >= it can be chosen.
+    var threshold = Float32.MIN
+    comptime if top_k <= W:
+        if E >= W:
+            threshold = lane_max.reduce_max[size_out=_pow2_at_least(top_k)]().reduce_min()
+    # Pass 2: candidates in ascending expert order into the sorted top-k list.
+    var n = 0
+    e = 0
+    while e + W <= E:
+        var mask = Int(cp.unsafe_load[width=W](e).ge(threshold).select(_lane_bits(), SIMD[DType.uint32, W](0)).reduce_or())
+        while mask != 0:
+            var x = e + count_trailing_zeros(mask)
+            mask &= mask - 1
+            _insert[top_k](kp, xp, n, cp[unsafe_offset=x], x)
+        e += W
+    for x in range(e, E):
+        if cp[unsafe_offset=x] >= threshold:
+            _insert[top_k](kp, xp, n, cp[unsafe_offset=x], x)
+    var total: Float32 = 0
+    for j in range(top_k):
+        total += sp[unsafe_offset=xp[unsafe_offset=j]]
+    var den: Float32 = 1  # dividing by 1 is exact: one formula, HF's rounding order, both modes
+    comptime if renormalize:
+        den = total + Float32(1e-20)
+    for j in range(top_k):
+        var x = xp[unsafe_offset=j]
+        ids[unsafe_offset=j] = Int32(x)
+        weights[unsafe_offset=j] = sp[unsafe_offset=x] / den * scale
 
 
 @extensibility.register("moe_router")
@@ -79,55 +181,13 @@ struct MoeRouter:
         var n_blocks = (T + block - 1) // block
 
         def route_block(b: Int) {var lp, var bp, var ip, var wp, var ls, var ids_s, var ws, var E, var T, var block}:
-            var scores = List[Float32](length=E, fill=0)
-            var keys = List[Float32](length=top_k, fill=0)
+            var scratch = List[Float32](length=2 * E + top_k, fill=0)  # scores, keys, top-k keys
             var best = List[Int](length=top_k, fill=0)
-            var sp = scores.unsafe_ptr()
-            var kp = keys.unsafe_ptr()
-            var xp = best.unsafe_ptr()
+            var sp = scratch.unsafe_ptr()
             for t in range(b * block, min(T, (b + 1) * block)):
-                var row = lp.unsafe_offset(t * ls)
-                var e = 0
-                while e + W <= E:
-                    var v = row.unsafe_load[width=W](e)
-                    sp.unsafe_store(e, 1.0 / (1.0 + exp(-v)))
-                    e += W
-                while e < E:
-                    var v = row[unsafe_offset=e]
-                    sp[unsafe_offset=e] = 1.0 / (1.0 + exp(-v))
-                    e += 1
-                var n = 0
-                for x in range(E):
-                    var logit = row[unsafe_offset=x]
-                    if logit != logit:
-                        sp[unsafe_offset=x] = 0  # NaN logit: scores as -inf would
-                    var key = sp[unsafe_offset=x] + bp[unsafe_offset=x]
-                    if key != key:
-                        key = Float32.MIN  # NaN ranks as -inf
-                    var pos: Int
-                    if n < top_k:
-                        pos = n
-                        n += 1
-                    elif key > kp[unsafe_offset=top_k - 1]:
-                        pos = top_k - 1
-                    else:
-                        continue
-                    while pos > 0 and kp[unsafe_offset=pos - 1] < key:
-                        kp[unsafe_offset=pos] = kp[unsafe_offset=pos - 1]
-                        xp[unsafe_offset=pos] = xp[unsafe_offset=pos - 1]
-                        pos -= 1
-                    kp[unsafe_offset=pos] = key
-                    xp[unsafe_offset=pos] = x
-                var total: Float32 = 0
-                for j in range(top_k):
-                    total += sp[unsafe_offset=xp[unsafe_offset=j]]
-                var den: Float32 = 1  # dividing by 1 is exact: one formula, HF's rounding order, both modes
-                comptime if renormalize:
-                    den = total + Float32(1e-20)
-                for j in range(top_k):
-                    var x = xp[unsafe_offset=j]
-                    ip[unsafe_offset=t * ids_s + j] = Int32(x)
-                    wp[unsafe_offset=t * ws + j] = sp[unsafe_offset=x] / den * scale
+                route_token[top_k, scale, renormalize](
+                    lp.unsafe_offset(t * ls), bp, E, sp, best.unsafe_ptr(), ip.unsafe_offset(t * ids_s),
+                    wp.unsafe_offset(t * ws))
 
         parallelize(route_block, n_blocks)
 

@@ -1,0 +1,1 @@
+"""`python -m bench`: every kernel against every peer, on the same inputs, in one process."""

@@ -1,0 +1,105 @@
+"""python -m bench [--only NAME ...] [--quick] [--json PATH]
+
+Runs every case of every bench (see bench/cases/), prints a table, writes bench/results/latest.md
+and bench/results/latest.png, and with --json the machine-readable results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+from .cases import MODULES
+from .harness import Disagreement, measure_machine
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s * 1e6:.1f} us" if s < 1e-3 else (f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s")
+
+
+def table(rows: list[dict]) -> list[str]:
+    head = ["bench", "case", "impl", "median", "min", "GFLOP/s", "GB/s", "roofline", "mojo speedup", "version"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["bench"], r["case"], r["impl"], _fmt_s(r["median_s"]), _fmt_s(r["min_s"]),
+                 f"{r['gflops']:.1f}" if r.get("gflops") else "", f"{r['gbs']:.2f}" if r.get("gbs") else "",
+                 f"{100 * r['roofline_frac']:.1f}%" if r.get("roofline_frac") else "",
+                 f"{r['speedup_of_mojo']:.2f}x" if r.get("speedup_of_mojo") else (
+                     f"{r['ratio_to_L4']:.2f}x of L4" if r.get("ratio_to_L4") else ""),
+                 r.get("version", "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if r.get("speedup_of_mojo")]
+    if not timed:
+        return
+    labels = [f"{r['bench']}\n{r['case']}\n{r['impl']}" for r in timed]
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(timed)), 4))
+    ax.bar(range(len(timed)), [r["speedup_of_mojo"] for r in timed],
+           color=["tab:green" if r["impl"] == "mojo" else "tab:gray" for r in timed])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(timed)), labels, fontsize=6)
+    ax.set_yscale("log")
+    ax.set_ylabel("peer time / our time (higher = ours faster)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--only", action="append", default=[], help="bench name (repeatable): " +
+                    ", ".join(m.BENCH for m in MODULES))
+    ap.add_argument("--quick", action="store_true", help="small shapes, for the CI smoke test")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    unknown = set(args.only) - {m.BENCH for m in MODULES}
+    if unknown:
+        ap.error(f"unknown bench {sorted(unknown)}")
+
+    machine = measure_machine(args.quick)
+    machine |= {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "quick": args.quick}
+    print(f"machine: {machine['peak_gflops']:.0f} GFLOP/s peak fp32 GEMM, {machine['bandwidth_gbs']:.1f} GB/s read, "
+          f"{machine['cores']} cores", flush=True)
+    rows: list[dict] = []
+    failed = []
+    for module in MODULES:
+        if args.only and module.BENCH not in args.only:
+            continue
+        print(f"running {module.BENCH} ...", flush=True)
+        try:
+            new = module.results(args.quick, machine)
+        except Disagreement as e:
+            print(f"FAILED {module.BENCH}: implementations disagree: {e}", file=sys.stderr)
+            failed.append(module.BENCH)
+            continue
+        rows += new
+        print("\n".join(table(new)), flush=True)
+
+    RESULTS.mkdir(exist_ok=True)
+    md = [f"Machine: {machine['cores']} cores, peak fp32 GEMM {machine['peak_gflops']:.0f} GFLOP/s "
+          f"({machine['gemm']}), read bandwidth {machine['bandwidth_gbs']:.1f} GB/s ({machine['bandwidth_method']}); "
+          f"{machine['date']}{' (--quick)' if args.quick else ''}", "", *table(rows)]
+    (RESULTS / "latest.md").write_text("\n".join(md) + "\n")
+    plot(rows, RESULTS / "latest.png")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "results": rows, "failed": failed}, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

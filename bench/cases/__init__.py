@@ -1,0 +1,9 @@
+"""Bench cases, one module per kernel (same name as `kernels/<name>.mojo`), plus whole-model cases.
+
+Each module has `BENCH` (the name in the JSON) and `results(quick, machine) -> list[dict]` (JSON rows).
+"""
+
+from . import compile as compile_case
+from . import moe_router
+
+MODULES = [moe_router, compile_case]
