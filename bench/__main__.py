@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     machine |= {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "quick": args.quick}
     print(f"machine: {machine['peak_gflops']:.0f} GFLOP/s peak fp32 GEMM, {machine['bandwidth_gbs']:.1f} GB/s read, "
-          f"{machine['cores']} cores", flush=True)
+          f"{machine['cores']} cores, empty MAX graph execute {machine['max_execute_overhead_us']:.1f} us", flush=True)
     rows: list[dict] = []
     failed = []
     for module in MODULES:
@@ -92,7 +92,8 @@ def main(argv=None) -> int:
 
     RESULTS.mkdir(exist_ok=True)
     md = [f"Machine: {machine['cores']} cores, peak fp32 GEMM {machine['peak_gflops']:.0f} GFLOP/s "
-          f"({machine['gemm']}), read bandwidth {machine['bandwidth_gbs']:.1f} GB/s ({machine['bandwidth_method']}); "
+          f"({machine['gemm']}), read bandwidth {machine['bandwidth_gbs']:.1f} GB/s ({machine['bandwidth_method']}), "
+          f"empty MAX graph execute {machine['max_execute_overhead_us']:.1f} us; "
           f"{machine['date']}{' (--quick)' if args.quick else ''}", "", *table(rows)]
     (RESULTS / "latest.md").write_text("\n".join(md) + "\n")
     plot(rows, RESULTS / "latest.png")

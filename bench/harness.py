@@ -65,12 +65,27 @@ def measure_machine(quick: bool) -> dict:
     an, bn = a.numpy(), b.numpy()
     gemm_np = time_fn(lambda: an @ bn, min_time_s=0.5)
     peak = 2 * n**3 / min(gemm.min_s, gemm_np.min_s)
-    big = torch.ones((64 if quick else 256) * 2**20 // 4)  # float32 elements
+    big = torch.ones(512 * 2**20 // 4)  # float32 elements: far larger than any cache
     read = time_fn(lambda: big.sum(), min_time_s=0.5)
     bandwidth = big.numel() * 4 / read.min_s
     return {"peak_gflops": peak / 1e9, "bandwidth_gbs": bandwidth / 1e9, "cores": cores,
+            "max_execute_overhead_us": _max_execute_overhead() * 1e6,
             "gemm": f"sgemm {n}^3 (best of torch {torch.__version__} / numpy {np.__version__})",
             "bandwidth_method": f"torch sum over {big.numel() * 4 >> 20} MiB, {cores} threads"}
+
+
+def _max_execute_overhead() -> float:
+    """Median time of executing a MAX graph that does nothing: the floor under every MAX/mojo row."""
+    from max.driver import CPU, Buffer
+    from max.dtype import DType
+    from max.engine import InferenceSession
+    from max.graph import DeviceRef, Graph, TensorType
+
+    with Graph("empty", input_types=[TensorType(DType.float32, ["n"], device=DeviceRef.CPU())]) as g:
+        g.output(g.inputs[0].tensor)
+    model = InferenceSession(devices=[CPU()]).load(g)
+    x = Buffer.from_numpy(np.zeros(4, np.float32))
+    return time_fn(lambda: model.execute(x)).median_s
 
 
 def run_case(case: Case, machine: dict) -> list[dict]:

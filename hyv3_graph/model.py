@@ -24,7 +24,7 @@ from max.nn.kv_cache import MHAKVCacheParams
 from .config import HYV3Config
 from .kernels import MOJO_KERNELS
 from .kernels.attention import attention_builtin
-from .kernels.experts import experts_builtin
+from .kernels.moe_experts import experts_builtin, moe_experts
 from .kernels.moe_router import moe_router, moe_router_builtin
 
 CPU = DeviceRef.CPU()
@@ -44,10 +44,6 @@ class Kernels:
     @property
     def custom(self) -> bool:
         return self.backend == "custom"
-
-    def fallbacks(self) -> list[str]:
-        """Hot spots that `custom` still serves with MAX built-ins (said once, by the CLI)."""
-        return ["experts", "attention"] if self.custom else []
 
 
 def rope_freqs_cis(cfg: HYV3Config, n_positions: int) -> np.ndarray:
@@ -86,6 +82,16 @@ class HYV3Graph:
     def __init__(self, cfg: HYV3Config, dtype: DType, kv_params: MHAKVCacheParams, n_positions: int,
                  kernels: Kernels = Kernels()):
         self.cfg, self.dtype, self.kv_params, self.n_positions, self.kernels = cfg, dtype, kv_params, n_positions, kernels
+
+    @property
+    def custom_experts(self) -> bool:
+        return self.kernels.custom and self.dtype == DType.float32  # bf16 expert weights: not yet
+
+    def fallbacks(self) -> list[str]:
+        """Hot spots that `--kernels custom` still serves with MAX built-ins (said once, by the CLI)."""
+        if not self.kernels.custom:
+            return []
+        return ["attention"] + ([] if self.custom_experts else ["experts (bfloat16 weights)"])
 
     def _extensions(self) -> list:
         """Our Mojo package only for `custom`: a builtin graph then stays cached when a kernel changes."""
@@ -154,11 +160,18 @@ class HYV3Graph:
         cfg, dt = self.cfg, self.dtype
         H, E, I, S = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_intermediate_size
         router_logits = _linear(ops.cast(h, DType.float32), _w("mlp.router.weight", DType.float32, [E, H]))  # [T, E]
-        route = moe_router if self.kernels.custom else moe_router_builtin
-        topk_ids, topk_w, *_dispatch = route(router_logits, _w("mlp.expert_bias", DType.float32, [E]),
-                                             cfg.num_experts_per_tok, cfg.router_scaling_factor, cfg.route_norm)  # [T, k]
-        routed = experts_builtin(h, topk_ids, topk_w, _w("mlp.experts.gate_up", dt, [E, 2 * I, H]),
-                                 _w("mlp.experts.down", dt, [E, H, I]))  # [T, H] float32
+        bias = _w("mlp.expert_bias", DType.float32, [E])
+        gate_up, down = _w("mlp.experts.gate_up", dt, [E, 2 * I, H]), _w("mlp.experts.down", dt, [E, H, I])
+        k, scale = cfg.num_experts_per_tok, cfg.router_scaling_factor
+        if self.kernels.custom:
+            topk_ids, topk_w, offsets, slots = moe_router(router_logits, bias, k, scale, cfg.route_norm)  # [T, k], [E+1], [T*k]
+            if self.custom_experts:
+                routed = moe_experts(h, topk_w, offsets, slots, gate_up, down)  # [T, H] float32
+            else:
+                routed = experts_builtin(h, topk_ids, topk_w, gate_up, down)  # [T, H] float32
+        else:
+            topk_ids, topk_w = moe_router_builtin(router_logits, bias, k, scale, cfg.route_norm)  # [T, k]
+            routed = experts_builtin(h, topk_ids, topk_w, gate_up, down)  # [T, H] float32
         if cfg.num_shared_experts:
             shared = _swiglu(h, _w("mlp.shared.gate_proj.weight", dt, [S, H]), _w("mlp.shared.up_proj.weight", dt, [S, H]),
                              _w("mlp.shared.down_proj.weight", dt, [H, S]))  # [T, H]

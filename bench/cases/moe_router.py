@@ -8,7 +8,7 @@ from __future__ import annotations
 from importlib.metadata import version
 
 import numpy as np
-from max.driver import CPU
+from max.driver import CPU, Buffer
 from max.dtype import DType
 from max.engine import InferenceSession
 from max.graph import DeviceRef, Graph, TensorType
@@ -67,13 +67,14 @@ def cases(quick: bool) -> list[Case]:
     for T in ([1, 128] if quick else [1, 128, 4096]):
         logits = rng.standard_normal((T, E)).astype(np.float32)
         tl, tb = torch.from_numpy(logits), torch.from_numpy(bias)
+        bl, bb = Buffer.from_numpy(logits), Buffer.from_numpy(bias)  # MAX inputs, made once
 
-        def run_mojo(m=mojo, l=logits):
-            o = m.execute(l, bias)
+        def run_mojo(m=mojo, l=bl):
+            o = m.execute(l, bb)
             return o[0].to_numpy(), o[1].to_numpy()
 
-        def run_max(m=builtin, l=logits):
-            o = m.execute(l, bias)
+        def run_max(m=builtin, l=bl):
+            o = m.execute(l, bb)
             return o[0].to_numpy(), o[1].to_numpy()
 
         def run_torch(l=tl):

@@ -1,0 +1,49 @@
+"""Routed MoE experts: out[t] = sum over t's k experts of weight * down(silu(gate(x_t)) * up(x_t)).
+
+Our Mojo op: `kernels/moe_experts.mojo` (its header explains the two paths and the combine order).
+Here: its graph wrapper, the MAX built-in peer (`experts_builtin`), and the float64 numpy reference.
+Fuzz test: tests/test_moe_experts.py; bench: bench/cases/moe_experts.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from max.dtype import DType
+from max.graph import DeviceRef, TensorType, TensorValue, ops
+
+
+def moe_experts_reference(x, topk_ids, topk_weights, gate_up, down) -> np.ndarray:
+    """float64 spec: x [T, H], ids/weights [T, k], gate_up [E, 2I, H], down [E, H, I] -> [T, H]."""
+    x, gate_up, down = (np.asarray(a, np.float64) for a in (x, gate_up, down))
+    I = down.shape[2]
+    out = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        for e, w in zip(topk_ids[t], topk_weights[t]):
+            h = gate_up[e] @ x[t]  # [2I]
+            g = h[:I]
+            out[t] += float(w) * (down[e] @ (g / (1 + np.exp(-g)) * h[I:]))
+    return out
+
+
+def moe_experts(x: TensorValue, topk_weights: TensorValue, expert_offsets: TensorValue, sorted_slots: TensorValue,
+                gate_up: TensorValue, down: TensorValue) -> TensorValue:
+    """Our op: float32 [T, H]. The offsets/slots come from `moe_router`'s dispatch metadata."""
+    cpu = DeviceRef.CPU()
+    return ops.custom("moe_experts", device=cpu, values=[x, topk_weights, expert_offsets, sorted_slots, gate_up, down],
+                      out_types=[TensorType(DType.float32, x.shape, device=cpu)])[0].tensor
+
+
+def experts_builtin(x: TensorValue, topk_ids: TensorValue, topk_weights: TensorValue,
+                    gate_up: TensorValue, down: TensorValue) -> TensorValue:
+    """MAX built-in peer. MAX's grouped matmul and MoE kernels are GPU-only, so on the CPU this runs every
+    expert densely over every token (E/k times the work, exact math) and gathers each token's k results.
+    It is the model-level reference, not a fast path. Returns float32 [T, H]."""
+    T = x.shape[0]
+    E, two_i, H = gate_up.shape
+    I = int(two_i) // 2
+    h = x @ ops.transpose(ops.reshape(gate_up, [E * two_i, H]), 0, 1)  # [T, E*2I]
+    h = ops.transpose(ops.reshape(h, [T, E, two_i]), 0, 1)  # [E, T, 2I]
+    act = ops.silu(h[:, :, :I]) * h[:, :, I:]  # [E, T, I]
+    y = ops.transpose(act @ ops.transpose(down, 1, 2), 0, 1)  # [T, E, H]
+    picked = ops.gather_nd(y, ops.unsqueeze(ops.cast(topk_ids, DType.int64), -1), batch_dims=1)  # [T, k, H]
+    return ops.sum(ops.cast(picked, DType.float32) * ops.unsqueeze(topk_weights, -1), axis=1).reshape([T, H])

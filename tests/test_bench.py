@@ -1,0 +1,30 @@
+"""CI smoke test of `python -m bench --quick`: every bench produces rows, and every timed case's peers agreed."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_quick_json(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--json", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=3600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    m = data["machine"]
+    assert m["peak_gflops"] > 0 and m["bandwidth_gbs"] > 0 and m["cores"] >= 1
+    assert data["failed"] == []
+    rows = data["results"]
+    for r in rows:
+        assert {"bench", "case", "impl", "median_s", "min_s", "gflops", "gbs", "roofline_frac"} <= r.keys()
+        assert r["impl"] in {"mojo", "max", "torch", "numpy"} and r["agreed"] and r["median_s"] > 0
+    cases = {(r["bench"], r["case"], r["impl"]) for r in rows}
+    for T in (1, 128):
+        for impl in ("mojo", "max", "torch"):
+            assert ("router", f"T{T}_E192_k8", impl) in cases
+    assert {c for b, c, _ in cases if b == "compile"} == {"tiny_L4_cold", "tiny_L16_cold", "tiny_L16_warm"}
+    assert (ROOT / "bench" / "results" / "latest.md").exists()
