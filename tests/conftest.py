@@ -17,7 +17,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # A second Hy3 config unlike `tiny` in every structural way the graph derives from the config:
 # MQA (6 q heads, 1 kv head), head_dim 64, 12 experts (not a power of 2) top-3, 2 shared experts,
-# a non-prefix dense/sparse pattern, tied embeddings, another scaling factor, bf16-style combine off.
+# a non-prefix dense/sparse pattern, tied embeddings, another scaling factor, shared experts not combined in fp32.
 ALT_SPEC = dict(
     vocab_size=512, hidden_size=192, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=1,
     head_dim=64, intermediate_size=320, moe_intermediate_size=96, num_experts=12, num_experts_per_tok=3,
