@@ -115,33 +115,23 @@ def test_bf16_checkpoint(tmp_path):
     np.testing.assert_array_equal(w["layers.1.mlp.experts.down"][2], expect)
 
 
-def test_missing_tensor(tmp_path):
-    cfg, _ = make(tmp_path, mutate=lambda t: t.pop("model.layers.2.mlp.experts.4.up_proj.weight"))
-    with pytest.raises(WeightError, match=r"missing tensor 'model.layers.2.mlp.experts.4.up_proj.weight' \(expected shape \[16, 32\]\)"):
-        load_weights(tmp_path, cfg)
+def _set(name, value):
+    return lambda t: t.__setitem__(name, value)
 
 
-def test_unexpected_tensor(tmp_path):
-    cfg, _ = make(tmp_path, mutate=lambda t: t.__setitem__("model.layers.1.mlp.extra.weight", np.ones(3, np.float32)))
-    with pytest.raises(WeightError, match=r"unexpected tensor 'model.layers.1.mlp.extra.weight' \(shape \[3\]\)"):
-        load_weights(tmp_path, cfg)
-
-
-def test_misshaped_tensor(tmp_path):
-    cfg, _ = make(tmp_path, mutate=lambda t: t.__setitem__("model.layers.1.mlp.expert_bias", np.ones(6, np.float32)))
-    with pytest.raises(WeightError, match=r"'model.layers.1.mlp.expert_bias': expected shape \[5\], found \[6\]"):
-        load_weights(tmp_path, cfg)
-
-
-def test_non_float_tensor(tmp_path):
-    cfg, _ = make(tmp_path, mutate=lambda t: t.__setitem__("model.norm.weight", np.ones(32, np.int32)))
-    with pytest.raises(WeightError, match=r"'model.norm.weight': expected a float dtype.*found I32"):
-        load_weights(tmp_path, cfg)
-
-
-def test_mixed_namings_rejected(tmp_path):
-    cfg, _ = make(tmp_path, mutate=lambda t: t.__setitem__("model.layers.1.mlp.experts.gate_up_proj", np.ones((5, 32, 32), np.float32)))
-    with pytest.raises(WeightError, match="mixes"):
+@pytest.mark.parametrize("mutate,message", [
+    (lambda t: t.pop("model.layers.2.mlp.experts.4.up_proj.weight"),
+     r"missing tensor 'model.layers.2.mlp.experts.4.up_proj.weight' \(expected shape \[16, 32\]\)"),
+    (_set("model.layers.1.mlp.extra.weight", np.ones(3, np.float32)),
+     r"unexpected tensor 'model.layers.1.mlp.extra.weight' \(shape \[3\]\)"),
+    (_set("model.layers.1.mlp.expert_bias", np.ones(6, np.float32)),
+     r"'model.layers.1.mlp.expert_bias': expected shape \[5\], found \[6\]"),
+    (_set("model.norm.weight", np.ones(32, np.int32)), r"'model.norm.weight': expected a float dtype.*found I32"),
+    (_set("model.layers.1.mlp.experts.gate_up_proj", np.ones((5, 32, 32), np.float32)), "mixes"),
+], ids=["missing", "unexpected", "misshaped", "non_float", "mixed_namings"])
+def test_bad_checkpoint_is_one_clear_error(tmp_path, mutate, message):
+    cfg, _ = make(tmp_path, mutate=mutate)
+    with pytest.raises(WeightError, match=message):
         load_weights(tmp_path, cfg)
 
 
