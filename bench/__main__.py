@@ -1,7 +1,7 @@
 """python -m bench [--only NAME ...] [--quick] [--json PATH]
 
-Runs every case of every bench (see bench/cases/), prints a table, writes bench/results/latest.md
-and bench/results/latest.png, and with --json the machine-readable results.
+Runs every case of every bench (see bench/cases/), prints a table, writes bench/results/latest.md and
+latest.png (latest-quick.*, latest-<only>.* for partial runs), and with --json the machine-readable results.
 """
 
 from __future__ import annotations
@@ -91,12 +91,13 @@ def main(argv=None) -> int:
         print("\n".join(table(new)), flush=True)
 
     RESULTS.mkdir(exist_ok=True)
+    stem = "latest" + ("-quick" if args.quick else "") + "".join(f"-{name}" for name in sorted(args.only))
     md = [f"Machine: {machine['cores']} cores, peak fp32 GEMM {machine['peak_gflops']:.0f} GFLOP/s "
           f"({machine['gemm']}), read bandwidth {machine['bandwidth_gbs']:.1f} GB/s ({machine['bandwidth_method']}), "
           f"empty MAX graph execute {machine['max_execute_overhead_us']:.1f} us; "
           f"{machine['date']}{' (--quick)' if args.quick else ''}", "", *table(rows)]
-    (RESULTS / "latest.md").write_text("\n".join(md) + "\n")
-    plot(rows, RESULTS / "latest.png")
+    (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
+    plot(rows, RESULTS / f"{stem}.png")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "results": rows, "failed": failed}, indent=2))
     return 1 if failed else 0
