@@ -176,8 +176,10 @@ struct MoeRouter:
         var ls = logits.stride_length(0)
         var ids_s = topk_ids.stride_length(0)
         var ws = topk_weights.stride_length(0)
+        # A token costs well under a microsecond: below ~64 tokens per worker waking the thread pool
+        # costs more than it saves, so small batches (decode) run on the calling thread.
         var workers = parallelism_level()
-        var block = max(1, min(256, (T + 4 * workers - 1) // (4 * workers)))
+        var block = max(64, min(256, (T + 4 * workers - 1) // (4 * workers)))
         var n_blocks = (T + block - 1) // block
 
         def route_block(b: Int) {var lp, var bp, var ip, var wp, var ls, var ids_s, var ws, var E, var T, var block}:
@@ -189,7 +191,10 @@ struct MoeRouter:
                     lp.unsafe_offset(t * ls), bp, E, sp, best.unsafe_ptr(), ip.unsafe_offset(t * ids_s),
                     wp.unsafe_offset(t * ws))
 
-        parallelize(route_block, n_blocks)
+        if n_blocks == 1:
+            route_block(0)
+        else:
+            parallelize(route_block, n_blocks)
 
         # Dispatch metadata: a stable counting sort of the T * k slots by expert.
         var op = expert_offsets.unsafe_ptr()
