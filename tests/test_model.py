@@ -23,17 +23,22 @@ def prompts_for(engine):
     return [[t % engine.cfg.vocab_size for t in p] for p in PROMPTS]
 
 
+def prefill_batch(engine, prompts) -> np.ndarray:
+    """One ragged prefill step of all prompts on fresh sequences: float32 logits [B, V]."""
+    for i in range(len(prompts)):
+        engine.add_sequence(i)
+    try:
+        return engine.step(list(enumerate(prompts)))
+    finally:
+        for i in range(len(prompts)):
+            engine.release(i)
+
+
 @pytest.mark.parametrize("kernels", BACKENDS)
 def test_ragged_prefill_logits_match_hf(engines, hf_models, path, kernels):
     engine, hf = engines.get(path, kernels), hf_models(path)
     prompts = prompts_for(engine)
-    for i in range(len(prompts)):
-        engine.add_sequence(i)
-    try:
-        logits = engine.step(list(enumerate(prompts)))
-    finally:
-        for i in range(len(prompts)):
-            engine.release(i)
+    logits = prefill_batch(engine, prompts)
     assert logits.shape == (len(prompts), engine.cfg.vocab_size) and logits.dtype == np.float32
     for i, p in enumerate(prompts):
         np.testing.assert_allclose(logits[i], hf_last_logits(hf, p), rtol=0, atol=LOGITS_ATOL)
@@ -146,13 +151,7 @@ def test_bfloat16_model_tracks_float32_hf(tiny_path, hf_models):
     engine = HYV3Engine(tiny_path, dtype=DType.bfloat16, max_batch_size=4, max_length=256, page_size=16)
     hf_bf16 = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.bfloat16).eval()
     prompts = prompts_for(engine)
-    for i in range(len(prompts)):
-        engine.add_sequence(i)
-    try:
-        logits = engine.step(list(enumerate(prompts)))
-    finally:
-        for i in range(len(prompts)):
-            engine.release(i)
+    logits = prefill_batch(engine, prompts)
     for i, p in enumerate(prompts):
         ref = hf_last_logits(hf_models(tiny_path), p)
         hf_err = np.abs(hf_last_logits(hf_bf16, p) - ref).max()  # observed 0.11-0.52 on logits of std ~4
