@@ -158,7 +158,7 @@ def _run(args, log) -> int:
     stream = not args.json and len(prompts) == 1 and tokenizer is not None
     if stream:
         print(tokenizer.decode(prompts[0]), end="", flush=True)
-    on_token = (lambda i, tok: print(tokenizer.decode([tok]), end="", flush=True)) if stream else None
+    on_token = _TextStream(tokenizer) if stream else None
     outputs, stats = generate(engine, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos,
                               on_token=on_token)
@@ -178,6 +178,21 @@ def _run(args, log) -> int:
         decode = f"{stats['decode_tok_s']:.1f} tok/s" if stats["decode_tok_s"] else "n/a"
         log(f"compile {stats['compile_s']:.1f}s | prefill {stats['prefill_tok_s']:.1f} tok/s | decode {decode}")
     return 0
+
+
+class _TextStream:
+    """Prints generated text as it grows: decodes the whole output and prints what is new, holding back
+    while the text ends in a partial UTF-8 character (byte-level BPE splits characters across tokens)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.printed = tokenizer, [], 0
+
+    def __call__(self, seq: int, token: int) -> None:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        if not text.endswith("\ufffd"):
+            print(text[self.printed:], end="", flush=True)
+            self.printed = len(text)
 
 
 def _tokenizer(model_path: Path):
