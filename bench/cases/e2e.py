@@ -173,10 +173,7 @@ def results(quick: bool, machine: dict) -> list[dict]:
         rows.append(base | {"case": f"{s['preset']}_ragged{len(ragged)}x{s['ragged_new']}" + ("_bf16" if "bf16" in name else ""),
                             "median_s": med, "min_s": mn, "tok_s": n_tok / med, "gflops": None, "gbs": None,
                             "roofline_frac": None})
-    by_case = {}
+    ours = {r["case"]: r["median_s"] for r in rows if r["impl"] == "mojo"}  # the bf16 rows compare to ours in fp32
     for r in rows:
-        by_case.setdefault(r["case"].removesuffix("_bf16"), {})[r["version"]] = r
-    for r in rows:
-        ours = next(x for x in by_case[r["case"].removesuffix("_bf16")].values() if x["impl"] == "mojo")
-        r["speedup_of_mojo"] = r["median_s"] / ours["median_s"]
+        r["speedup_of_mojo"] = r["median_s"] / ours[r["case"].removesuffix("_bf16")]
     return rows

@@ -12,15 +12,21 @@ from max.dtype import DType
 from max.graph import DeviceRef, TensorType, TensorValue, ops
 
 
+def moe_router_scores(logits: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (scores, keys): sigmoid scores (a NaN logit scores 0, as -inf would) and the ranking keys
+    score + bias (a NaN key ranks as -inf)."""
+    logits = np.asarray(logits, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        scores = (np.float32(1) / (np.float32(1) + np.exp(-logits))).astype(np.float32)
+        scores = np.where(np.isnan(logits), np.float32(0), scores)
+        key = scores + np.asarray(bias, np.float32)[None, :]
+    return scores, np.where(np.isnan(key), np.float32(-np.inf), key)
+
+
 def moe_router_reference(logits: np.ndarray, bias: np.ndarray, k: int, scale: float, renormalize: bool = True):
     """Numpy spec: (topk_ids [T, k] int32, topk_weights [T, k] float32, expert_offsets [E+1], sorted_slots [T*k])."""
-    logits = np.asarray(logits, np.float32)
-    T, E = logits.shape
-    with np.errstate(over="ignore", invalid="ignore"):
-        scores = (np.float32(1) / (np.float32(1) + np.exp(-logits))).astype(np.float32)  # [T, E]
-        scores = np.where(np.isnan(logits), np.float32(0), scores)  # a NaN logit scores as -inf would
-        key = scores + np.asarray(bias, np.float32)[None, :]
-    key = np.where(np.isnan(key), np.float32(-np.inf), key)
+    scores, key = moe_router_scores(logits, bias)  # [T, E] each
+    T, E = scores.shape
     # a stable sort on -key keeps equal keys in ascending expert order: the lower index wins
     ids = np.argsort(-key, axis=1, kind="stable")[:, :k].astype(np.int32)  # [T, k]
     w = np.take_along_axis(scores, ids, axis=1)
