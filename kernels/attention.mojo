@@ -1,0 +1,387 @@
+# Ragged causal GQA attention over MAX's paged KV cache, fused with everything between the QKV projection
+# and the attention output: per-head q/k RMSNorm, NeoX RoPE, the in-place K/V store, flash attention.
+#
+# Reference (the spec): hyv3_graph/kernels/attention.py::attention_reference (float64, full history)
+# Wrapper:              hyv3_graph/kernels/attention.py::attention       (MAX peer: attention_builtin)
+# Fuzz test:            tests/test_attention.py        Bench: bench/cases/attention.py (`attention` cases)
+#
+# Inputs: qkv [T, (Hq + 2 Hkv) D] (the raw projection, q heads then k heads then v heads), q_norm and k_norm
+# [D], freqs_cis [P, D] float32 ((cos, sin) interleaved per frequency), input_row_offsets [B + 1], and the
+# cache exactly as MAX lays it out: blocks [pages, 2, layers, page_size, Hkv, D] (written in place),
+# cache_lengths [B], lookup_table [B, cols] (page ids), layer [1]. Output [T, Hq, D]. Parameters: eps
+# (both norms) and scale (0 means 1/sqrt(D)). The cache, qkv and
+# output share one dtype (float32 or bfloat16); norms, softmax and accumulation are float32.
+# New token i of sequence b sits at position cache_lengths[b] + i and attends to keys 0 .. that position.
+#
+# What is fused, and why:
+#   * Norm + RoPE + K/V store (pass 1, parallel over tokens): only this op knows each token's position
+#     (cache length + index in its ragged sequence), so RoPE and the store belong here; the norms ride
+#     along on the same read of qkv. Q leaves pass 1 normed, rotated and pre-scaled, in float32.
+#   * Attention (pass 2) runs over (sequence, kv head, tile of QT queries) work items: the QT queries x G
+#     query heads of one kv head form R = QT * G rows, so each K/V row read serves all of them (GQA
+#     without repeating K/V; a decode step streams each sequence's K/V once per kv head). Keys go by in
+#     tiles of KT with an online softmax (running max and sum in float32), so no [L, L] matrix exists;
+#     keys past the last query of the item are never visited, and only the tiles that cross the diagonal
+#     are masked.
+#   * Rows are the SIMD lanes: Q is packed transposed, Qp [D][Rp], so S^T = K Q^T is a register-blocked
+#     broadcast-FMA micro-kernel (a K element times a vector of 16 rows), the softmax's max and sum over
+#     keys are lane-wise (no horizontal reductions), and P V accumulates into O^T [D][Rp] the same way.
+#     Each K/V tile is copied once into a dense float32 scratch (page lookup, bf16 widening, zeros past
+#     the end) so the micro-kernels read contiguous rows whatever the page size.
+import extensibility
+from extensibility import InputTensor, OutputTensor, _MutableInputTensor
+from max.gpu.host import DeviceContext
+from max.algorithm import parallelize
+from std.math import exp, sqrt
+from std.memory import bitcast
+from std.utils import StaticTuple
+
+comptime W = 16  # SIMD lanes = rows per vector
+comptime F32x = SIMD[DType.float32, W]
+comptime KT = 32  # keys per tile
+comptime ROWS = 64  # target rows (queries x heads of one kv head) per work item
+comptime NV = 4  # row vectors per micro-kernel block
+comptime NJ = 4  # keys per S micro-kernel block
+comptime ND = 4  # head dims per P V micro-kernel block
+
+
+@always_inline
+def _from_f32[dt: DType, n: Int](v: SIMD[DType.float32, n]) -> SIMD[dt, n]:
+    """float32 -> dt; bf16 by round-to-nearest-even on the bits (the compiler's bf16 cast is a libcall here)."""
+    comptime if dt == DType.bfloat16:
+        var u = bitcast[DType.uint32, n](v)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        return bitcast[dt, n]((u >> 16).cast[DType.uint16]())
+    else:
+        return v.cast[dt]()
+
+
+@always_inline
+def _widen[dt: DType](dst: Pointer[mut=True, Float32, _], src: Pointer[Scalar[dt], _], n: Int):
+    var i = 0
+    while i + W <= n:
+        dst.unsafe_store(i, src.unsafe_load[width=W](i).cast[DType.float32]())
+        i += W
+    while i < n:
+        dst[unsafe_offset=i] = src[unsafe_offset=i].cast[DType.float32]()
+        i += 1
+
+
+@always_inline
+def _narrow[dt: DType](dst: Pointer[mut=True, Scalar[dt], _], src: Pointer[Float32, _], n: Int):
+    var i = 0
+    while i + W <= n:
+        dst.unsafe_store(i, _from_f32[dt, W](src.unsafe_load[width=W](i)))
+        i += W
+    while i < n:
+        dst[unsafe_offset=i] = _from_f32[dt, 1](src[unsafe_offset=i])
+        i += 1
+
+
+@always_inline
+def _norm_rope[dt: DType](
+    dst: Pointer[mut=True, Float32, _], src: Pointer[Scalar[dt], _], gamma: Pointer[Scalar[dt], _],
+    cs: Pointer[Float32, _], x: Pointer[mut=True, Float32, _], D: Int, eps: Float32, mul: Float32,
+):
+    """dst = rope(rms_norm(src) * gamma) * mul, HF order; cs = this position's freqs_cis row, x = [D] scratch."""
+    _widen(x, src, D)
+    var ss = Float32(0)
+    for d in range(D):
+        ss += x[unsafe_offset=d] * x[unsafe_offset=d]
+    var inv = 1.0 / sqrt(ss / Float32(D) + eps)
+    for d in range(D):
+        x[unsafe_offset=d] = x[unsafe_offset=d] * inv * gamma[unsafe_offset=d].cast[DType.float32]()
+    var half = D // 2
+    for i in range(half):
+        var c = cs[unsafe_offset=2 * i]
+        var s = cs[unsafe_offset=2 * i + 1]
+        var a = x[unsafe_offset=i]
+        var b = x[unsafe_offset=half + i]
+        dst[unsafe_offset=i] = (a * c - b * s) * mul
+        dst[unsafe_offset=half + i] = (b * c + a * s) * mul
+
+
+@always_inline
+def _scores[nv: Int](s: Pointer[mut=True, Float32, _], q: Pointer[Float32, _], k: Pointer[Float32, _], D: Int, Rp: Int):
+    """S^T[j][rows] = sum_d K[j, d] * Qp[d][rows] for NJ keys x nv row vectors; s, q start at the block."""
+    var acc = StaticTuple[F32x, NJ * nv](fill=F32x(0))
+    for d in range(D):
+        var qv = StaticTuple[F32x, nv](fill=F32x(0))
+        comptime for v in range(nv):
+            qv[v] = q.unsafe_load[width=W](d * Rp + v * W)
+        comptime for j in range(NJ):
+            var kb = F32x(k[unsafe_offset=j * D + d])
+            comptime for v in range(nv):
+                acc[j * nv + v] = kb.fma(qv[v], acc[j * nv + v])
+    comptime for j in range(NJ):
+        comptime for v in range(nv):
+            s.unsafe_store(j * Rp + v * W, acc[j * nv + v])
+
+
+@always_inline
+def _accumulate_pv[nd: Int, nv: Int](
+    o: Pointer[mut=True, Float32, _], p: Pointer[Float32, _], v: Pointer[Float32, _], alpha: Pointer[Float32, _],
+    D: Int, Rp: Int, nk: Int,
+):
+    """O^T[d][rows] = O^T[d][rows] * alpha + sum_j V[j, d] * P^T[j][rows] for nd dims x nv row vectors."""
+    var acc = StaticTuple[F32x, nd * nv](fill=F32x(0))
+    comptime for v in range(nv):
+        var a = alpha.unsafe_load[width=W](v * W)
+        comptime for i in range(nd):
+            acc[i * nv + v] = o.unsafe_load[width=W](i * Rp + v * W) * a
+    for j in range(nk):
+        var pv = StaticTuple[F32x, nv](fill=F32x(0))
+        comptime for vv in range(nv):
+            pv[vv] = p.unsafe_load[width=W](j * Rp + vv * W)
+        comptime for i in range(nd):
+            var vb = F32x(v[unsafe_offset=j * D + i])
+            comptime for vv in range(nv):
+                acc[i * nv + vv] = vb.fma(pv[vv], acc[i * nv + vv])
+    comptime for i in range(nd):
+        comptime for vv in range(nv):
+            o.unsafe_store(i * Rp + vv * W, acc[i * nv + vv])
+
+
+@extensibility.register("attention")
+struct Attention:
+    @staticmethod
+    def execute[
+        target: StaticString, eps: Float32, scale: Float32,
+    ](
+        output: OutputTensor[rank=3, ...],
+        blocks: _MutableInputTensor[dtype = output.dtype, rank=6, ...],
+        qkv: InputTensor[dtype = output.dtype, rank=2, ...],
+        q_norm: InputTensor[dtype = output.dtype, rank=1, ...],
+        k_norm: InputTensor[dtype = output.dtype, rank=1, ...],
+        freqs_cis: InputTensor[dtype = DType.float32, rank=2, ...],
+        row_offsets: InputTensor[dtype = DType.uint32, rank=1, ...],
+        cache_lengths: InputTensor[dtype = DType.uint32, rank=1, ...],
+        lookup_table: InputTensor[dtype = DType.uint32, rank=2, ...],
+        layer: InputTensor[dtype = DType.uint32, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime assert target == "cpu", "attention: CPU-only kernel"
+        comptime dt = output.dtype
+        var T = qkv.dim_size(0)
+        var n_pages = blocks.dim_size(0)
+        var n_layers = blocks.dim_size(2)
+        var page = blocks.dim_size(3)
+        var Hkv = blocks.dim_size(4)
+        var D = blocks.dim_size(5)
+        var Hq = output.dim_size(1)
+        var B = row_offsets.dim_size(0) - 1
+        var P = freqs_cis.dim_size(0)
+        if blocks.dim_size(1) != 2 or D % 2 != 0 or Hkv == 0 or Hq % Hkv != 0:
+            raise Error("attention: blocks must be [pages, 2, layers, page, Hkv, D] with even D and Hq % Hkv == 0")
+        if qkv.dim_size(1) != (Hq + 2 * Hkv) * D or output.dim_size(0) != T or output.dim_size(2) != D:
+            raise Error("attention: qkv must be [T, (Hq + 2 Hkv) D] and the output [T, Hq, D]")
+        if q_norm.dim_size(0) != D or k_norm.dim_size(0) != D or freqs_cis.dim_size(1) != D:
+            raise Error("attention: q_norm, k_norm and freqs_cis rows must have head_dim entries")
+        if B < 0 or cache_lengths.dim_size(0) != B or lookup_table.dim_size(0) != B:
+            raise Error("attention: row offsets, cache lengths and lookup table disagree on the batch size")
+        if (blocks.stride_length(5) != 1 or qkv.stride_length(1) != 1 or qkv.stride_length(0) != qkv.dim_size(1)
+                or output.stride_length(2) != 1 or output.stride_length(1) != D or output.stride_length(0) != Hq * D
+                or freqs_cis.stride_length(1) != 1 or lookup_table.stride_length(1) != 1):
+            raise Error("attention: expected contiguous tensors")
+        var li = Int(layer.unsafe_ptr()[unsafe_offset=0])
+        if li >= n_layers:
+            raise Error("attention: layer ", li, " out of range (", n_layers, " layers)")
+        var offp = row_offsets.unsafe_ptr()
+        var clp = cache_lengths.unsafe_ptr()
+        var lutp = lookup_table.unsafe_ptr()
+        var lut_s = lookup_table.stride_length(0)
+        var cols = lookup_table.dim_size(1)
+        if B >= 0 and (Int(offp[unsafe_offset=0]) != 0 or Int(offp[unsafe_offset=B]) != T):
+            raise Error("attention: input_row_offsets must run from 0 to T")
+        for b in range(B):
+            var n = Int(offp[unsafe_offset=b + 1]) - Int(offp[unsafe_offset=b])
+            var total = Int(clp[unsafe_offset=b]) + n
+            if offp[unsafe_offset=b + 1] < offp[unsafe_offset=b]:
+                raise Error("attention: input_row_offsets must be non-decreasing")
+            if total > cols * page or (n > 0 and total > P):
+                raise Error("attention: sequence ", b, " reaches position ", total, " past its pages or the rope table")
+            for c in range((total + page - 1) // page):
+                if Int(lutp[unsafe_offset=b * lut_s + c]) >= n_pages:
+                    raise Error("attention: page id out of range in the lookup table")
+        if T == 0:
+            return
+
+        var G = Hq // Hkv
+        var q_mul = scale if scale != 0 else 1.0 / sqrt(Float32(D))  # 0: the default 1/sqrt(D), D known only now
+        var bp = blocks.unsafe_ptr()
+        var s_page = blocks.stride_length(0)
+        var s_kind = blocks.stride_length(1)
+        var kv_base = li * blocks.stride_length(2)
+        var s_tok = blocks.stride_length(3)
+        var s_head = blocks.stride_length(4)
+        var qkvp = qkv.unsafe_ptr()
+        var qkv_s = qkv.stride_length(0)
+        var qnp = q_norm.unsafe_ptr()
+        var knp = k_norm.unsafe_ptr()
+        var fp = freqs_cis.unsafe_ptr()
+        var fs = freqs_cis.stride_length(0)
+        var outp = output.unsafe_ptr()
+
+        var tok_seq = List[Int](length=T, fill=0)
+        for b in range(B):
+            for t in range(Int(offp[unsafe_offset=b]), Int(offp[unsafe_offset=b + 1])):
+                tok_seq[t] = b
+        var tsp = tok_seq.unsafe_ptr()
+
+        # Pass 1: per token, q -> Qs (normed, rotated, times scale); k (normed, rotated) and v -> the cache.
+        var qs = List[Float32](length=T * Hq * D, fill=0)
+        var qsp = qs.unsafe_ptr()
+        var x_scratch = List[Float32](length=T * D, fill=0)  # per token: the head being normed
+        var k_scratch = List[Float32](length=T * D, fill=0)  # per token: a finished K head before its store
+        var xsp = x_scratch.unsafe_ptr()
+        var ksp = k_scratch.unsafe_ptr()
+
+        def prepare(t: Int) {var tsp, var offp, var clp, var lutp, var lut_s, var page, var bp, var s_page, var s_kind,
+                             var kv_base, var s_tok, var s_head, var qkvp, var qkv_s, var qnp, var knp, var fp, var fs,
+                             var qsp, var xsp, var ksp, var Hq, var Hkv, var D, var q_mul}:
+            var b = tsp[unsafe_offset=t]
+            var pos = Int(clp[unsafe_offset=b]) + t - Int(offp[unsafe_offset=b])
+            var cs = fp.unsafe_offset(pos * fs)
+            var row = qkvp.unsafe_offset(t * qkv_s)
+            var x = xsp.unsafe_offset(t * D)
+            var kr = ksp.unsafe_offset(t * D)
+            for h in range(Hq):
+                _norm_rope(qsp.unsafe_offset((t * Hq + h) * D), row.unsafe_offset(h * D), qnp, cs, x, D, eps, q_mul)
+            var slot = bp.unsafe_offset(Int(lutp[unsafe_offset=b * lut_s + pos // page]) * s_page + kv_base + (pos % page) * s_tok)
+            for h in range(Hkv):
+                _norm_rope(kr, row.unsafe_offset((Hq + h) * D), knp, cs, x, D, eps, 1.0)
+                _narrow(slot.unsafe_offset(h * s_head), kr, D)
+                var v = row.unsafe_offset((Hq + Hkv + h) * D)
+                var vdst = slot.unsafe_offset(s_kind + h * s_head)
+                for d in range(D):
+                    vdst[unsafe_offset=d] = v[unsafe_offset=d]
+
+        parallelize(prepare, T)
+
+        # Pass 2: work items (sequence, query tile, kv head), longest key ranges first for load balance.
+        var QT = max(1, ROWS // G)
+        var items = List[Int]()  # sort key: (keys visited, descending) then the item's code (b, q0, g)
+        var n_codes = B * T * Hkv
+        var max_keys = P + 1  # keys visited never exceed the rope table
+        for b in range(B):
+            var n = Int(offp[unsafe_offset=b + 1]) - Int(offp[unsafe_offset=b])
+            for q0 in range(0, n, QT):
+                var keys = Int(clp[unsafe_offset=b]) + min(n, q0 + QT)
+                for g in range(Hkv):
+                    items.append((max_keys - keys) * n_codes + (b * T + q0) * Hkv + g)
+        sort(items)
+        for i in range(len(items)):
+            items[i] = items[i] % n_codes
+        var n_items = len(items)
+        var itp = items.unsafe_ptr()
+
+        def attend(item: Int) {var itp, var offp, var clp, var lutp, var lut_s, var page, var bp, var s_page,
+                               var s_kind, var kv_base, var s_tok, var s_head, var qsp, var outp, var Hq, var Hkv,
+                               var D, var G, var QT, var T}:
+            var code = itp[unsafe_offset=item]
+            var g = code % Hkv
+            var q0 = (code // Hkv) % T
+            var b = code // (Hkv * T)
+            var c = Int(clp[unsafe_offset=b])
+            var tok0 = Int(offp[unsafe_offset=b]) + q0
+            var n_q = min(QT, Int(offp[unsafe_offset=b + 1]) - tok0)
+            var R = n_q * G
+            var Rp = (R + W - 1) // W * W
+            var first_pos = c + q0
+            var kend = first_pos + n_q  # keys 0 .. kend-1 are visible to some row of this item
+
+            # Scratch per item, one List per role: the micro-kernels take them as distinct (non-aliasing) pointers.
+            var q_buf = List[Float32](length=D * Rp, fill=0)
+            var o_buf = List[Float32](length=D * Rp, fill=0)
+            var s_buf = List[Float32](length=KT * Rp, fill=0)
+            var k_buf = List[Float32](length=KT * D, fill=0)
+            var v_buf = List[Float32](length=KT * D, fill=0)
+            var row_buf = List[Float32](length=3 * Rp, fill=0)
+            var a_buf = List[Float32](length=Rp, fill=0)
+            var qp = q_buf.unsafe_ptr()  # Qp  [D][Rp]
+            var op = o_buf.unsafe_ptr()  # O^T [D][Rp]
+            var sp = s_buf.unsafe_ptr()  # S^T, then P^T [KT][Rp]
+            var kp = k_buf.unsafe_ptr()  # K tile [KT][D]
+            var vp = v_buf.unsafe_ptr()  # V tile [KT][D]
+            var mp = row_buf.unsafe_ptr()  # running max [Rp]
+            var lp = mp.unsafe_offset(Rp)  # running sum [Rp]
+            var pp = lp.unsafe_offset(Rp)  # query position per row [Rp]
+            var ap = a_buf.unsafe_ptr()  # this tile's rescale factor [Rp]
+            for r in range(Rp):
+                var rr = min(r, R - 1)  # padded rows repeat the last real row's position (their Q is zero)
+                pp[unsafe_offset=r] = Float32(first_pos + rr // G)
+                mp[unsafe_offset=r] = Float32.MIN
+            for r in range(R):
+                var src = qsp.unsafe_offset(((tok0 + r // G) * Hq + g * G + r % G) * D)
+                for d in range(D):
+                    qp[unsafe_offset=d * Rp + r] = src[unsafe_offset=d]
+
+            var nvec = Rp // W
+            for k0 in range(0, kend, KT):
+                var nk = min(KT, kend - k0)
+                for j in range(nk):  # rows past nk keep stale values: their scores are never read
+                    var kj = k0 + j
+                    var at = bp.unsafe_offset(Int(lutp[unsafe_offset=b * lut_s + kj // page]) * s_page + kv_base
+                                              + (kj % page) * s_tok + g * s_head)
+                    _widen(kp.unsafe_offset(j * D), at, D)
+                    _widen(vp.unsafe_offset(j * D), at.unsafe_offset(s_kind), D)
+                # S^T = K Qp
+                var v0 = 0
+                while v0 + NV <= nvec:
+                    for j0 in range(0, KT, NJ):
+                        _scores[NV](sp.unsafe_offset(j0 * Rp + v0 * W), qp.unsafe_offset(v0 * W), kp.unsafe_offset(j0 * D), D, Rp)
+                    v0 += NV
+                while v0 < nvec:
+                    for j0 in range(0, KT, NJ):
+                        _scores[1](sp.unsafe_offset(j0 * Rp + v0 * W), qp.unsafe_offset(v0 * W), kp.unsafe_offset(j0 * D), D, Rp)
+                    v0 += 1
+                # Online softmax, lane-wise over rows; mask only where the tile crosses the diagonal.
+                var masked = k0 + KT - 1 > first_pos
+                for v in range(nvec):
+                    var qpos = pp.unsafe_load[width=W](v * W)
+                    var m_old = mp.unsafe_load[width=W](v * W)
+                    var m_new = m_old
+                    for j in range(nk):
+                        var s = sp.unsafe_load[width=W](j * Rp + v * W)
+                        if masked:
+                            s = F32x(Float32(k0 + j)).le(qpos).select(s, F32x(Float32.MIN))
+                            sp.unsafe_store(j * Rp + v * W, s)
+                        m_new = max(m_new, s)
+                    var total = F32x(0)
+                    for j in range(KT):
+                        var p = F32x(0)
+                        if j < nk:
+                            p = exp(sp.unsafe_load[width=W](j * Rp + v * W) - m_new)
+                        sp.unsafe_store(j * Rp + v * W, p)
+                        total += p
+                    var alpha = exp(m_old - m_new)
+                    ap.unsafe_store(v * W, alpha)
+                    mp.unsafe_store(v * W, m_new)
+                    lp.unsafe_store(v * W, lp.unsafe_load[width=W](v * W) * alpha + total)
+                # O^T = O^T * alpha + V^T P^T
+                var d0 = 0
+                while d0 < D:
+                    var v1 = 0
+                    while v1 < nvec:
+                        var o = op.unsafe_offset(d0 * Rp + v1 * W)
+                        var p = sp.unsafe_offset(v1 * W)
+                        var a = ap.unsafe_offset(v1 * W)
+                        if d0 + ND <= D and v1 + NV <= nvec:
+                            _accumulate_pv[ND, NV](o, p, vp.unsafe_offset(d0), a, D, Rp, nk)
+                            v1 += NV
+                        elif d0 + ND <= D:
+                            _accumulate_pv[ND, 1](o, p, vp.unsafe_offset(d0), a, D, Rp, nk)
+                            v1 += 1
+                        else:
+                            for dd in range(d0, D):
+                                _accumulate_pv[1, 1](op.unsafe_offset(dd * Rp + v1 * W), p, vp.unsafe_offset(dd), a, D, Rp, nk)
+                            v1 += 1
+                    d0 += ND
+
+            for r in range(R):
+                var inv = 1.0 / lp[unsafe_offset=r]
+                var dst = outp.unsafe_offset(((tok0 + r // G) * Hq + g * G + r % G) * D)
+                for d in range(D):
+                    dst[unsafe_offset=d] = _from_f32[dt, 1](op[unsafe_offset=d * Rp + r] * inv)
+
+        parallelize(attend, n_items)
