@@ -46,13 +46,14 @@ class Kernels:
         return self.backend == "custom"
 
 
-def rope_freqs_cis(cfg: HYV3Config, n_positions: int) -> np.ndarray:
-    """[n_positions, D] float32, (cos, sin) interleaved per frequency: the layout MAX's fused rope reads.
+def rope_freqs_cis(head_dim: int, theta: float, n_positions: int) -> np.ndarray:
+    """[n_positions, D] float32, (cos, sin) interleaved per frequency: the layout MAX's fused rope and our
+    attention op read.
 
     Computed the way HF does (inv_freq and angles in float32) so positions far out agree too.
     """
-    D = cfg.head_dim
-    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, D, 2, dtype=np.float32) / np.float32(D)))).astype(np.float32)
+    D = head_dim
+    inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, D, 2, dtype=np.float32) / np.float32(D)))).astype(np.float32)
     angles = np.arange(n_positions, dtype=np.float32)[:, None] * inv_freq[None, :]  # [P, D/2]
     return np.stack([np.cos(angles), np.sin(angles)], axis=-1).reshape(n_positions, D).astype(np.float32)
 
@@ -104,7 +105,7 @@ class HYV3Graph:
 
     def extra_weights(self) -> dict[str, np.ndarray]:
         """Weights the graph makes itself rather than reads from the checkpoint."""
-        return {"rope.freqs_cis": rope_freqs_cis(self.cfg, self.n_positions)}
+        return {"rope.freqs_cis": rope_freqs_cis(self.cfg.head_dim, self.cfg.rope_theta, self.n_positions)}
 
     def build(self) -> Graph:
         cfg, dt = self.cfg, self.dtype

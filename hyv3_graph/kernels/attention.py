@@ -16,9 +16,18 @@ from max.nn.kernels import flash_attention_ragged, fused_qk_ragged_rope, fused_q
 from max.nn.kv_cache import MHAKVCacheParams
 
 
-def _norm_rope_reference(x, gamma, cos, sin, eps):
-    """x [..., D] float64 -> RMSNorm(x) * gamma, then NeoX RoPE (rotate halves) with cos/sin [..., D/2]."""
-    x = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * gamma
+def token_positions(row_offsets, cache_lengths) -> np.ndarray:
+    """[T] position of every new token: its sequence's cache length plus its index among the new tokens."""
+    return np.concatenate([int(c) + np.arange(int(row_offsets[b + 1]) - int(row_offsets[b]))
+                           for b, c in enumerate(cache_lengths)] + [np.zeros(0, np.int64)]).astype(np.int64)
+
+
+def rotated_reference(x, gamma, freqs_cis, positions, eps) -> np.ndarray:
+    """float64 RMSNorm(x) * gamma, then NeoX RoPE (rotate halves): x [T, heads, D] at positions [T]."""
+    x = np.asarray(x, np.float64)
+    freqs = np.asarray(freqs_cis, np.float64)[positions]  # [T, D]: (cos, sin) interleaved
+    cos, sin = freqs[:, None, 0::2], freqs[:, None, 1::2]  # [T, 1, D/2]
+    x = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * np.asarray(gamma, np.float64)
     half = x.shape[-1] // 2
     a, b = x[..., :half], x[..., half:]
     return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
@@ -32,30 +41,22 @@ def attention_reference(qkv, q_norm, k_norm, freqs_cis, row_offsets, history, n_
     Returns (out [T, Hq, D], new_k [T, Hkv, D], new_v [T, Hkv, D]): new_k/new_v are what the op must store.
     """
     qkv = np.asarray(qkv, np.float64)
-    D = np.asarray(q_norm).shape[0]
-    Hkv = n_kv_heads
+    D, Hkv = np.asarray(q_norm).shape[0], n_kv_heads
     T, Hq = qkv.shape[0], qkv.shape[1] // D - 2 * Hkv
     G, scale = Hq // Hkv, D ** -0.5 if scale is None else scale
-    freqs = np.asarray(freqs_cis, np.float64)
+    pos = token_positions(row_offsets, [len(k) for k, _ in history])
+    q = rotated_reference(qkv[:, : Hq * D].reshape(T, Hq, D), q_norm, freqs_cis, pos, eps)
+    new_k = rotated_reference(qkv[:, Hq * D: (Hq + Hkv) * D].reshape(T, Hkv, D), k_norm, freqs_cis, pos, eps)
+    new_v = qkv[:, (Hq + Hkv) * D:].reshape(T, Hkv, D)
     out = np.zeros((T, Hq, D))
-    new_k, new_v = np.zeros((T, Hkv, D)), qkv[:, (Hq + Hkv) * D:].reshape(T, Hkv, D).copy()
     for b, (k_hist, v_hist) in enumerate(history):
         t0, t1 = int(row_offsets[b]), int(row_offsets[b + 1])
-        c, n = len(k_hist), t1 - t0
-        if n == 0:
-            continue
-        pos = c + np.arange(n)
-        cos, sin = freqs[pos, 0::2][:, None, :], freqs[pos, 1::2][:, None, :]  # [n, 1, D/2]
-        q = _norm_rope_reference(qkv[t0:t1, : Hq * D].reshape(n, Hq, D), np.asarray(q_norm, np.float64), cos, sin, eps)
-        k = _norm_rope_reference(qkv[t0:t1, Hq * D: (Hq + Hkv) * D].reshape(n, Hkv, D),
-                                 np.asarray(k_norm, np.float64), cos, sin, eps)
-        new_k[t0:t1] = k
-        keys = np.concatenate([np.asarray(k_hist, np.float64), k])  # [c + n, Hkv, D]
+        keys = np.concatenate([np.asarray(k_hist, np.float64), new_k[t0:t1]])  # [c + n, Hkv, D]
         values = np.concatenate([np.asarray(v_hist, np.float64), new_v[t0:t1]])
         for h in range(Hq):
-            s = q[:, h] @ keys[:, h // G].T * scale  # [n, c + n]
-            s[np.arange(c + n)[None, :] > pos[:, None]] = -np.inf
-            p = np.exp(s - s.max(axis=1, keepdims=True))
+            s = q[t0:t1, h] @ keys[:, h // G].T * scale  # [n, c + n]
+            s[np.arange(len(keys))[None, :] > pos[t0:t1, None]] = -np.inf
+            p = np.exp(s - s.max(axis=1, keepdims=True, initial=-np.inf))
             out[t0:t1, h] = (p / p.sum(axis=1, keepdims=True)) @ values[:, h // G]
     return out, new_k, new_v
 

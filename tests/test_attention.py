@@ -1,0 +1,164 @@
+"""Fuzz `kernels/attention.mojo` against `attention_reference` (float64 over each sequence's full history).
+
+One graph per cache dtype is compiled once per session with every dim symbolic (tokens, batch, heads,
+head_dim, page size, pages, layers), so hypothesis varies all shapes at run time without recompiling.
+Each example builds a paged cache with random contents and a shuffled page table, runs the op once, and
+checks both the output and the whole cache afterwards: the new K/V exactly where they belong, every
+other element untouched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+from max.driver import CPU
+from max.dtype import DType
+from max.engine import InferenceSession
+from max.graph import BufferType, DeviceRef, Graph, TensorType
+
+from hyv3_graph.dtypes import bf16_bits_to_f32, f32_to_bf16_bits, to_buffer
+from hyv3_graph.kernels import MOJO_KERNELS
+from hyv3_graph.kernels.attention import attention, attention_reference
+from hyv3_graph.model import rope_freqs_cis
+
+EPS = 1e-6
+N_POSITIONS = 1024
+# Tolerances against the float64 reference, relative to the largest |V| (outputs are convex combinations of V):
+# float32 keeps ~1e-6; bf16 rounds the inputs (the reference sees the same rounded inputs), the stored K/V
+# and the output (2^-9 relative each), and the scores move by |q| |dk| ~ 2^-9 * |q.k|.
+OUT_TOL = {DType.float32: 2e-5, DType.bfloat16: 4e-2}
+# The stored K against the reference's: float32 to a few ulps; bf16 to one rounding step of |k|.
+K_RTOL = {DType.float32: 1e-5, DType.bfloat16: 2 ** -8}
+
+
+@pytest.fixture(scope="session")
+def attention_models():
+    cpu, session, models = DeviceRef.CPU(), InferenceSession(devices=[CPU()]), {}
+    for dt in (DType.float32, DType.bfloat16):
+        types = [TensorType(dt, ["T", "W"], device=cpu), TensorType(dt, ["D"], device=cpu),
+                 TensorType(dt, ["D"], device=cpu), TensorType(DType.float32, ["P", "D"], device=cpu),
+                 TensorType(DType.uint32, ["B1"], device=cpu),
+                 BufferType(dt, ["pages", 2, "L", "page", "Hkv", "D"], device=cpu),
+                 TensorType(DType.uint32, ["B"], device=cpu), TensorType(DType.uint32, ["B", "cols"], device=cpu),
+                 TensorType(DType.uint32, [], device=cpu)]
+        with Graph(f"attention_{dt}", input_types=types, custom_extensions=[MOJO_KERNELS]) as g:
+            qkv, q_norm, k_norm, freqs, offsets, blocks, cache_lens, lut, layer = g.inputs
+            g.output(attention(qkv.tensor, q_norm.tensor, k_norm.tensor, freqs.tensor, offsets.tensor, blocks,
+                               cache_lens.tensor, lut.tensor, layer.tensor, EPS))
+        models[dt] = session.load(g)
+    return models
+
+
+def _as(dt, a):
+    """float32 numpy -> (what the op gets, the float64 values it represents)."""
+    if dt == DType.bfloat16:
+        bits = f32_to_bf16_bits(a)
+        return bits, bf16_bits_to_f32(bits).astype(np.float64)
+    return a.astype(np.float32), a.astype(np.float64)
+
+
+def run_case(models, dt, rng, Hq, Hkv, D, page, cache_lens, new_lens, n_layers=2, layer=1, spare_cols=1):
+    B, T = len(cache_lens), sum(new_lens)
+    pages_per_seq = [-(-(c + n) // page) for c, n in zip(cache_lens, new_lens)]
+    n_pages = sum(pages_per_seq) + 3  # a few pages nobody owns, plus the null page below
+    cols = max(pages_per_seq + [0]) + spare_cols
+    lut = np.full((B, cols), n_pages, np.uint32)
+    order = rng.permutation(n_pages)
+    used = 0
+    for b, n in enumerate(pages_per_seq):
+        lut[b, :n] = order[used: used + n]
+        used += n
+    blocks, blocks64 = _as(dt, rng.standard_normal((n_pages + 1, 2, n_layers, page, Hkv, D)).astype(np.float32))
+    history = []
+    for b, c in enumerate(cache_lens):
+        at = [(lut[b, p // page], p % page) for p in range(c)]
+        history.append(tuple(np.array([blocks64[pg, kind, layer, s] for pg, s in at]).reshape(c, Hkv, D) for kind in (0, 1)))
+    qkv, qkv64 = _as(dt, rng.standard_normal((T, (Hq + 2 * Hkv) * D)).astype(np.float32))
+    q_norm, q_norm64 = _as(dt, (1 + 0.2 * rng.standard_normal(D)).astype(np.float32))
+    k_norm, k_norm64 = _as(dt, (1 + 0.2 * rng.standard_normal(D)).astype(np.float32))
+    freqs = rope_freqs_cis(D, 10000.0, N_POSITIONS)
+    offsets = np.concatenate([[0], np.cumsum(new_lens, dtype=np.int64)]).astype(np.uint32)
+
+    cache = to_buffer(blocks.copy(), dt)
+    out = models[dt].execute(to_buffer(qkv, dt), to_buffer(q_norm, dt), to_buffer(k_norm, dt), freqs, offsets, cache,
+                             np.array(cache_lens, np.uint32), lut, np.array(layer, np.uint32))[0]
+    ref, new_k, new_v = attention_reference(qkv64, q_norm64, k_norm64, freqs, offsets, history, Hkv, EPS)
+    f64 = lambda buf: (bf16_bits_to_f32(buf.view(DType.uint16).to_numpy()) if dt == DType.bfloat16
+                       else buf.to_numpy()).astype(np.float64)
+    out, after = f64(out), f64(cache)
+
+    assert out.shape == (T, Hq, D)
+    v_scale = max(1.0, float(np.abs(blocks64[:, 1]).max(initial=0)), float(np.abs(new_v).max(initial=0)))
+    np.testing.assert_allclose(out, ref, rtol=0, atol=OUT_TOL[dt] * v_scale)
+
+    written = np.zeros(after.shape, bool)
+    for b in range(B):
+        for i in range(new_lens[b]):
+            p, t = cache_lens[b] + i, offsets[b] + i
+            pg, s = lut[b, p // page], p % page
+            np.testing.assert_allclose(after[pg, 0, layer, s], new_k[t], rtol=K_RTOL[dt], atol=K_RTOL[dt])
+            assert np.array_equal(after[pg, 1, layer, s], new_v[t])  # V is stored as given
+            written[pg, :, layer, s] = True
+    assert np.array_equal(after[~written], blocks64[~written]), "the op changed cache entries it does not own"
+
+
+@st.composite
+def attention_case(draw):
+    Hkv = draw(st.sampled_from([1, 2, 3]))
+    Hq = Hkv * draw(st.sampled_from([1, 2, 4, 8]))
+    D = draw(st.sampled_from([32, 64, 128]))
+    page = draw(st.sampled_from([1, 3, 16, 128]))
+    B = draw(st.integers(0, 8))
+    mode = draw(st.sampled_from(["prefill", "decode", "mixed"]))
+    cache_lens = [0 if mode == "prefill" else draw(st.integers(0, 600)) for _ in range(B)]
+    new_lens = [1 if mode == "decode" else draw(st.one_of(st.sampled_from([0, 1]), st.integers(0, 300)))
+                for _ in range(B)]
+    # keep the float64 reference (O(n (c + n) Hq D) per sequence) to a fraction of a second
+    budget = 3e7
+    while sum(n * (c + n) for c, n in zip(cache_lens, new_lens)) * Hq * D > budget:
+        b = max(range(B), key=lambda i: new_lens[i] * (cache_lens[i] + new_lens[i]))
+        new_lens[b] //= 2
+        cache_lens[b] //= 2
+    dt = draw(st.sampled_from([DType.float32, DType.bfloat16]))
+    n_layers = draw(st.integers(1, 3))
+    return dict(dt=dt, Hq=Hq, Hkv=Hkv, D=D, page=page, cache_lens=cache_lens, new_lens=new_lens, n_layers=n_layers,
+                layer=draw(st.integers(0, n_layers - 1)), spare_cols=draw(st.integers(0, 2)),
+                rng=np.random.default_rng(draw(st.integers(0, 2**32 - 1))))
+
+
+@given(attention_case())
+def test_attention_matches_reference(attention_models, case):
+    run_case(attention_models, **case)
+
+
+@pytest.mark.parametrize("dt", [DType.float32, DType.bfloat16])
+def test_hy3_heads_long_prefill_over_a_cache(attention_models, dt):
+    """Hy3's head shape (G = 8, D = 128) across several query tiles and key tiles, pages of 16."""
+    run_case(attention_models, dt, np.random.default_rng(1), Hq=16, Hkv=2, D=128, page=16,
+             cache_lens=[130, 0, 7], new_lens=[70, 257, 1])
+
+
+def test_decode_batch_mqa(attention_models):
+    run_case(attention_models, DType.float32, np.random.default_rng(2), Hq=8, Hkv=1, D=64, page=3,
+             cache_lens=[0, 1, 47, 599, 100], new_lens=[1] * 5)
+
+
+def test_empty_batch_and_sequences_without_new_tokens(attention_models):
+    rng = np.random.default_rng(3)
+    run_case(attention_models, DType.float32, rng, Hq=4, Hkv=2, D=32, page=16, cache_lens=[], new_lens=[])
+    run_case(attention_models, DType.float32, rng, Hq=4, Hkv=2, D=32, page=16, cache_lens=[5, 9], new_lens=[0, 0])
+
+
+def test_bad_page_table_raises_instead_of_reading_out_of_bounds(attention_models):
+    dt, D = DType.float32, 32
+    blocks = np.zeros((3, 2, 1, 4, 1, D), np.float32)  # 2 pages + null page
+    args = lambda lut, cache_len: (np.zeros((1, 3 * D), np.float32), np.ones(D, np.float32), np.ones(D, np.float32),
+                                   rope_freqs_cis(D, 10000.0, 16), np.array([0, 1], np.uint32), to_buffer(blocks, dt),
+                                   np.array([cache_len], np.uint32), np.array([lut], np.uint32), np.array(0, np.uint32))
+    with pytest.raises(ValueError, match="page id out of range"):
+        attention_models[dt].execute(*args([7, 0], 0))
+    with pytest.raises(ValueError, match="past its pages or the rope table"):
+        attention_models[dt].execute(*args([0, 1], 8))  # position 8 needs a third page
+    with pytest.raises(ValueError, match="past its pages or the rope table"):
+        attention_models[dt].execute(*args([0, 1, 2, 2, 2], 16))  # position 16 is past the rope table
