@@ -23,7 +23,7 @@ from max.nn.kv_cache import MHAKVCacheParams
 
 from .config import HYV3Config
 from .kernels import MOJO_KERNELS
-from .kernels.attention import attention_builtin
+from .kernels.attention import attention, attention_builtin
 from .kernels.moe_experts import experts_builtin, moe_experts
 from .kernels.moe_router import moe_router, moe_router_builtin
 
@@ -92,7 +92,7 @@ class HYV3Graph:
         """Hot spots that `--kernels custom` still serves with MAX built-ins (said once, by the CLI)."""
         if not self.kernels.custom:
             return []
-        return ["attention"] + ([] if self.custom_experts else ["experts (bfloat16 weights)"])
+        return [] if self.custom_experts else ["experts (bfloat16 weights)"]
 
     def _extensions(self) -> list:
         """Our Mojo package only for `custom`: a builtin graph then stays cached when a kernel changes."""
@@ -140,17 +140,28 @@ class HYV3Graph:
             kv = self.kv_params.unflatten_kv_inputs(iter(kv_inputs))[0]
 
             h = _rms_norm(x, _w("input_layernorm.weight", dt, [H]), eps)  # [T, H]
-            attn = attention_builtin(
-                self.kv_params, h, row_offsets, kv, layer_idx,
-                wqkv=_w("self_attn.qkv_proj.weight", dt, [cfg.q_dim + 2 * cfg.kv_dim, H]),
-                q_norm=_w("self_attn.q_norm.weight", dt, [D]), k_norm=_w("self_attn.k_norm.weight", dt, [D]),
-                freqs_cis=ops.cast(freqs.tensor, dt), n_heads=cfg.num_attention_heads, eps=eps)  # [T, Hq*D]
-            x = x + _linear(attn, _w("self_attn.o_proj.weight", dt, [H, cfg.q_dim]))  # [T, H]
+            x = x + _linear(self._attention(h, row_offsets, layer_idx, freqs.tensor, kv),
+                            _w("self_attn.o_proj.weight", dt, [H, cfg.q_dim]))  # [T, H]
 
             h = _rms_norm(x, _w("post_attention_layernorm.weight", dt, [H]), eps)  # [T, H]
             x = x + (self._moe(h) if kind == "sparse" else self._dense_mlp(h))  # [T, H]
             sub.output(x)
         return sub
+
+    def _attention(self, h: TensorValue, row_offsets: TensorValue, layer_idx: TensorValue, freqs: TensorValue,
+                   kv) -> TensorValue:
+        """[T, H] -> [T, Hq*D]; writes this step's K/V into the paged cache."""
+        cfg, dt, eps = self.cfg, self.dtype, self.cfg.rms_norm_eps
+        wqkv = _w("self_attn.qkv_proj.weight", dt, [cfg.q_dim + 2 * cfg.kv_dim, cfg.hidden_size])
+        q_norm, k_norm = _w("self_attn.q_norm.weight", dt, [cfg.head_dim]), _w("self_attn.k_norm.weight", dt, [cfg.head_dim])
+        if self.kernels.custom:
+            qkv = _linear(h, wqkv)  # [T, (Hq + 2Hkv) * D]
+            o = attention(qkv, q_norm, k_norm, freqs, row_offsets, kv.kv_blocks, kv.cache_lengths, kv.lookup_table,
+                          layer_idx, eps)  # [T, Hq, D]
+            return ops.reshape(o, [h.shape[0], cfg.q_dim])
+        return attention_builtin(self.kv_params, h, row_offsets, kv, layer_idx, wqkv=wqkv, q_norm=q_norm,
+                                 k_norm=k_norm, freqs_cis=ops.cast(freqs, dt), n_heads=cfg.num_attention_heads,
+                                 eps=eps)  # [T, Hq*D]
 
     def _dense_mlp(self, h: TensorValue) -> TensorValue:
         cfg, dt, H, I = self.cfg, self.dtype, self.cfg.hidden_size, self.cfg.intermediate_size

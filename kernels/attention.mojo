@@ -35,6 +35,8 @@ from max.algorithm import parallelize
 from std.math import exp, sqrt
 from std.memory import bitcast
 from std.utils import StaticTuple
+from std.sys import size_of
+from std.sys.intrinsics import prefetch, PrefetchOptions
 
 comptime W = 16  # SIMD lanes = rows per vector
 comptime F32x = SIMD[DType.float32, W]
@@ -43,6 +45,8 @@ comptime ROWS = 64  # target rows (queries x heads of one kv head) per work item
 comptime NV = 4  # row vectors per micro-kernel block
 comptime NJ = 4  # keys per S micro-kernel block
 comptime ND = 4  # head dims per P V micro-kernel block
+comptime NR = 8  # items with at most this many rows (decode: one query x G heads) take the narrow path
+comptime KCHUNK = 256  # keys per narrow item: a long decode splits over the cores, partial softmaxes combined
 
 
 @always_inline
@@ -140,6 +144,74 @@ def _accumulate_pv[nd: Int, nv: Int](
     comptime for i in range(nd):
         comptime for vv in range(nv):
             o.unsafe_store(i * Rp + vv * W, acc[i * nv + vv])
+
+
+@always_inline
+def _dots_rows[dt: DType](
+    q: Pointer[Float32, _], rows: StaticTuple[Int, NR], k: Pointer[Scalar[dt], _], D: Int,
+) -> SIMD[DType.float32, NR]:
+    """Scores of one K row (read once, straight from the cache) against NR query rows q + rows[r]."""
+    var acc = StaticTuple[F32x, NR](fill=F32x(0))
+    var i = 0
+    while i + W <= D:
+        var kv = k.unsafe_load[width=W](i).cast[DType.float32]()
+        comptime for r in range(NR):
+            acc[r] = q.unsafe_load[width=W](rows[r] + i).fma(kv, acc[r])
+        i += W
+    var out = SIMD[DType.float32, NR](0)
+    comptime for r in range(NR):
+        out[r] = acc[r].reduce_add()
+    while i < D:
+        var kd = k[unsafe_offset=i].cast[DType.float32]()
+        comptime for r in range(NR):
+            out[r] += q[unsafe_offset=rows[r] + i] * kd
+        i += 1
+    return out
+
+
+@always_inline
+def _tile_offsets(
+    dst: Pointer[mut=True, Int, _], lut_row: Pointer[Scalar[DType.uint32], _], k0: Int, n: Int, page: Int,
+    s_page: Int, s_tok: Int, base: Int,
+):
+    """Element offsets in the cache of keys k0 .. k0 + n - 1 of one sequence (base: layer and head)."""
+    for j in range(n):
+        var kj = k0 + j
+        dst[unsafe_offset=j] = Int(lut_row[unsafe_offset=kj // page]) * s_page + (kj % page) * s_tok + base
+
+
+@always_inline
+def _prefetch_rows[dt: DType](base: Pointer[Scalar[dt], _], shift: Int, n: Int):
+    """Prefetches n contiguous elements at base + shift into L2 (not L1: rows one token stride apart share
+    L1 sets and would evict each other)."""
+    comptime per_line = 64 // size_of[dt]()
+    var at = base.unsafe_offset(shift)
+    for i in range(0, n, per_line):
+        prefetch[PrefetchOptions().for_read().medium_locality()](at.unsafe_offset(i))
+
+
+@always_inline
+def _accumulate_rows[dt: DType, nv: Int](
+    o: Pointer[mut=True, Float32, _], p: Pointer[Float32, _], alpha: SIMD[DType.float32, NR],
+    vbase: Pointer[Scalar[dt], _], voffs: Pointer[Int, _], nk: Int, D: Int,
+):
+    """O[r][d : d + nv W] = O * alpha[r] + sum_j P[r][j] V_j[d : d + nv W] for NR rows; each V chunk read once."""
+    var acc = StaticTuple[F32x, NR * nv](fill=F32x(0))
+    comptime for r in range(NR):
+        comptime for v in range(nv):
+            acc[r * nv + v] = o.unsafe_load[width=W](r * D + v * W) * alpha[r]
+    for j in range(nk):
+        var row = vbase.unsafe_offset(voffs[unsafe_offset=j])
+        var vv = StaticTuple[F32x, nv](fill=F32x(0))
+        comptime for v in range(nv):
+            vv[v] = row.unsafe_load[width=W](v * W).cast[DType.float32]()
+        comptime for r in range(NR):
+            var pb = F32x(p[unsafe_offset=r * KT + j])
+            comptime for v in range(nv):
+                acc[r * nv + v] = pb.fma(vv[v], acc[r * nv + v])
+    comptime for r in range(NR):
+        comptime for v in range(nv):
+            o.unsafe_store(r * D + v * W, acc[r * nv + v])
 
 
 @extensibility.register("attention")
@@ -258,15 +330,28 @@ struct Attention:
 
         parallelize(prepare, T)
 
-        # Pass 2: work items (sequence, query tile, kv head), longest key ranges first for load balance.
+        # Pass 2, wide items: (sequence, query tile, kv head), longest key ranges first for load balance.
+        # Query tiles of at most NR rows per kv head (decode steps, the last queries of a sequence) go to the
+        # narrow items instead: (sequence, query tile, chunk of KCHUNK keys), all kv heads at once.
         var QT = max(1, ROWS // G)
         var items = List[Int]()  # sort key: (keys visited, descending) then the item's code (b, q0, g)
         var n_codes = B * T * Hkv
         var max_keys = P + 1  # keys visited never exceed the rope table
+        var n_b = List[Int]()  # narrow items: sequence, first query, first key; and where each tile's chunks start
+        var n_q0 = List[Int]()
+        var n_k0 = List[Int]()
+        var tile_first = List[Int]()
         for b in range(B):
             var n = Int(offp[unsafe_offset=b + 1]) - Int(offp[unsafe_offset=b])
             for q0 in range(0, n, QT):
                 var keys = Int(clp[unsafe_offset=b]) + min(n, q0 + QT)
+                if min(QT, n - q0) * G <= NR:
+                    tile_first.append(len(n_b))
+                    for k0 in range(0, keys, KCHUNK):
+                        n_b.append(b)
+                        n_q0.append(q0)
+                        n_k0.append(k0)
+                    continue
                 for g in range(Hkv):
                     items.append((max_keys - keys) * n_codes + (b * T + q0) * Hkv + g)
         sort(items)
@@ -274,6 +359,127 @@ struct Attention:
             items[i] = items[i] % n_codes
         var n_items = len(items)
         var itp = items.unsafe_ptr()
+        var n_narrow = len(n_b)
+        var n_tiles = len(tile_first)
+        tile_first.append(n_narrow)
+        var nbp = n_b.unsafe_ptr()
+        var nqp = n_q0.unsafe_ptr()
+        var nkp = n_k0.unsafe_ptr()
+        var tfp = tile_first.unsafe_ptr()
+        var iota = List[Float32](length=KT, fill=0)
+        for j in range(KT):
+            iota[j] = Float32(j)
+        var iop = iota.unsafe_ptr()
+        # Each narrow item's partial result per (kv head, row): running max, running sum, unnormalised O.
+        var part_o = List[Float32](length=n_narrow * Hkv * NR * D, fill=0)
+        var part_ml = List[Float32](length=n_narrow * Hkv * NR * 2, fill=0)
+        var pop = part_o.unsafe_ptr()
+        var pmp = part_ml.unsafe_ptr()
+
+        def attend_narrow(item: Int) {var nbp, var nqp, var nkp, var iop, var pop, var pmp, var offp, var clp, var lutp,
+                                      var lut_s, var page, var bp, var s_page, var s_kind, var kv_base, var s_tok,
+                                      var s_head, var qsp, var Hq, var Hkv, var D, var G, var QT}:
+            var b = nbp[unsafe_offset=item]
+            var q0 = nqp[unsafe_offset=item]
+            var k_lo = nkp[unsafe_offset=item]
+            var tok0 = Int(offp[unsafe_offset=b]) + q0
+            var n_q = min(QT, Int(offp[unsafe_offset=b + 1]) - tok0)
+            var R = n_q * G
+            var first_pos = Int(clp[unsafe_offset=b]) + q0
+            var k_hi = min(first_pos + n_q, k_lo + KCHUNK)
+            var rows = StaticTuple[Int, NR](fill=0)  # kv head 0's rows; rows past R repeat the last one
+            var qpos = SIMD[DType.float32, NR](0)
+            for r in range(NR):
+                var rr = min(r, R - 1)
+                rows[r] = ((tok0 + rr // G) * Hq + rr % G) * D
+                qpos[r] = Float32(first_pos + rr // G)
+            var s_buf = List[Float32](length=Hkv * NR * KT, fill=0)  # scores, then probabilities [Hkv][NR][KT]
+            var off_buf = List[Int](length=KT, fill=0)  # cache offset of each key's token (layer included)
+            var sp = s_buf.unsafe_ptr()
+            var tof = off_buf.unsafe_ptr()
+            var o_all = pop.unsafe_offset(item * Hkv * NR * D)  # this item's O [Hkv][NR][D]
+            var ml = pmp.unsafe_offset(item * Hkv * NR * 2)  # per kv head: max [NR], then sum [NR]
+            for g in range(Hkv):
+                ml.unsafe_store(g * 2 * NR, SIMD[DType.float32, NR](Float32.MIN))
+            for k0 in range(k_lo, k_hi, KT):
+                var nk = min(KT, k_hi - k0)
+                _tile_offsets(tof, lutp.unsafe_offset(b * lut_s), k0, nk, page, s_page, s_tok, kv_base)
+                # Scores, token by token and head by head: the K rows are read in cache order (one token's
+                # heads are adjacent), which the hardware prefetcher follows; V rows go to L2 meanwhile.
+                for j in range(nk):
+                    var tok = bp.unsafe_offset(tof[unsafe_offset=j])
+                    _prefetch_rows(tok, s_kind, Hkv * D)
+                    for g in range(Hkv):
+                        var qrows = StaticTuple[Int, NR](fill=0)
+                        comptime for r in range(NR):
+                            qrows[r] = rows[r] + g * G * D
+                        var sc = _dots_rows(qsp, qrows, tok.unsafe_offset(g * s_head), D)
+                        comptime for r in range(NR):
+                            sp[unsafe_offset=(g * NR + r) * KT + j] = sc[r]
+                for g in range(Hkv):
+                    var sg = sp.unsafe_offset(g * NR * KT)
+                    var m = ml.unsafe_load[width=NR](g * 2 * NR)
+                    var l = ml.unsafe_load[width=NR](g * 2 * NR + NR)
+                    var alpha = SIMD[DType.float32, NR](0)
+                    comptime for r in range(NR):
+                        var mx = m[r]
+                        var kpos = F32x(Float32(k0))
+                        comptime for v in range(KT // W):
+                            var key = kpos + iop.unsafe_load[width=W](v * W)
+                            var ok = key.le(F32x(qpos[r])) & key.lt(F32x(Float32(k_hi)))
+                            var sv = ok.select(sg.unsafe_load[width=W](r * KT + v * W), F32x(Float32.MIN))
+                            sg.unsafe_store(r * KT + v * W, sv)
+                            mx = max(mx, sv.reduce_max())
+                        var shift = mx if mx > Float32.MIN else 0  # a row that sees no key yet keeps p = 0
+                        var total = Float32(0)
+                        comptime for v in range(KT // W):
+                            var pv = exp(sg.unsafe_load[width=W](r * KT + v * W) - shift)
+                            sg.unsafe_store(r * KT + v * W, pv)
+                            total += pv.reduce_add()
+                        alpha[r] = exp(m[r] - shift)
+                        m[r] = mx
+                        l[r] = l[r] * alpha[r] + total
+                    ml.unsafe_store(g * 2 * NR, m)
+                    ml.unsafe_store(g * 2 * NR + NR, l)
+                    var og = o_all.unsafe_offset(g * NR * D)
+                    var vrow = bp.unsafe_offset(s_kind + g * s_head)
+                    var d = 0
+                    while d + 2 * W <= D:
+                        _accumulate_rows[nv=2](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D)
+                        d += 2 * W
+                    while d + W <= D:
+                        _accumulate_rows[nv=1](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D)
+                        d += W
+                    for dd in range(d, D):  # head dims past the last full vector
+                        for r in range(NR):
+                            var acc = og[unsafe_offset=r * D + dd] * alpha[r]
+                            for j in range(nk):
+                                acc += sg[unsafe_offset=r * KT + j] * vrow[unsafe_offset=tof[unsafe_offset=j] + dd].cast[DType.float32]()
+                            og[unsafe_offset=r * D + dd] = acc
+
+        # Combine each narrow tile's chunks: out = sum_c e^(m_c - M) O_c / sum_c e^(m_c - M) l_c.
+        def combine_narrow(tile: Int) {var tfp, var nbp, var nqp, var pop, var pmp, var offp, var outp, var Hq,
+                                       var Hkv, var D, var G, var QT}:
+            var first = tfp[unsafe_offset=tile]
+            var last = tfp[unsafe_offset=tile + 1]
+            var b = nbp[unsafe_offset=first]
+            var tok0 = Int(offp[unsafe_offset=b]) + nqp[unsafe_offset=first]
+            var R = min(QT, Int(offp[unsafe_offset=b + 1]) - tok0) * G
+            for g in range(Hkv):
+                for r in range(R):
+                    var M = Float32.MIN
+                    for c in range(first, last):
+                        M = max(M, pmp[unsafe_offset=(c * Hkv + g) * 2 * NR + r])
+                    var dst = outp.unsafe_offset(((tok0 + r // G) * Hq + g * G + r % G) * D)
+                    var total = Float32(0)
+                    for c in range(first, last):
+                        total += exp(pmp[unsafe_offset=(c * Hkv + g) * 2 * NR + r] - M) * pmp[unsafe_offset=(c * Hkv + g) * 2 * NR + NR + r]
+                    for dd in range(D):
+                        var acc = Float32(0)
+                        for c in range(first, last):
+                            var w = exp(pmp[unsafe_offset=(c * Hkv + g) * 2 * NR + r] - M)
+                            acc += w * pop[unsafe_offset=((c * Hkv + g) * NR + r) * D + dd]
+                        dst[unsafe_offset=dd] = _from_f32[dt, 1](acc / total)
 
         def attend(item: Int) {var itp, var offp, var clp, var lutp, var lut_s, var page, var bp, var s_page,
                                var s_kind, var kv_base, var s_tok, var s_head, var qsp, var outp, var Hq, var Hkv,
@@ -385,3 +591,5 @@ struct Attention:
                     dst[unsafe_offset=d] = _from_f32[dt, 1](op[unsafe_offset=d * Rp + r] * inv)
 
         parallelize(attend, n_items)
+        parallelize(attend_narrow, n_narrow)
+        parallelize(combine_narrow, n_tiles)

@@ -64,8 +64,9 @@ def test_custom_and_builtin_agree(engines, path):
     assert a == b
 
 
-def test_prefill_then_decode_equals_full_recompute(engines, path):
-    engine = engines.get(path)
+@pytest.mark.parametrize("kernels", BACKENDS)
+def test_prefill_then_decode_equals_full_recompute(engines, path, kernels):
+    engine = engines.get(path, kernels)
     p = prompts_for(engine)[2]
     engine.add_sequence(0)
     engine.add_sequence(1)
@@ -80,8 +81,9 @@ def test_prefill_then_decode_equals_full_recompute(engines, path):
     np.testing.assert_allclose(decoded[-1], full, rtol=0, atol=LOGITS_ATOL)
 
 
-def test_mixed_prefill_and_decode_batch(engines, hf_models, path):
-    engine, hf = engines.get(path), hf_models(path)
+@pytest.mark.parametrize("kernels", BACKENDS)
+def test_mixed_prefill_and_decode_batch(engines, hf_models, path, kernels):
+    engine, hf = engines.get(path, kernels), hf_models(path)
     prompts = prompts_for(engine)
     engine.add_sequence(0)
     engine.add_sequence(1)
@@ -140,7 +142,8 @@ def test_request_errors_leave_other_sequences_intact(engines, tiny_path):
     np.testing.assert_allclose(alone, expect, rtol=0, atol=LOGITS_ATOL)
 
 
-def test_bfloat16_model_tracks_float32_hf(tiny_path, hf_models):
+@pytest.mark.parametrize("kernels", BACKENDS)
+def test_bfloat16_model_tracks_float32_hf(tiny_path, hf_models, kernels):
     """bf16 weights, activations and KV cache: as close to HF fp32 as HF's own bf16 model is."""
     import torch
     from max.dtype import DType
@@ -148,7 +151,8 @@ def test_bfloat16_model_tracks_float32_hf(tiny_path, hf_models):
 
     from hyv3_graph.runtime import HYV3Engine
 
-    engine = HYV3Engine(tiny_path, dtype=DType.bfloat16, max_batch_size=4, max_length=256, page_size=16)
+    engine = HYV3Engine(tiny_path, dtype=DType.bfloat16, kernels=kernels, max_batch_size=4, max_length=256,
+                        page_size=16)
     hf_bf16 = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.bfloat16).eval()
     prompts = prompts_for(engine)
     logits = prefill_batch(engine, prompts)
