@@ -46,6 +46,7 @@ comptime NV = 4  # row vectors per micro-kernel block
 comptime NJ = 4  # keys per S micro-kernel block
 comptime ND = 4  # head dims per P V micro-kernel block
 comptime NR = 8  # items with at most this many rows (decode: one query x G heads) take the narrow path
+comptime PREFETCH_TOKENS = 16  # decode: how far ahead K is prefetched
 comptime KCHUNK = 256  # keys per narrow item: a long decode splits over the cores, partial softmaxes combined
 
 
@@ -79,6 +80,17 @@ def _narrow[dt: DType](dst: Pointer[mut=True, Scalar[dt], _], src: Pointer[Float
         i += W
     while i < n:
         dst[unsafe_offset=i] = _from_f32[dt, 1](src[unsafe_offset=i])
+        i += 1
+
+
+@always_inline
+def _axpy(y: Pointer[mut=True, Float32, _], a: Float32, x: Pointer[Float32, _], n: Int):
+    var i = 0
+    while i + W <= n:
+        y.unsafe_store(i, x.unsafe_load[width=W](i).fma(F32x(a), y.unsafe_load[width=W](i)))
+        i += W
+    while i < n:
+        y[unsafe_offset=i] = y[unsafe_offset=i] + a * x[unsafe_offset=i]
         i += 1
 
 
@@ -394,20 +406,23 @@ struct Attention:
                 rows[r] = ((tok0 + rr // G) * Hq + rr % G) * D
                 qpos[r] = Float32(first_pos + rr // G)
             var s_buf = List[Float32](length=Hkv * NR * KT, fill=0)  # scores, then probabilities [Hkv][NR][KT]
-            var off_buf = List[Int](length=KT, fill=0)  # cache offset of each key's token (layer included)
+            var off_buf = List[Int](length=KCHUNK, fill=0)  # cache offset of each key's token (layer included)
             var sp = s_buf.unsafe_ptr()
-            var tof = off_buf.unsafe_ptr()
             var o_all = pop.unsafe_offset(item * Hkv * NR * D)  # this item's O [Hkv][NR][D]
             var ml = pmp.unsafe_offset(item * Hkv * NR * 2)  # per kv head: max [NR], then sum [NR]
             for g in range(Hkv):
                 ml.unsafe_store(g * 2 * NR, SIMD[DType.float32, NR](Float32.MIN))
+            _tile_offsets(off_buf.unsafe_ptr(), lutp.unsafe_offset(b * lut_s), k_lo, k_hi - k_lo, page, s_page, s_tok,
+                          kv_base)
             for k0 in range(k_lo, k_hi, KT):
                 var nk = min(KT, k_hi - k0)
-                _tile_offsets(tof, lutp.unsafe_offset(b * lut_s), k0, nk, page, s_page, s_tok, kv_base)
+                var tof = off_buf.unsafe_ptr().unsafe_offset(k0 - k_lo)
                 # Scores, token by token and head by head: the K rows are read in cache order (one token's
-                # heads are adjacent), which the hardware prefetcher follows; V rows go to L2 meanwhile.
+                # heads are adjacent). K is prefetched PREFETCH_TOKENS ahead, V for the PV step below.
                 for j in range(nk):
                     var tok = bp.unsafe_offset(tof[unsafe_offset=j])
+                    if k0 + j + PREFETCH_TOKENS < k_hi:
+                        _prefetch_rows(bp, tof[unsafe_offset=j + PREFETCH_TOKENS], Hkv * D)
                     _prefetch_rows(tok, s_kind, Hkv * D)
                     for g in range(Hkv):
                         var qrows = StaticTuple[Int, NR](fill=0)
@@ -465,21 +480,25 @@ struct Attention:
             var b = nbp[unsafe_offset=first]
             var tok0 = Int(offp[unsafe_offset=b]) + nqp[unsafe_offset=first]
             var R = min(QT, Int(offp[unsafe_offset=b + 1]) - tok0) * G
+            var w_buf = List[Float32](length=last - first, fill=0)  # e^(m_c - M) per chunk
+            var o_buf = List[Float32](length=D, fill=0)
+            var wp = w_buf.unsafe_ptr()
+            var acc = o_buf.unsafe_ptr()
             for g in range(Hkv):
                 for r in range(R):
                     var M = Float32.MIN
                     for c in range(first, last):
                         M = max(M, pmp[unsafe_offset=(c * Hkv + g) * 2 * NR + r])
-                    var dst = outp.unsafe_offset(((tok0 + r // G) * Hq + g * G + r % G) * D)
                     var total = Float32(0)
                     for c in range(first, last):
-                        total += exp(pmp[unsafe_offset=(c * Hkv + g) * 2 * NR + r] - M) * pmp[unsafe_offset=(c * Hkv + g) * 2 * NR + NR + r]
+                        var w = exp(pmp[unsafe_offset=(c * Hkv + g) * 2 * NR + r] - M)
+                        wp[unsafe_offset=c - first] = w
+                        total += w * pmp[unsafe_offset=(c * Hkv + g) * 2 * NR + NR + r]
                     for dd in range(D):
-                        var acc = Float32(0)
-                        for c in range(first, last):
-                            var w = exp(pmp[unsafe_offset=(c * Hkv + g) * 2 * NR + r] - M)
-                            acc += w * pop[unsafe_offset=((c * Hkv + g) * NR + r) * D + dd]
-                        dst[unsafe_offset=dd] = _from_f32[dt, 1](acc / total)
+                        acc[unsafe_offset=dd] = 0
+                    for c in range(first, last):
+                        _axpy(acc, wp[unsafe_offset=c - first] / total, pop.unsafe_offset(((c * Hkv + g) * NR + r) * D), D)
+                    _narrow(outp.unsafe_offset(((tok0 + r // G) * Hq + g * G + r % G) * D), acc, D)
 
         def attend(item: Int) {var itp, var offp, var clp, var lutp, var lut_s, var page, var bp, var s_page,
                                var s_kind, var kv_base, var s_tok, var s_head, var qsp, var outp, var Hq, var Hkv,
