@@ -414,16 +414,19 @@ struct Attention:
                 ml.unsafe_store(g * 2 * NR, SIMD[DType.float32, NR](Float32.MIN))
             _tile_offsets(off_buf.unsafe_ptr(), lutp.unsafe_offset(b * lut_s), k_lo, k_hi - k_lo, page, s_page, s_tok,
                           kv_base)
+            for j in range(min(PREFETCH_TOKENS, k_hi - k_lo)):
+                _prefetch_rows(bp, off_buf[j], Hkv * D)
+                _prefetch_rows(bp, off_buf[j] + s_kind, Hkv * D)
             for k0 in range(k_lo, k_hi, KT):
                 var nk = min(KT, k_hi - k0)
                 var tof = off_buf.unsafe_ptr().unsafe_offset(k0 - k_lo)
                 # Scores, token by token and head by head: the K rows are read in cache order (one token's
-                # heads are adjacent). K is prefetched PREFETCH_TOKENS ahead, V for the PV step below.
+                # heads are adjacent). K and V are prefetched PREFETCH_TOKENS ahead.
                 for j in range(nk):
                     var tok = bp.unsafe_offset(tof[unsafe_offset=j])
                     if k0 + j + PREFETCH_TOKENS < k_hi:
                         _prefetch_rows(bp, tof[unsafe_offset=j + PREFETCH_TOKENS], Hkv * D)
-                    _prefetch_rows(tok, s_kind, Hkv * D)
+                        _prefetch_rows(bp, tof[unsafe_offset=j + PREFETCH_TOKENS] + s_kind, Hkv * D)
                     for g in range(Hkv):
                         var qrows = StaticTuple[Int, NR](fill=0)
                         comptime for r in range(NR):
