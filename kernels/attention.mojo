@@ -101,20 +101,41 @@ def _norm_rope[dt: DType](
 ):
     """dst = rope(rms_norm(src) * gamma) * mul, HF order; cs = this position's freqs_cis row, x = [D] scratch."""
     _widen(x, src, D)
-    var ss = Float32(0)
-    for d in range(D):
-        ss += x[unsafe_offset=d] * x[unsafe_offset=d]
+    var ssv = F32x(0)
+    var i = 0
+    while i + W <= D:
+        var v = x.unsafe_load[width=W](i)
+        ssv = v.fma(v, ssv)
+        i += W
+    var ss = ssv.reduce_add()
+    while i < D:
+        ss += x[unsafe_offset=i] * x[unsafe_offset=i]
+        i += 1
     var inv = 1.0 / sqrt(ss / Float32(D) + eps)
-    for d in range(D):
-        x[unsafe_offset=d] = x[unsafe_offset=d] * inv * gamma[unsafe_offset=d].cast[DType.float32]()
+    i = 0
+    while i + W <= D:
+        x.unsafe_store(i, x.unsafe_load[width=W](i) * inv * gamma.unsafe_load[width=W](i).cast[DType.float32]())
+        i += W
+    while i < D:
+        x[unsafe_offset=i] = x[unsafe_offset=i] * inv * gamma[unsafe_offset=i].cast[DType.float32]()
+        i += 1
     var half = D // 2
-    for i in range(half):
+    i = 0
+    while i + W <= half:
+        var a = x.unsafe_load[width=W](i)
+        var b = x.unsafe_load[width=W](half + i)
+        var c, s = cs.unsafe_load[width=2 * W](2 * i).deinterleave()  # (cos, sin) pairs
+        dst.unsafe_store(i, (a * c - b * s) * mul)
+        dst.unsafe_store(half + i, (b * c + a * s) * mul)
+        i += W
+    while i < half:
         var c = cs[unsafe_offset=2 * i]
         var s = cs[unsafe_offset=2 * i + 1]
         var a = x[unsafe_offset=i]
         var b = x[unsafe_offset=half + i]
         dst[unsafe_offset=i] = (a * c - b * s) * mul
         dst[unsafe_offset=half + i] = (b * c + a * s) * mul
+        i += 1
 
 
 @always_inline
