@@ -8,26 +8,31 @@
 # Inputs: qkv [T, (Hq + 2 Hkv) D] (the raw projection, q heads then k heads then v heads), q_norm and k_norm
 # [D], freqs_cis [P, D] float32 ((cos, sin) interleaved per frequency), input_row_offsets [B + 1], and the
 # cache exactly as MAX lays it out: blocks [pages, 2, layers, page_size, Hkv, D] (written in place),
-# cache_lengths [B], lookup_table [B, cols] (page ids), layer [1]. Output [T, Hq, D]. Parameters: eps
-# (both norms) and scale (0 means 1/sqrt(D)). The cache, qkv and
-# output share one dtype (float32 or bfloat16); norms, softmax and accumulation are float32.
-# New token i of sequence b sits at position cache_lengths[b] + i and attends to keys 0 .. that position.
+# cache_lengths [B], lookup_table [B, cols] (page ids), layer [1]. Output [T, Hq, D]. Parameters: eps (both
+# norms) and scale (0 means 1/sqrt(D)). The cache, qkv and output share one dtype (float32 or bfloat16);
+# norms, softmax and accumulation are float32. New token i of sequence b sits at position
+# cache_lengths[b] + i and attends to keys 0 .. that position. Bad page ids or positions past the pages or
+# the rope table raise before anything is read or written.
 #
 # What is fused, and why:
 #   * Norm + RoPE + K/V store (pass 1, parallel over tokens): only this op knows each token's position
 #     (cache length + index in its ragged sequence), so RoPE and the store belong here; the norms ride
 #     along on the same read of qkv. Q leaves pass 1 normed, rotated and pre-scaled, in float32.
-#   * Attention (pass 2) runs over (sequence, kv head, tile of QT queries) work items: the QT queries x G
-#     query heads of one kv head form R = QT * G rows, so each K/V row read serves all of them (GQA
-#     without repeating K/V; a decode step streams each sequence's K/V once per kv head). Keys go by in
-#     tiles of KT with an online softmax (running max and sum in float32), so no [L, L] matrix exists;
-#     keys past the last query of the item are never visited, and only the tiles that cross the diagonal
-#     are masked.
-#   * Rows are the SIMD lanes: Q is packed transposed, Qp [D][Rp], so S^T = K Q^T is a register-blocked
+#   * Attention (pass 2) cuts every sequence into query tiles of QT = ROWS / G queries, so a tile's queries
+#     x the G query heads of one kv head form R = QT * G rows that share each K/V row read (GQA without
+#     repeating K/V). Keys go by in tiles of KT with an online softmax (running max and sum in float32):
+#     no [L, L] matrix exists, keys past a tile's last query are never visited, and only key tiles that
+#     cross the diagonal are masked.
+#   * Wide tiles (R > NR: prefill) are work items (sequence, query tile, kv head), longest first. Rows are
+#     the SIMD lanes: Q is packed transposed, Qp [D][Rp], so S^T = K Q^T is a register-blocked
 #     broadcast-FMA micro-kernel (a K element times a vector of 16 rows), the softmax's max and sum over
 #     keys are lane-wise (no horizontal reductions), and P V accumulates into O^T [D][Rp] the same way.
-#     Each K/V tile is copied once into a dense float32 scratch (page lookup, bf16 widening, zeros past
-#     the end) so the micro-kernels read contiguous rows whatever the page size.
+#     Each K/V tile is widened once into a dense float32 scratch (page lookup, bf16 -> f32).
+#   * Narrow tiles (R <= NR: decode, the last queries of a prefill) are memory bound. Their work items are
+#     (sequence, query tile, chunk of KCHUNK keys) over all kv heads: one token's heads are adjacent in the
+#     cache, so K and V are read once, in cache order, straight from the cache (prefetched ahead), and a
+#     long sequence still spreads over every core. Scores are dot products over D (NR rows per K row);
+#     each chunk leaves a partial (max, sum, O) that a last pass combines per row.
 import extensibility
 from extensibility import InputTensor, OutputTensor, _MutableInputTensor
 from max.gpu.host import DeviceContext

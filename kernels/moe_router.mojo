@@ -21,8 +21,8 @@
 # CPU design: tokens split into blocks across cores (one scratch allocation per block, none per
 # token). Per token, pass 1 computes sigmoid and key for all experts in SIMD chunks and keeps
 # per-lane maxima; the k-th largest lane maximum is a lower bound of the k-th largest key, so
-# pass 2 inserts only the few experts at or above it into a sorted top-k list (most chunks are
-# one vector compare). The metadata is a serial counting sort over the T * k slots.
+# pass 2 gathers only the few experts at or above it (most chunks are one vector compare) and picks
+# the top k among them in two vectors: k rounds of max, lowest index holding it, retire that lane. The metadata is a serial counting sort over the T * k slots.
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
@@ -32,6 +32,7 @@ from std.math import exp, isnan
 from std.runtime import parallelism_level
 
 comptime W = 16  # SIMD width for the sigmoid
+comptime CAND = 32  # candidates selected in registers (two vectors)
 
 
 def _pow2_at_least(k: Int) -> Int:
@@ -47,6 +48,14 @@ def _lane_bits() -> SIMD[DType.uint32, W]:
     comptime for i in range(W):
         bits[i] = UInt32(1 << i)
     return bits
+
+
+@always_inline
+def _lane_index() -> SIMD[DType.int32, CAND]:
+    var lanes = SIMD[DType.int32, CAND](0)
+    comptime for i in range(CAND):
+        lanes[i] = Int32(i)
+    return lanes
 
 
 @always_inline
@@ -74,17 +83,20 @@ def route_token[top_k: Int, scale: Float32, renormalize: Bool](
     bp: Pointer[Float32, _],
     E: Int,
     scratch: Pointer[mut=True, Float32, _],
+    ci: Pointer[mut=True, Int32, _],
     xp: Pointer[mut=True, Int, _],
     ids: Pointer[mut=True, Int32, _],
     weights: Pointer[mut=True, Float32, _],
 ):
     """Routes one token: logits row [E] -> ids [top_k], weights [top_k].
 
-    scratch holds [E] scores, [E] keys and [top_k] sorted keys; xp the [top_k] sorted experts.
+    scratch holds [E] scores, [E] keys, [top_k] sorted keys and [CAND] candidate keys; ci the [CAND]
+    candidate experts; xp the [top_k] chosen experts.
     """
     var sp = scratch
     var cp = scratch.unsafe_offset(E)
     var kp = scratch.unsafe_offset(2 * E)
+    var ck = scratch.unsafe_offset(2 * E + top_k)
     # Pass 1 (SIMD): scores and keys into scratch; per-lane maxima over the full chunks.
     var lane_max = SIMD[DType.float32, W](Float32.MIN)
     var e = 0
@@ -109,7 +121,41 @@ def route_token[top_k: Int, scale: Float32, renormalize: Bool](
     comptime if top_k <= W:
         if E >= W:
             threshold = lane_max.reduce_max[size_out=_pow2_at_least(top_k)]().reduce_min()
-    # Pass 2: candidates in ascending expert order into the sorted top-k list.
+    # Pass 2: gather the candidates (keys >= threshold, ascending expert order). Usually a handful: they
+    # fit two vectors, and k rounds of (max, lowest index holding it, retire that lane) pick the top k in
+    # registers. Many candidates (ties, tiny E) take the sorted insertion over all experts instead.
+    var nc = 0
+    e = 0
+    while e + W <= E:
+        var mask = Int(cp.unsafe_load[width=W](e).ge(threshold).select(_lane_bits(), SIMD[DType.uint32, W](0)).reduce_or())
+        while mask != 0 and nc < CAND:
+            var x = e + count_trailing_zeros(mask)
+            mask &= mask - 1
+            ck[unsafe_offset=nc] = cp[unsafe_offset=x]
+            ci[unsafe_offset=nc] = Int32(x)
+            nc += 1
+        nc += Int(mask != 0)  # more than CAND: the vector path is off
+        e += W
+    for x in range(e, E):
+        if cp[unsafe_offset=x] >= threshold and nc < CAND:
+            ck[unsafe_offset=nc] = cp[unsafe_offset=x]
+            ci[unsafe_offset=nc] = Int32(x)
+            nc += 1
+        elif cp[unsafe_offset=x] >= threshold:
+            nc = CAND + 1
+    if nc <= CAND:
+        var live = _lane_index().lt(Int32(nc))
+        var keys = live.select(ck.unsafe_load[width=CAND](0), SIMD[DType.float32, CAND](Float32.MIN))
+        var idx = live.select(ci.unsafe_load[width=CAND](0), SIMD[DType.int32, CAND](Int32.MAX))
+        for j in range(top_k):
+            var best = keys.reduce_max()
+            var pick = keys.eq(best).select(idx, SIMD[DType.int32, CAND](Int32.MAX)).reduce_min()
+            xp[unsafe_offset=j] = Int(pick)
+            var taken = idx.eq(pick)
+            keys = taken.select(SIMD[DType.float32, CAND](Float32.MIN), keys)
+            idx = taken.select(SIMD[DType.int32, CAND](Int32.MAX), idx)  # a retired lane never matches again
+        _finish[top_k, scale, renormalize](sp, xp, ids, weights)
+        return
     var n = 0
     e = 0
     while e + W <= E:
@@ -122,6 +168,14 @@ def route_token[top_k: Int, scale: Float32, renormalize: Bool](
     for x in range(e, E):
         if cp[unsafe_offset=x] >= threshold:
             _insert[top_k](kp, xp, n, cp[unsafe_offset=x], x)
+    _finish[top_k, scale, renormalize](sp, xp, ids, weights)
+
+
+@always_inline
+def _finish[top_k: Int, scale: Float32, renormalize: Bool](
+    sp: Pointer[Float32, _], xp: Pointer[Int, _], ids: Pointer[mut=True, Int32, _], weights: Pointer[mut=True, Float32, _],
+):
+    """Writes the chosen experts xp [top_k] and their (renormalised, scaled) unbiased scores."""
     var total: Float32 = 0
     for j in range(top_k):
         total += sp[unsafe_offset=xp[unsafe_offset=j]]
@@ -183,12 +237,13 @@ struct MoeRouter:
         var n_blocks = (T + block - 1) // block
 
         def route_block(b: Int) {var lp, var bp, var ip, var wp, var ls, var ids_s, var ws, var E, var T, var block}:
-            var scratch = List[Float32](length=2 * E + top_k, fill=0)  # scores, keys, top-k keys
+            var scratch = List[Float32](length=2 * E + top_k + CAND, fill=0)  # scores, keys, top-k, candidates
+            var cand = List[Int32](length=CAND, fill=0)
             var best = List[Int](length=top_k, fill=0)
             var sp = scratch.unsafe_ptr()
             for t in range(b * block, min(T, (b + 1) * block)):
                 route_token[top_k, scale, renormalize](
-                    lp.unsafe_offset(t * ls), bp, E, sp, best.unsafe_ptr(), ip.unsafe_offset(t * ids_s),
+                    lp.unsafe_offset(t * ls), bp, E, sp, cand.unsafe_ptr(), best.unsafe_ptr(), ip.unsafe_offset(t * ids_s),
                     wp.unsafe_offset(t * ws))
 
         if n_blocks == 1:
