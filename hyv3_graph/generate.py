@@ -151,8 +151,6 @@ def _run(args, log) -> int:
 
     engine = HYV3Engine(model_path, dtype=DTYPES[args.dtype], kernels=args.kernels, max_batch_size=args.max_batch_size,
                         max_length=args.max_length, page_size=args.page_size, progress=log)
-    for name in engine.graph.fallbacks():
-        log(f"--kernels custom: no custom '{name}' kernel yet, using MAX built-ins for it")
     log(f"compiled in {engine.compile_s:.1f}s")
 
     stream = not args.json and len(prompts) == 1 and tokenizer is not None

@@ -33,7 +33,8 @@ KERNEL_BACKENDS = ("builtin", "custom")
 
 @dataclass(frozen=True)
 class Kernels:
-    """Which implementation each hot spot uses; `custom` falls back to builtin until our op lands."""
+    """Which implementation the hot spots use: `custom` = our Mojo ops (router, experts, attention),
+    `builtin` = MAX's own ops (the experts densely, as MAX's MoE kernels are GPU-only)."""
 
     backend: str = "builtin"
 
@@ -83,16 +84,6 @@ class HYV3Graph:
     def __init__(self, cfg: HYV3Config, dtype: DType, kv_params: MHAKVCacheParams, n_positions: int,
                  kernels: Kernels = Kernels()):
         self.cfg, self.dtype, self.kv_params, self.n_positions, self.kernels = cfg, dtype, kv_params, n_positions, kernels
-
-    @property
-    def custom_experts(self) -> bool:
-        return self.kernels.custom and self.dtype == DType.float32  # bf16 expert weights: not yet
-
-    def fallbacks(self) -> list[str]:
-        """Hot spots that `--kernels custom` still serves with MAX built-ins (said once, by the CLI)."""
-        if not self.kernels.custom:
-            return []
-        return [] if self.custom_experts else ["experts (bfloat16 weights)"]
 
     def _extensions(self) -> list:
         """Our Mojo package only for `custom`: a builtin graph then stays cached when a kernel changes."""
@@ -176,11 +167,8 @@ class HYV3Graph:
         gate_up, down = _w("mlp.experts.gate_up", dt, [E, 2 * I, H]), _w("mlp.experts.down", dt, [E, H, I])
         k, scale = cfg.num_experts_per_tok, cfg.router_scaling_factor
         if self.kernels.custom:
-            topk_ids, topk_w, offsets, slots = moe_router(router_logits, bias, k, scale, cfg.route_norm)  # [T, k], [E+1], [T*k]
-            if self.custom_experts:
-                routed = moe_experts(h, topk_w, offsets, slots, gate_up, down)  # [T, H] float32
-            else:
-                routed = experts_builtin(h, topk_ids, topk_w, gate_up, down)  # [T, H] float32
+            _, topk_w, offsets, slots = moe_router(router_logits, bias, k, scale, cfg.route_norm)  # [T, k], [E+1], [T*k]
+            routed = moe_experts(ops.cast(h, DType.float32), topk_w, offsets, slots, gate_up, down)  # [T, H] float32
         else:
             topk_ids, topk_w = moe_router_builtin(router_logits, bias, k, scale, cfg.route_norm)  # [T, k]
             routed = experts_builtin(h, topk_ids, topk_w, gate_up, down)  # [T, H] float32

@@ -1,5 +1,5 @@
 # Routed MoE experts on the CPU: for every token, sum over its k chosen experts of
-# weight * down(silu(gate(x)) * up(x)), float32. One custom op: MAX's own grouped matmul and MoE
+# weight * down(silu(gate(x)) * up(x)); float32 activations and accumulation, float32 or bfloat16 weights. One custom op: MAX's own grouped matmul and MoE
 # kernels are GPU-only, so without this MAX cannot run an MoE layer's experts sparsely on a CPU.
 #
 # Reference (the spec): hyv3_graph/kernels/moe_experts.py::moe_experts_reference (float64)
@@ -18,8 +18,11 @@
 #     all its rows (register accumulators). Gate and up rows o and I + o are in the same task, so
 #     SwiGLU is fused into the gate_up pass. All such experts' (expert, row tile) tasks share one
 #     parallel loop, so both cores stay busy whether one expert or all of them are active.
-#   * An expert with many rows is compute bound: gathered rows times its weights through MAX's own
-#     CPU matmul (linalg.matmul, transpose_b, all cores), SwiGLU in between.
+#   * An expert with many rows is compute bound: with float32 weights, gathered rows times its weights
+#     through MAX's own CPU matmul (linalg.matmul, transpose_b, all cores), SwiGLU in between. With
+#     bfloat16 weights (the real checkpoint's dtype) every expert takes the streaming path, its rows in
+#     groups of 4 per weight row (the row stays in L1 across the groups); bf16 widens to float32 exactly,
+#     so results match the float32 path on the same (rounded) weights. An AMX path is not written yet.
 #   * Combine is deterministic, without atomics: out[t] accumulates its experts in ascending expert
 #     order, whatever the thread count; the shared expert(s) stay in the graph (a dense SwiGLU).
 import extensibility
@@ -42,10 +45,11 @@ def _silu(g: Float32) -> Float32:
 
 
 @always_inline
-def _dots4(
-    w: Pointer[Float32, _], rows: Pointer[Float32, _], row_stride: Int, n_rows: Int, K: Int,
+def _dots4[wdt: DType](
+    w: Pointer[Scalar[wdt], _], rows: Pointer[Float32, _], row_stride: Int, n_rows: Int, K: Int,
 ) -> SIMD[DType.float32, 4]:
-    """Dot products of one weight row w [K] with up to 4 activation rows: w is streamed once for all of them."""
+    """Dot products of one weight row w [K] (float32, or bfloat16 widened exactly) with up to 4 activation rows:
+    w is streamed once for all of them."""
     var a0 = SIMD[DType.float32, W](0)
     var a1 = SIMD[DType.float32, W](0)
     var a2 = SIMD[DType.float32, W](0)
@@ -55,7 +59,7 @@ def _dots4(
     var r3 = rows.unsafe_offset(min(3, n_rows - 1) * row_stride)
     var i = 0
     while i + W <= K:
-        var wv = w.unsafe_load[width=W](i)
+        var wv = w.unsafe_load[width=W](i).cast[DType.float32]()
         a0 += wv * rows.unsafe_load[width=W](i)
         a1 += wv * r1.unsafe_load[width=W](i)
         a2 += wv * r2.unsafe_load[width=W](i)
@@ -63,7 +67,7 @@ def _dots4(
         i += W
     var out = SIMD[DType.float32, 4](a0.reduce_add(), a1.reduce_add(), a2.reduce_add(), a3.reduce_add())
     while i < K:
-        var wv = w[unsafe_offset=i]
+        var wv = w[unsafe_offset=i].cast[DType.float32]()
         out += wv * SIMD[DType.float32, 4](rows[unsafe_offset=i], r1[unsafe_offset=i], r2[unsafe_offset=i], r3[unsafe_offset=i])
         i += 1
     return out
@@ -80,11 +84,13 @@ struct MoeExperts:
         topk_weights: InputTensor[dtype = DType.float32, rank=2, ...],
         expert_offsets: InputTensor[dtype = DType.int32, rank=1, ...],
         sorted_slots: InputTensor[dtype = DType.int32, rank=1, ...],
-        gate_up: InputTensor[dtype = DType.float32, rank=3, ...],
-        down: InputTensor[dtype = DType.float32, rank=3, ...],
+        gate_up: InputTensor[rank=3, ...],
+        down: InputTensor[dtype = gate_up.dtype, rank=3, ...],
         ctx: DeviceContext,
     ) raises:
         comptime assert target == "cpu", "moe_experts: CPU-only kernel"
+        comptime wdt = gate_up.dtype
+        comptime assert wdt == DType.float32 or wdt == DType.bfloat16, "moe_experts: float32 or bfloat16 weights"
         var T = x.dim_size(0)
         var H = x.dim_size(1)
         var k = topk_weights.dim_size(1)
@@ -138,11 +144,12 @@ struct MoeExperts:
         var ap = act.unsafe_ptr()
         var yp = ys.unsafe_ptr()
 
-        # Streaming path: tasks over (small expert, tile of TILE output rows).
+        # Streaming path: tasks over (expert, tile of TILE output rows), the expert's rows in groups of 4 per
+        # weight row (which stays in L1 meanwhile). float32: the small experts; bfloat16: every expert.
         var small = List[Int]()
         for e in range(E):
             var n = Int(offp[unsafe_offset=e + 1]) - Int(offp[unsafe_offset=e])
-            if n > 0 and n <= SMALL_ROWS:
+            if n > 0 and (n <= SMALL_ROWS or wdt != DType.float32):
                 small.append(e)
         var n_small = len(small)
         var sp = small.unsafe_ptr()
@@ -156,10 +163,12 @@ struct MoeExperts:
             var w = gup.unsafe_offset(e * gu_es)
             var o0 = (task % gu_tiles) * TILE
             for o in range(o0, min(I, o0 + TILE)):
-                var g = _dots4(w.unsafe_offset(o * H), rp.unsafe_offset(r0 * H), H, n, H)
-                var u = _dots4(w.unsafe_offset((I + o) * H), rp.unsafe_offset(r0 * H), H, n, H)
-                for r in range(n):
-                    ap[unsafe_offset=(r0 + r) * I + o] = _silu(g[r]) * u[r]
+                for g0 in range(0, n, SMALL_ROWS):
+                    var gn = min(SMALL_ROWS, n - g0)
+                    var g = _dots4(w.unsafe_offset(o * H), rp.unsafe_offset((r0 + g0) * H), H, gn, H)
+                    var u = _dots4(w.unsafe_offset((I + o) * H), rp.unsafe_offset((r0 + g0) * H), H, gn, H)
+                    for r in range(gn):
+                        ap[unsafe_offset=(r0 + g0 + r) * I + o] = _silu(g[r]) * u[r]
 
         def down_task(task: Int) {var sp, var offp, var ap, var yp, var dnp, var dn_es, var H, var I, var dn_tiles}:
             var e = sp[unsafe_offset=task // dn_tiles]
@@ -168,38 +177,41 @@ struct MoeExperts:
             var w = dnp.unsafe_offset(e * dn_es)
             var h0 = (task % dn_tiles) * TILE
             for h in range(h0, min(H, h0 + TILE)):
-                var y = _dots4(w.unsafe_offset(h * I), ap.unsafe_offset(r0 * I), I, n, I)
-                for r in range(n):
-                    yp[unsafe_offset=(r0 + r) * H + h] = y[r]
+                for g0 in range(0, n, SMALL_ROWS):
+                    var gn = min(SMALL_ROWS, n - g0)
+                    var y = _dots4(w.unsafe_offset(h * I), ap.unsafe_offset((r0 + g0) * I), I, gn, I)
+                    for r in range(gn):
+                        yp[unsafe_offset=(r0 + g0 + r) * H + h] = y[r]
 
         if n_small > 0:
             parallelize(gate_up_task, n_small * gu_tiles)
             parallelize(down_task, n_small * dn_tiles)
 
-        # Matmul path, one expert at a time (MAX's matmul uses all cores itself).
-        var g_buf = List[Float32](length=T * k * 2 * I, fill=0)
-        var gp = g_buf.unsafe_ptr()
-        for e in range(E):
-            var r0 = Int(offp[unsafe_offset=e])
-            var n = Int(offp[unsafe_offset=e + 1]) - r0
-            if n <= SMALL_ROWS:
-                continue
-            matmul[transpose_b=True](
-                TileTensor(gp, row_major(n, 2 * I)),
-                TileTensor(rp.unsafe_offset(r0 * H), row_major(n, H)),
-                TileTensor(gup.unsafe_offset(e * gu_es), row_major(2 * I, H)),
-            )
+        # Matmul path (float32 weights), one expert at a time (MAX's matmul uses all cores itself).
+        comptime if wdt == DType.float32:
+            var g_buf = List[Float32](length=T * k * 2 * I, fill=0)
+            var gp = g_buf.unsafe_ptr()
+            for e in range(E):
+                var r0 = Int(offp[unsafe_offset=e])
+                var n = Int(offp[unsafe_offset=e + 1]) - r0
+                if n <= SMALL_ROWS:
+                    continue
+                matmul[transpose_b=True](
+                    TileTensor(gp, row_major(n, 2 * I)),
+                    TileTensor(rp.unsafe_offset(r0 * H), row_major(n, H)),
+                    TileTensor(gup.unsafe_offset(e * gu_es), row_major(2 * I, H)),
+                )
 
-            def swiglu_row(r: Int) {var gp, var ap, var I, var r0}:
-                for o in range(I):
-                    ap[unsafe_offset=(r0 + r) * I + o] = _silu(gp[unsafe_offset=r * 2 * I + o]) * gp[unsafe_offset=r * 2 * I + I + o]
+                def swiglu_row(r: Int) {var gp, var ap, var I, var r0}:
+                    for o in range(I):
+                        ap[unsafe_offset=(r0 + r) * I + o] = _silu(gp[unsafe_offset=r * 2 * I + o]) * gp[unsafe_offset=r * 2 * I + I + o]
 
-            parallelize(swiglu_row, n)
-            matmul[transpose_b=True](
-                TileTensor(yp.unsafe_offset(r0 * H), row_major(n, H)),
-                TileTensor(ap.unsafe_offset(r0 * I), row_major(n, I)),
-                TileTensor(dnp.unsafe_offset(e * dn_es), row_major(H, I)),
-            )
+                parallelize(swiglu_row, n)
+                matmul[transpose_b=True](
+                    TileTensor(yp.unsafe_offset(r0 * H), row_major(n, H)),
+                    TileTensor(ap.unsafe_offset(r0 * I), row_major(n, I)),
+                    TileTensor(dnp.unsafe_offset(e * dn_es), row_major(H, I)),
+                )
 
         # Combine: out[t] += w * y over t's rows in ascending row = ascending expert order (deterministic).
         var token_rows = List[Int](length=T * k, fill=0)

@@ -1,7 +1,8 @@
 """Fuzz `kernels/moe_experts.mojo` against `moe_experts_reference` (float64), routing from `moe_router`.
 
-One graph (router + experts) is compiled once per session; T, E, H, I are symbolic, k comes from a
-handful of router variants, so hypothesis varies every shape at run time without recompiling.
+One graph (router + experts) is compiled once per session per variant (three k with float32 weights, one
+with bfloat16 weights); T, E, H, I are symbolic, so hypothesis varies every shape at run time without
+recompiling.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from max.dtype import DType
 from max.engine import InferenceSession
 from max.graph import DeviceRef, Graph, TensorType
 
+from hyv3_graph.dtypes import bf16_bits_to_f32, f32_to_bf16_bits, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
 from hyv3_graph.kernels.moe_experts import moe_experts, moe_experts_reference
 from hyv3_graph.kernels.moe_router import moe_router
 
 TOP_K = (1, 3, 8)
+BF16_TOP_K = 3  # one bfloat16-weights variant
 # float32 products and sums against a float64 reference, relative to the output's scale
 RTOL = 2e-5
 
@@ -28,25 +31,31 @@ def experts_models():
     cpu, f32 = DeviceRef.CPU(), DType.float32
     session = InferenceSession(devices=[CPU()])
     models = {}
-    for k in TOP_K:
+    for k, wdt in [(k, f32) for k in TOP_K] + [(BF16_TOP_K, DType.bfloat16)]:
         types = [TensorType(f32, ["T", "H"], device=cpu), TensorType(f32, ["T", "E"], device=cpu),
-                 TensorType(f32, ["E", "I2", "H"], device=cpu), TensorType(f32, ["E", "H", "I"], device=cpu)]
-        with Graph(f"moe_experts_k{k}", input_types=types, custom_extensions=[MOJO_KERNELS]) as g:
+                 TensorType(wdt, ["E", "I2", "H"], device=cpu), TensorType(wdt, ["E", "H", "I"], device=cpu)]
+        with Graph(f"moe_experts_k{k}_{wdt}", input_types=types, custom_extensions=[MOJO_KERNELS]) as g:
             x, logits, gate_up, down = (v.tensor for v in g.inputs)
             bias = logits[0] * 0  # [E] zeros: the routing itself is the router's business
             ids, w, offsets, slots = moe_router(logits, bias, k, 1.0, True)
             g.output(moe_experts(x, w, offsets, slots, gate_up, down), ids, w)
-        models[k] = session.load(g)
+        models[k, wdt] = session.load(g)
     return models
 
 
-def run(models, k, x, logits, gate_up, down):
-    out, ids, w = (o.to_numpy() for o in models[k].execute(x, logits, gate_up, down))
-    return out, ids, w
+def run(models, k, x, logits, gate_up, down, bf16=False):
+    """bf16: the weights go in as bfloat16 (rounded here); returns the weights the op saw, as float32."""
+    wdt = DType.bfloat16 if bf16 else DType.float32
+    if bf16:
+        gate_up, down = (bf16_bits_to_f32(f32_to_bf16_bits(a)) for a in (gate_up, down))
+    out, ids, w = (o.to_numpy() for o in models[k, wdt].execute(x, logits, to_buffer(to_dtype(gate_up, wdt), wdt),
+                                                                  to_buffer(to_dtype(down, wdt), wdt)))
+    return out, ids, w, gate_up, down
 
 
-def check(models, k, x, logits, gate_up, down):
-    out, ids, w = run(models, k, x, logits, gate_up, down)
+def check(models, k, x, logits, gate_up, down, bf16=False):
+    """Against the float64 reference on the weights the op saw: bf16 widens exactly, so one tolerance serves both."""
+    out, ids, w, gate_up, down = run(models, k, x, logits, gate_up, down, bf16)
     ref = moe_experts_reference(x, ids, w, gate_up, down)
     assert out.shape == x.shape and out.dtype == np.float32
     scale = max(1.0, float(np.abs(ref).max(initial=0)))
@@ -56,7 +65,8 @@ def check(models, k, x, logits, gate_up, down):
 
 @st.composite
 def experts_case(draw):
-    k = draw(st.sampled_from(TOP_K))
+    bf16 = draw(st.booleans())
+    k = BF16_TOP_K if bf16 else draw(st.sampled_from(TOP_K))
     E = draw(st.integers(max(k, 1), 64))
     T = draw(st.one_of(st.sampled_from([0, 1, 2, 5]), st.integers(0, 512)))
     H = draw(st.sampled_from([1, 7, 16, 33, 64, 130]))
@@ -75,7 +85,7 @@ def experts_case(draw):
     down = (rng.standard_normal((E, H, I)) / np.sqrt(I)).astype(np.float32)
     if draw(st.booleans()) and E > 1:  # duplicate expert weights
         gate_up[1], down[1] = gate_up[0], down[0]
-    return k, x, logits, gate_up, down
+    return k, x, logits, gate_up, down, bf16
 
 
 @given(experts_case())
@@ -88,16 +98,21 @@ def test_deterministic_bit_for_bit(experts_models):
     T, E, H, I = 300, 12, 64, 48
     args = (rng.standard_normal((T, H)).astype(np.float32), rng.standard_normal((T, E)).astype(np.float32),
             (rng.standard_normal((E, 2 * I, H)) / 8).astype(np.float32), (rng.standard_normal((E, H, I)) / 7).astype(np.float32))
-    a = run(experts_models, 3, *args)[0]
-    b = run(experts_models, 3, *args)[0]
-    assert np.array_equal(a, b)
+    for bf16 in (False, True):
+        a = run(experts_models, 3, *args, bf16=bf16)[0]
+        b = run(experts_models, 3, *args, bf16=bf16)[0]
+        assert np.array_equal(a, b)
 
 
 @pytest.mark.parametrize("T", [1, 4, 5, 64])
-def test_streaming_and_matmul_paths(experts_models, T):
-    """Experts with <= 4 rows stream their weights; more rows go through MAX's matmul: both must agree."""
+@pytest.mark.parametrize("bf16", [False, True])
+def test_streaming_and_matmul_paths(experts_models, T, bf16):
+    """float32: experts with <= 4 rows stream their weights, more rows go through MAX's matmul; bfloat16: every
+    expert streams, in groups of 4 rows. All must match the reference."""
     rng = np.random.default_rng(T)
     E, H, I = 4, 130, 33
+    k = BF16_TOP_K if bf16 else 1
     logits = np.tile(np.arange(E, dtype=np.float32), (T, 1))  # all tokens to the top experts
-    check(experts_models, 1, rng.standard_normal((T, H)).astype(np.float32), logits,
-          (rng.standard_normal((E, 2 * I, H)) / 11).astype(np.float32), (rng.standard_normal((E, H, I)) / 6).astype(np.float32))
+    check(experts_models, k, rng.standard_normal((T, H)).astype(np.float32), logits,
+          (rng.standard_normal((E, 2 * I, H)) / 11).astype(np.float32), (rng.standard_normal((E, H, I)) / 6).astype(np.float32),
+          bf16)
