@@ -27,4 +27,8 @@ def test_bench_quick_json(tmp_path):
         for impl in ("mojo", "max", "torch"):
             assert ("router", f"T{T}_E192_k8", impl) in cases
     assert {c for b, c, _ in cases if b == "compile"} == {"tiny_L4_cold", "tiny_L16_cold", "tiny_L16_warm"}
+    for bench in ("experts", "attention", "e2e"):
+        assert {i for b, _, i in cases if b == bench} >= {"mojo", "torch"}, bench
+    assert any(b == "experts" and c.endswith("_bf16") for b, c, _ in cases)
+    assert {c.rsplit("_", 1)[-1] for b, c, _ in cases if b == "attention"} == {"f32", "bf16"}
     assert (ROOT / "bench" / "results" / "latest-quick.md").exists()
