@@ -51,7 +51,7 @@ comptime NV = 4  # row vectors per micro-kernel block
 comptime NJ = 4  # keys per S micro-kernel block
 comptime ND = 4  # head dims per P V micro-kernel block
 comptime NR = 8  # items with at most this many rows (decode: one query x G heads) take the narrow path
-comptime PREFETCH_TOKENS = 16  # decode: how far ahead K is prefetched
+comptime PREFETCH_TOKENS = 16  # decode: how many tokens ahead K and V are prefetched
 comptime KCHUNK = 256  # keys per narrow item: a long decode splits over the cores, partial softmaxes combined
 
 
