@@ -35,3 +35,8 @@ def to_buffer(a: np.ndarray, dtype: DType) -> Buffer:
     """Numpy array in `to_dtype` form -> MAX Buffer of `dtype` (zero-copy where possible)."""
     buf = Buffer.from_numpy(np.ascontiguousarray(a))
     return buf.view(DType.bfloat16) if dtype == DType.bfloat16 and a.dtype == np.uint16 else buf
+
+
+def buffer_numpy(buf: Buffer) -> np.ndarray:
+    """A CPU Buffer's data in `to_dtype` form (bf16 as uint16 bits), sharing its memory."""
+    return buf.view(DType.uint16).to_numpy() if buf.dtype == DType.bfloat16 else buf.to_numpy()

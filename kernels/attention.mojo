@@ -208,14 +208,19 @@ def _dots_rows[dt: DType](
 
 
 @always_inline
+def _cache_offset(lut_row: Pointer[Scalar[DType.uint32], _], pos: Int, page: Int, s_page: Int, s_tok: Int) -> Int:
+    """Element offset in the cache of one sequence's position pos (its page from the lookup table row)."""
+    return Int(lut_row[unsafe_offset=pos // page]) * s_page + (pos % page) * s_tok
+
+
+@always_inline
 def _tile_offsets(
     dst: Pointer[mut=True, Int, _], lut_row: Pointer[Scalar[DType.uint32], _], k0: Int, n: Int, page: Int,
     s_page: Int, s_tok: Int, base: Int,
 ):
     """Element offsets in the cache of keys k0 .. k0 + n - 1 of one sequence (base: layer and head)."""
     for j in range(n):
-        var kj = k0 + j
-        dst[unsafe_offset=j] = Int(lut_row[unsafe_offset=kj // page]) * s_page + (kj % page) * s_tok + base
+        dst[unsafe_offset=j] = _cache_offset(lut_row, k0 + j, page, s_page, s_tok) + base
 
 
 @always_inline
@@ -301,7 +306,7 @@ struct Attention:
         var lutp = lookup_table.unsafe_ptr()
         var lut_s = lookup_table.stride_length(0)
         var cols = lookup_table.dim_size(1)
-        if B >= 0 and (Int(offp[unsafe_offset=0]) != 0 or Int(offp[unsafe_offset=B]) != T):
+        if Int(offp[unsafe_offset=0]) != 0 or Int(offp[unsafe_offset=B]) != T:
             raise Error("attention: input_row_offsets must run from 0 to T")
         for b in range(B):
             var n = Int(offp[unsafe_offset=b + 1]) - Int(offp[unsafe_offset=b])
@@ -357,7 +362,7 @@ struct Attention:
             var kr = ksp.unsafe_offset(t * D)
             for h in range(Hq):
                 _norm_rope(qsp.unsafe_offset((t * Hq + h) * D), row.unsafe_offset(h * D), qnp, cs, x, D, eps, q_mul)
-            var slot = bp.unsafe_offset(Int(lutp[unsafe_offset=b * lut_s + pos // page]) * s_page + kv_base + (pos % page) * s_tok)
+            var slot = bp.unsafe_offset(_cache_offset(lutp.unsafe_offset(b * lut_s), pos, page, s_page, s_tok) + kv_base)
             for h in range(Hkv):
                 _norm_rope(kr, row.unsafe_offset((Hq + h) * D), knp, cs, x, D, eps, 1.0)
                 _narrow(slot.unsafe_offset(h * s_head), kr, D)
@@ -574,9 +579,8 @@ struct Attention:
             for k0 in range(0, kend, KT):
                 var nk = min(KT, kend - k0)
                 for j in range(nk):  # rows past nk keep stale values: their scores are never read
-                    var kj = k0 + j
-                    var at = bp.unsafe_offset(Int(lutp[unsafe_offset=b * lut_s + kj // page]) * s_page + kv_base
-                                              + (kj % page) * s_tok + g * s_head)
+                    var at = bp.unsafe_offset(_cache_offset(lutp.unsafe_offset(b * lut_s), k0 + j, page, s_page, s_tok)
+                                              + kv_base + g * s_head)
                     _widen(kp.unsafe_offset(j * D), at, D)
                     _widen(vp.unsafe_offset(j * D), at.unsafe_offset(s_kind), D)
                 # S^T = K Qp

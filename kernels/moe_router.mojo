@@ -51,6 +51,12 @@ def _lane_bits() -> SIMD[DType.uint32, W]:
 
 
 @always_inline
+def _at_or_above(cp: Pointer[Float32, _], e: Int, threshold: Float32) -> Int:
+    """Bit i is set where key e + i >= threshold (one SIMD chunk)."""
+    return Int(cp.unsafe_load[width=W](e).ge(threshold).select(_lane_bits(), SIMD[DType.uint32, W](0)).reduce_or())
+
+
+@always_inline
 def _lane_index() -> SIMD[DType.int32, CAND]:
     var lanes = SIMD[DType.int32, CAND](0)
     comptime for i in range(CAND):
@@ -124,25 +130,24 @@ def route_token[top_k: Int, scale: Float32, renormalize: Bool](
     # Pass 2: gather the candidates (keys >= threshold, ascending expert order). Usually a handful: they
     # fit two vectors, and k rounds of (max, lowest index holding it, retire that lane) pick the top k in
     # registers. Many candidates (ties, tiny E) take the sorted insertion over all experts instead.
-    var nc = 0
+    var nc = 0  # candidates seen; the first CAND are kept
     e = 0
     while e + W <= E:
-        var mask = Int(cp.unsafe_load[width=W](e).ge(threshold).select(_lane_bits(), SIMD[DType.uint32, W](0)).reduce_or())
-        while mask != 0 and nc < CAND:
+        var mask = _at_or_above(cp, e, threshold)
+        while mask != 0:
             var x = e + count_trailing_zeros(mask)
             mask &= mask - 1
-            ck[unsafe_offset=nc] = cp[unsafe_offset=x]
-            ci[unsafe_offset=nc] = Int32(x)
+            if nc < CAND:
+                ck[unsafe_offset=nc] = cp[unsafe_offset=x]
+                ci[unsafe_offset=nc] = Int32(x)
             nc += 1
-        nc += Int(mask != 0)  # more than CAND: the vector path is off
         e += W
     for x in range(e, E):
-        if cp[unsafe_offset=x] >= threshold and nc < CAND:
-            ck[unsafe_offset=nc] = cp[unsafe_offset=x]
-            ci[unsafe_offset=nc] = Int32(x)
+        if cp[unsafe_offset=x] >= threshold:
+            if nc < CAND:
+                ck[unsafe_offset=nc] = cp[unsafe_offset=x]
+                ci[unsafe_offset=nc] = Int32(x)
             nc += 1
-        elif cp[unsafe_offset=x] >= threshold:
-            nc = CAND + 1
     if nc <= CAND:
         var live = _lane_index().lt(Int32(nc))
         var keys = live.select(ck.unsafe_load[width=CAND](0), SIMD[DType.float32, CAND](Float32.MIN))
@@ -159,7 +164,7 @@ def route_token[top_k: Int, scale: Float32, renormalize: Bool](
     var n = 0
     e = 0
     while e + W <= E:
-        var mask = Int(cp.unsafe_load[width=W](e).ge(threshold).select(_lane_bits(), SIMD[DType.uint32, W](0)).reduce_or())
+        var mask = _at_or_above(cp, e, threshold)
         while mask != 0:
             var x = e + count_trailing_zeros(mask)
             mask &= mask - 1

@@ -17,7 +17,7 @@ from max.dtype import DType
 from max.engine import InferenceSession
 from max.graph import BufferType, DeviceRef, Graph, TensorType
 
-from hyv3_graph.dtypes import bf16_bits_to_f32, f32_to_bf16_bits, to_buffer
+from hyv3_graph.dtypes import buffer_numpy, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
 from hyv3_graph.kernels.attention import attention, attention_reference
 from hyv3_graph.model import rope_freqs_cis
@@ -52,10 +52,8 @@ def attention_models():
 
 def _as(dt, a):
     """float32 numpy -> (what the op gets, the float64 values it represents)."""
-    if dt == DType.bfloat16:
-        bits = f32_to_bf16_bits(a)
-        return bits, bf16_bits_to_f32(bits).astype(np.float64)
-    return a.astype(np.float32), a.astype(np.float64)
+    given = to_dtype(a, dt)
+    return given, to_dtype(given, DType.float32).astype(np.float64)
 
 
 def run_case(models, dt, rng, Hq, Hkv, D, page, cache_lens, new_lens, n_layers=2, layer=1, spare_cols=1):
@@ -84,8 +82,7 @@ def run_case(models, dt, rng, Hq, Hkv, D, page, cache_lens, new_lens, n_layers=2
     out = models[dt].execute(to_buffer(qkv, dt), to_buffer(q_norm, dt), to_buffer(k_norm, dt), freqs, offsets, cache,
                              np.array(cache_lens, np.uint32), lut, np.array(layer, np.uint32))[0]
     ref, new_k, new_v = attention_reference(qkv64, q_norm64, k_norm64, freqs, offsets, history, Hkv, EPS)
-    f64 = lambda buf: (bf16_bits_to_f32(buf.view(DType.uint16).to_numpy()) if dt == DType.bfloat16
-                       else buf.to_numpy()).astype(np.float64)
+    f64 = lambda buf: to_dtype(buffer_numpy(buf), DType.float32).astype(np.float64)
     out, after = f64(out), f64(cache)
 
     assert out.shape == (T, Hq, D)

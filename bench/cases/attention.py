@@ -24,7 +24,7 @@ from max.nn.kernels import flash_attention_ragged
 
 from hyv3_graph.checkpoints import PRESETS, hf_config_dict
 from hyv3_graph.config import HYV3Config
-from hyv3_graph.dtypes import bf16_bits_to_f32, f32_to_bf16_bits, to_buffer
+from hyv3_graph.dtypes import buffer_numpy, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
 from hyv3_graph.kernels.attention import attention, rotated_reference, token_positions
 from hyv3_graph.kv_cache import PagedKVCache
@@ -85,9 +85,8 @@ def _case(graphs, torch, cfg, spec, name, cache_lens, new_lens, dt, rng) -> Case
         cache.claim(b)
         cache.reserve([(b, c + new_lens[b])])
         cache.commit([(b, c)])
-    view = cache.blocks.view(DType.uint16).to_numpy() if dt == DType.bfloat16 else cache.blocks.to_numpy()
-    view[...] = f32_to_bf16_bits(rng.standard_normal(view.shape, np.float32)) if dt == DType.bfloat16 else \
-        rng.standard_normal(view.shape, np.float32)
+    view = buffer_numpy(cache.blocks)
+    view[...] = to_dtype(rng.standard_normal(view.shape, np.float32), dt)
     steps = [(b, n) for b, n in enumerate(new_lens)]
     kv_inputs = cache.inputs(steps)
     offsets = np.concatenate([[0], np.cumsum(new_lens)]).astype(np.uint32)
@@ -95,8 +94,7 @@ def _case(graphs, torch, cfg, spec, name, cache_lens, new_lens, dt, rng) -> Case
     freqs = rope_freqs_cis(D, cfg.rope_theta, n_positions)
     qkv32 = rng.standard_normal((T, (Hq + 2 * Hkv) * D), np.float32)
     q_norm32, k_norm32 = (1 + 0.1 * rng.standard_normal((2, D), np.float32)).astype(np.float32)
-    as_dt = (lambda a: f32_to_bf16_bits(a)) if dt == DType.bfloat16 else (lambda a: a)
-    from_dt = (lambda a: bf16_bits_to_f32(a)) if dt == DType.bfloat16 else (lambda a: a)
+    as_dt, from_dt = (lambda a: to_dtype(a, dt)), (lambda a: to_dtype(a, DType.float32))
     qkv, q_norm, k_norm = (to_buffer(as_dt(a), dt) for a in (qkv32, q_norm32, k_norm32))
     if dt not in graphs["built"]:
         graphs["built"][dt] = _graphs(graphs["session"], cache, dt, cfg, n_positions)
@@ -135,7 +133,7 @@ def _case(graphs, torch, cfg, spec, name, cache_lens, new_lens, dt, rng) -> Case
         return np.concatenate([o[b, :, :n].transpose(1, 0, 2) for b, n in enumerate(new_lens)])
 
     def to_f32(buf):
-        return from_dt(buf.view(DType.uint16).to_numpy() if dt == DType.bfloat16 else buf.to_numpy())
+        return from_dt(buffer_numpy(buf))
 
     def check(outputs):
         ref = to_f32(outputs["mojo"])

@@ -92,6 +92,5 @@ def attention_builtin(kv_params: MHAKVCacheParams, x: TensorValue, row_offsets: 
                        multiply_before_cast=False, per_head_norm=True)
     q = fused_qk_ragged_rope(kv_params, q, row_offsets, kv, freqs_cis, layer_idx, interleaved=False)
     o = flash_attention_ragged(kv_params, input=q, kv_collection=kv, layer_idx=layer_idx, input_row_offsets=row_offsets,
-                               mask_variant=MHAMaskVariant.CAUSAL_MASK,
-                               scale=D ** -0.5)  # [T, Hq, D]
+                               mask_variant=MHAMaskVariant.CAUSAL_MASK, scale=D ** -0.5)  # [T, Hq, D]
     return ops.reshape(o, [T, n_heads * D])
