@@ -40,6 +40,7 @@ from max.algorithm import parallelize
 from std.math import exp, sqrt
 from std.memory import bitcast
 from std.utils import StaticTuple
+from .cpu_isa import round_to_bf16
 from std.sys import size_of
 from std.sys.intrinsics import prefetch, PrefetchOptions
 
@@ -57,11 +58,8 @@ comptime KCHUNK = 256  # keys per narrow item: a long decode splits over the cor
 
 @always_inline
 def _from_f32[dt: DType, n: Int](v: SIMD[DType.float32, n]) -> SIMD[dt, n]:
-    """float32 -> dt; bf16 by round-to-nearest-even on the bits (the compiler's bf16 cast is a libcall here)."""
     comptime if dt == DType.bfloat16:
-        var u = bitcast[DType.uint32, n](v)
-        u = u + 0x7FFF + ((u >> 16) & 1)
-        return bitcast[dt, n]((u >> 16).cast[DType.uint16]())
+        return bitcast[dt, n](round_to_bf16[n](v))
     else:
         return v.cast[dt]()
 

@@ -1,5 +1,5 @@
 # Routed MoE experts on the CPU: for every token, sum over its k chosen experts of
-# weight * down(silu(gate(x)) * up(x)); float32 activations and accumulation, float32 or bfloat16 weights. One custom op: MAX's own grouped matmul and MoE
+# weight * down(silu(gate(x)) * up(x)); float32 accumulation, float32 or bfloat16 weights. One custom op: MAX's own grouped matmul and MoE
 # kernels are GPU-only, so without this MAX cannot run an MoE layer's experts sparsely on a CPU.
 #
 # Reference (the spec): hyv3_graph/kernels/moe_experts.py::moe_experts_reference (float64)
@@ -18,11 +18,20 @@
 #     all its rows (register accumulators). Gate and up rows o and I + o are in the same task, so
 #     SwiGLU is fused into the gate_up pass. All such experts' (expert, row tile) tasks share one
 #     parallel loop, so both cores stay busy whether one expert or all of them are active.
-#   * An expert with many rows is compute bound: with float32 weights, gathered rows times its weights
-#     through MAX's own CPU matmul (linalg.matmul, transpose_b, all cores), SwiGLU in between. With
-#     bfloat16 weights (the real checkpoint's dtype) every expert takes the streaming path, its rows in
-#     groups of 4 per weight row (the row stays in L1 across the groups); bf16 widens to float32 exactly,
-#     so results match the float32 path on the same (rounded) weights. An AMX path is not written yet.
+#   * An expert with many rows is compute bound. float32 weights: gathered rows times its weights through
+#     MAX's own CPU matmul (linalg.matmul, transpose_b, all cores), SwiGLU in between.
+#   * bfloat16 weights (the real checkpoint's dtype), CPU with AVX512_BF16 (cpuid at run time, see
+#     cpu_isa.mojo): the bf16-dot GEMM. The expert's activations are rounded to bf16 and packed in blocks
+#     of MB rows, [block][K/2][MB] bf16 pairs (vdpbf16ps's layout); the weights are read in place, a bf16
+#     pair broadcast against MB activation rows in the lanes, so nothing is packed at load time. Micro-tile:
+#     MR weight rows x MB rows = 24 zmm accumulators; fp32 accumulation. Tasks are (expert, GROUPS micro-
+#     tiles of weight rows), KC pairs at a time so an activation slice stays in L1 for every group. gate_up
+#     pairs gate rows o.. with up rows I+o.., so SwiGLU runs in the epilogue and writes the down GEMM's
+#     packed bf16 input directly. Numerics: x and the SwiGLU output are rounded to bf16 (the reference
+#     models that: moe_experts_reference's bf16_activations). Without the instruction (or with
+#     HYV3_PORTABLE_KERNELS=1), or with odd H or I, bf16 experts take the streaming path instead: exact
+#     float32 activations, slower at large T. Measured here (2-core Zen 4, H 4096, I 1536, E 32, k 8):
+#     T 2048 2.1 s (~290 GFLOP/s; the vdpbf16ps micro-kernel alone peaks at ~430 on this machine).
 #   * Combine is deterministic, without atomics: out[t] accumulates its experts in ascending expert
 #     order, whatever the thread count; the shared expert(s) stay in the graph (a dense SwiGLU).
 import extensibility
@@ -33,10 +42,19 @@ from std.math import exp
 from layout import TileTensor
 from layout.tile_layout import row_major
 from linalg.matmul import matmul
+from std.memory import bitcast
+from std.utils import StaticTuple
+from .cpu_isa import I32x, F32x, bf16_pairs, dot_bf16_pairs, round_to_bf16, use_bf16_dot
 
 comptime W = 16  # SIMD width
 comptime SMALL_ROWS = 4  # experts with at most this many rows take the streaming path (_dots4)
 comptime TILE = 16  # output rows of a weight matrix per streaming task
+comptime MB = 48  # bf16-dot path: activation rows per packed block (NVMAX vectors)
+comptime NVMAX = MB // W
+comptime MR = 8  # bf16-dot path: weight rows per micro-kernel call (MR x NVMAX accumulators)
+comptime GU_ROWS = MR // 2  # gate_up: gate rows o0..o0+3 with up rows I+o0..I+o0+3, so SwiGLU fuses
+comptime KC = 128  # bf16-dot path: pairs per L1 slice (KC x MB x 4 bytes = 24 KiB)
+comptime GROUPS = 8  # bf16-dot path: micro-tiles of MR weight rows per task (share each activation slice)
 
 
 @always_inline
@@ -71,6 +89,66 @@ def _dots4[wdt: DType](
         out += wv * SIMD[DType.float32, 4](rows[unsafe_offset=i], r1[unsafe_offset=i], r2[unsafe_offset=i], r3[unsafe_offset=i])
         i += 1
     return out
+
+
+@always_inline
+def _dot_tile[NV: Int](
+    w: Pointer[Int32, _], rows: StaticTuple[Int, MR], xb: Pointer[Int32, _], kc: Int, c: Pointer[mut=True, Float32, _],
+):
+    """c [MR][MB] += MR weight rows (bf16 pairs at offsets rows[i]) . kc pairs of a packed activation block
+    xb [kc][MB] (VNNI layout), for the block's first NV vectors of rows. The weight pair is broadcast and the
+    activation rows are the lanes, so weights are read in their stored layout, never packed."""
+    var acc = StaticTuple[F32x, MR * NV](fill=F32x(0))
+    comptime for i in range(MR):
+        comptime for j in range(NV):
+            acc[i * NV + j] = c.unsafe_load[width=W](i * MB + j * W)
+    for p in range(kc):
+        var bv = StaticTuple[I32x, NV](fill=I32x(0))
+        comptime for j in range(NV):
+            bv[j] = xb.unsafe_load[width=W](p * MB + j * W)
+        comptime for i in range(MR):
+            var av = I32x(w[unsafe_offset=rows[i] + p])
+            comptime for j in range(NV):
+                acc[i * NV + j] = dot_bf16_pairs(acc[i * NV + j], av, bv[j])
+    comptime for i in range(MR):
+        comptime for j in range(NV):
+            c.unsafe_store(i * MB + j * W, acc[i * NV + j])
+
+
+def _dot_panel(
+    w: Pointer[Int32, _], row_offsets: Pointer[Int, _], groups: Int, xk: Pointer[Int32, _], n: Int, K2: Int,
+    c: Pointer[mut=True, Float32, _],
+):
+    """c [groups][blocks][MR][MB] = (groups x MR weight rows) . (an expert's n packed activation rows), over K2
+    pairs. Blocked over KC pairs so that one activation block's slice (KC x MB pairs) stays in L1 while every
+    group's weight rows (from L2) pass over it; c is re-read once per KC slice, which is cheap."""
+    var n_blocks = (n + MB - 1) // MB
+    for p0 in range(0, K2, KC):
+        var kc = min(KC, K2 - p0)
+        for b in range(n_blocks):
+            var n_vec = (min(MB, n - b * MB) + W - 1) // W
+            var xb = xk.unsafe_offset((b * K2 + p0) * MB)
+            for g in range(groups):
+                var rows = StaticTuple[Int, MR](fill=0)
+                comptime for i in range(MR):
+                    rows[i] = row_offsets[unsafe_offset=g * MR + i] + p0
+                var cb = c.unsafe_offset((g * n_blocks + b) * MR * MB)
+                if n_vec == 1:
+                    _dot_tile[1](w, rows, xb, kc, cb)
+                elif n_vec == 2:
+                    _dot_tile[2](w, rows, xb, kc, cb)
+                else:
+                    _dot_tile[NVMAX](w, rows, xb, kc, cb)
+
+
+@always_inline
+def _silu_v(g: F32x) -> F32x:
+    return g / (1.0 + exp(-g))
+
+
+def _align64(address: Int) -> Int:
+    """int32 elements to skip from address to the next 64-byte boundary: packed blocks load whole cache lines."""
+    return ((64 - address % 64) % 64) // 4
 
 
 @extensibility.register("moe_experts")
@@ -127,11 +205,48 @@ struct MoeExperts:
             if s < 0 or s >= T * k:
                 raise Error("moe_experts: slot out of range: ", s)
 
-        # Gathered activation rows in grouped order: row r of expert e is token slots[r] // k.
-        var rows = List[Float32](length=T * k * H, fill=0)
+        # Each expert's path (see the header): streaming, MAX's matmul (float32) or the bf16-dot GEMM.
+        comptime STREAM = 1
+        comptime MATMUL = 2
+        comptime DOT = 3
+        var dot = wdt == DType.bfloat16 and H % 2 == 0 and I % 2 == 0 and use_bf16_dot()
+        var path = List[Int](length=E, fill=0)
+        var small = List[Int]()  # streaming experts
+        var dots = List[Int]()  # bf16-dot experts
+        var dot_blk0 = List[Int]()  # their first packed block
+        var n_blk = 0
+        var dot_rows = 0
+        for e in range(E):
+            var n = Int(offp[unsafe_offset=e + 1]) - Int(offp[unsafe_offset=e])
+            if n == 0:
+                continue
+            if n <= SMALL_ROWS or (wdt != DType.float32 and not dot):
+                path[e] = STREAM
+                small.append(e)
+            elif wdt == DType.float32:
+                path[e] = MATMUL
+            else:
+                path[e] = DOT
+                dots.append(e)
+                dot_blk0.append(n_blk)
+                dot_rows += n
+                n_blk += (n + MB - 1) // MB
+        var pathp = path.unsafe_ptr()
+        var row_expert = List[Int](length=T * k, fill=0)
+        for e in range(E):
+            for r in range(Int(offp[unsafe_offset=e]), Int(offp[unsafe_offset=e + 1])):
+                row_expert[r] = e
+        var rep = row_expert.unsafe_ptr()
+
+        # Gathered float32 activation rows in grouped order (row r is token slots[r] // k), for the streaming
+        # and matmul experts; the bf16-dot experts pack theirs straight from x.
+        var f32_rows = T * k if dot_rows < T * k else 0  # no float32 copies when every expert is DOT
+        var rows = List[Float32](length=f32_rows * H, fill=0)
         var rp = rows.unsafe_ptr()
 
-        def gather(r: Int) {var rp, var xp, var slotp, var H, var k}:
+        def gather(r: Int) {var rp, var xp, var slotp, var pathp, var rep, var H, var k}:
+            if pathp[unsafe_offset=rep[unsafe_offset=r]] == DOT:
+                return
             var src = xp.unsafe_offset((Int(slotp[unsafe_offset=r]) // k) * H)
             var dst = rp.unsafe_offset(r * H)
             for h in range(H):
@@ -139,18 +254,13 @@ struct MoeExperts:
 
         parallelize(gather, T * k)
 
-        var act = List[Float32](length=T * k * I, fill=0)  # SwiGLU activations per grouped row
-        var ys = List[Float32](length=T * k * H, fill=0)  # expert outputs per grouped row
+        var act = List[Float32](length=f32_rows * I, fill=0)  # SwiGLU activations per grouped row
+        var ys = List[Float32](unsafe_uninit_length=T * k * H)  # expert outputs per grouped row, all written
         var ap = act.unsafe_ptr()
         var yp = ys.unsafe_ptr()
 
         # Streaming path: tasks over (expert, tile of TILE output rows), the expert's rows in groups of 4 per
-        # weight row (which stays in L1 meanwhile). float32: the small experts; bfloat16: every expert.
-        var small = List[Int]()
-        for e in range(E):
-            var n = Int(offp[unsafe_offset=e + 1]) - Int(offp[unsafe_offset=e])
-            if n > 0 and (n <= SMALL_ROWS or wdt != DType.float32):
-                small.append(e)
+        # weight row (which stays in L1 meanwhile).
         var n_small = len(small)
         var sp = small.unsafe_ptr()
         var gu_tiles = (I + TILE - 1) // TILE
@@ -187,6 +297,107 @@ struct MoeExperts:
             parallelize(gate_up_task, n_small * gu_tiles)
             parallelize(down_task, n_small * dn_tiles)
 
+        # bf16-dot path (bfloat16 weights, CPU with AVX512_BF16): activations rounded to bf16 and packed in
+        # blocks of MB rows, [block][K/2][MB] bf16 pairs; weights read in place as bf16 pairs.
+        var n_dots = len(dots)
+        if n_dots > 0:
+            var H2 = H // 2
+            var I2 = I // 2
+            var blk_expert = List[Int](length=n_blk, fill=0)  # block -> index into dots
+            for d in range(n_dots):
+                var nb = (Int(offp[unsafe_offset=dots[d] + 1]) - Int(offp[unsafe_offset=dots[d]]) + MB - 1) // MB
+                for b in range(nb):
+                    blk_expert[dot_blk0[d] + b] = d
+            var xpk = List[Int32](length=n_blk * H2 * MB + 16, fill=0)  # zeros: padding rows stay 0
+            var apk = List[Int32](length=n_blk * I2 * MB + 16, fill=0)
+            var xkp = xpk.unsafe_ptr()
+            xkp = xkp.unsafe_offset(_align64(Int(xkp)))
+            var akp = apk.unsafe_ptr()
+            akp = akp.unsafe_offset(_align64(Int(akp)))
+            var dp = dots.unsafe_ptr()
+            var dbp = dot_blk0.unsafe_ptr()
+            var bep = blk_expert.unsafe_ptr()
+            var gu32 = gup.unsafe_bitcast[Int32]()
+            var dn32 = dnp.unsafe_bitcast[Int32]()
+
+            def pack_x(blk: Int) {var xkp, var xp, var slotp, var offp, var dp, var dbp, var bep, var H, var H2, var k}:
+                var e = dp[unsafe_offset=bep[unsafe_offset=blk]]
+                var r_first = Int(offp[unsafe_offset=e]) + (blk - dbp[unsafe_offset=bep[unsafe_offset=blk]]) * MB
+                var r_end = Int(offp[unsafe_offset=e + 1])
+                var dst = xkp.unsafe_offset(blk * H2 * MB)
+                for m in range(min(MB, r_end - r_first)):
+                    var src = xp.unsafe_offset((Int(slotp[unsafe_offset=r_first + m]) // k) * H)
+                    var p = 0
+                    while p + W <= H2:  # 16 pairs: 32 floats -> 32 bf16 = 16 little-endian pairs
+                        var pairs = bitcast[DType.int32, W](round_to_bf16[2 * W](src.unsafe_load[width=2 * W](2 * p)))
+                        comptime for l in range(W):
+                            dst[unsafe_offset=(p + l) * MB + m] = pairs[l]
+                        p += W
+                    while p < H2:
+                        dst[unsafe_offset=p * MB + m] = bitcast[DType.int32, 1](round_to_bf16[2](src.unsafe_load[width=2](2 * p)))
+                        p += 1
+
+            parallelize(pack_x, n_blk)
+            var gu_tasks = (I + GU_ROWS * GROUPS - 1) // (GU_ROWS * GROUPS)
+
+            def gate_up_dot(task: Int) {var akp, var xkp, var gu32, var gu_es, var offp, var dp, var dbp, var H2, var I, var I2, var gu_tasks}:
+                var d = task // gu_tasks
+                var e = dp[unsafe_offset=d]
+                var n = Int(offp[unsafe_offset=e + 1]) - Int(offp[unsafe_offset=e])
+                var n_blocks = (n + MB - 1) // MB
+                var o_first = (task % gu_tasks) * GU_ROWS * GROUPS
+                var groups = min(GROUPS, (I - o_first + GU_ROWS - 1) // GU_ROWS)
+                var offsets = List[Int](length=groups * MR, fill=0)
+                for g in range(groups):
+                    for i in range(GU_ROWS):  # rows past I alias the last one; never stored
+                        var o = min(o_first + g * GU_ROWS + i, I - 1)
+                        offsets[g * MR + i] = o * H2
+                        offsets[g * MR + GU_ROWS + i] = (I + o) * H2
+                var c = List[Float32](length=groups * n_blocks * MR * MB, fill=0)
+                var cp = c.unsafe_ptr()
+                var blk0 = dbp[unsafe_offset=d]
+                _dot_panel(gu32.unsafe_offset(e * (gu_es // 2)), offsets.unsafe_ptr(), groups,
+                           xkp.unsafe_offset(blk0 * H2 * MB), n, H2, cp)
+                for g in range(groups):
+                    for b in range(n_blocks):
+                        var n_vec = (min(MB, n - b * MB) + W - 1) // W
+                        var cb = cp.unsafe_offset((g * n_blocks + b) * MR * MB)
+                        var dst = akp.unsafe_offset((blk0 + b) * I2 * MB)
+                        comptime for q in range(GU_ROWS // 2):  # outputs o, o + 1 -> one bf16 pair
+                            var o = o_first + g * GU_ROWS + 2 * q
+                            if o < I:
+                                for j in range(n_vec):
+                                    var lo = _silu_v(cb.unsafe_load[width=W]((2 * q) * MB + j * W)) * cb.unsafe_load[width=W]((GU_ROWS + 2 * q) * MB + j * W)
+                                    var hi = _silu_v(cb.unsafe_load[width=W]((2 * q + 1) * MB + j * W)) * cb.unsafe_load[width=W]((GU_ROWS + 2 * q + 1) * MB + j * W)
+                                    dst.unsafe_store((o // 2) * MB + j * W, bf16_pairs(lo, hi))
+
+            var dn_tasks = (H + MR * GROUPS - 1) // (MR * GROUPS)
+
+            def down_dot(task: Int) {var akp, var yp, var dn32, var dn_es, var offp, var dp, var dbp, var H, var I2, var dn_tasks}:
+                var d = task // dn_tasks
+                var e = dp[unsafe_offset=d]
+                var r0 = Int(offp[unsafe_offset=e])
+                var n = Int(offp[unsafe_offset=e + 1]) - r0
+                var n_blocks = (n + MB - 1) // MB
+                var h_first = (task % dn_tasks) * MR * GROUPS
+                var groups = min(GROUPS, (H - h_first + MR - 1) // MR)
+                var offsets = List[Int](length=groups * MR, fill=0)
+                for i in range(groups * MR):
+                    offsets[i] = min(h_first + i, H - 1) * I2
+                var c = List[Float32](length=groups * n_blocks * MR * MB, fill=0)
+                var cp = c.unsafe_ptr()
+                _dot_panel(dn32.unsafe_offset(e * (dn_es // 2)), offsets.unsafe_ptr(), groups,
+                           akp.unsafe_offset(dbp[unsafe_offset=d] * I2 * MB), n, I2, cp)
+                var h_count = min(groups * MR, H - h_first)
+                for b in range(n_blocks):  # transposed store: c's lanes are rows of y; write y row by row
+                    for m in range(min(MB, n - b * MB)):
+                        var y = yp.unsafe_offset((r0 + b * MB + m) * H + h_first)
+                        for h in range(h_count):
+                            y[unsafe_offset=h] = cp[unsafe_offset=((h // MR * n_blocks + b) * MR + h % MR) * MB + m]
+
+            parallelize(gate_up_dot, n_dots * gu_tasks)
+            parallelize(down_dot, n_dots * dn_tasks)
+
         # Matmul path (float32 weights), one expert at a time (MAX's matmul uses all cores itself).
         comptime if wdt == DType.float32:
             var g_buf = List[Float32](length=T * k * 2 * I, fill=0)
@@ -194,7 +405,7 @@ struct MoeExperts:
             for e in range(E):
                 var r0 = Int(offp[unsafe_offset=e])
                 var n = Int(offp[unsafe_offset=e + 1]) - r0
-                if n <= SMALL_ROWS:
+                if path[e] != MATMUL:
                     continue
                 matmul[transpose_b=True](
                     TileTensor(gp, row_major(n, 2 * I)),

@@ -17,13 +17,17 @@ from max.graph import DeviceRef, Graph, TensorType
 
 from hyv3_graph.dtypes import bf16_bits_to_f32, f32_to_bf16_bits, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
-from hyv3_graph.kernels.moe_experts import moe_experts, moe_experts_reference
+from hyv3_graph.kernels.moe_experts import (PORTABLE_ENV, bf16_dot_available, bf16_dot_experts, moe_experts,
+                                            moe_experts_reference)
 from hyv3_graph.kernels.moe_router import moe_router
 
 TOP_K = (1, 3, 8)
 BF16_TOP_K = 3  # one bfloat16-weights variant
 # float32 products and sums against a float64 reference, relative to the output's scale
 RTOL = 2e-5
+# bf16-dot path against the reference that rounds the same activations: float32 sums, plus the rare SwiGLU
+# output whose float32 value lands on the other side of a bf16 rounding boundary (one bf16 ulp, 2^-8)
+BF16_DOT_RTOL = 1e-3
 
 
 @pytest.fixture(scope="session")
@@ -54,13 +58,16 @@ def run(models, k, x, logits, gate_up, down, bf16=False):
 
 
 def check(models, k, x, logits, gate_up, down, bf16=False):
-    """Against the float64 reference on the weights the op saw: bf16 widens exactly, so one tolerance serves both."""
+    """Against the float64 reference on the weights the op saw. bf16 weights widen exactly; where the op takes
+    its bf16-dot path, the reference rounds the same activations to bf16 and the tolerance is BF16_DOT_RTOL."""
     out, ids, w, gate_up, down = run(models, k, x, logits, gate_up, down, bf16)
-    ref = moe_experts_reference(x, ids, w, gate_up, down)
+    E, H, I = down.shape
+    rounded = bf16_dot_experts(ids, E, H, I) if bf16 else np.zeros(E, bool)
+    ref = moe_experts_reference(x, ids, w, gate_up, down, bf16_activations=rounded)
     assert out.shape == x.shape and out.dtype == np.float32
     scale = max(1.0, float(np.abs(ref).max(initial=0)))
-    np.testing.assert_allclose(out, ref, rtol=0, atol=RTOL * scale)
-    return out
+    np.testing.assert_allclose(out, ref, rtol=0, atol=(BF16_DOT_RTOL if rounded.any() else RTOL) * scale)
+    return out, ids, w, gate_up, down
 
 
 @st.composite
@@ -69,7 +76,7 @@ def experts_case(draw):
     k = BF16_TOP_K if bf16 else draw(st.sampled_from(TOP_K))
     E = draw(st.integers(max(k, 1), 64))
     T = draw(st.one_of(st.sampled_from([0, 1, 2, 5]), st.integers(0, 512)))
-    H = draw(st.sampled_from([1, 7, 16, 33, 64, 130]))
+    H = draw(st.sampled_from([1, 7, 16, 33, 64, 130]))  # odd H or I: bf16 weights stream (no bf16 pairs)
     I = draw(st.sampled_from([1, 7, 16, 33, 48, 130]))
     if T * max(H, I) * k > 600_000:  # keep one example well under a second
         T = max(1, 600_000 // (max(H, I) * k))
@@ -106,9 +113,9 @@ def test_deterministic_bit_for_bit(experts_models):
 
 @pytest.mark.parametrize("T", [1, 4, 5, 64])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_streaming_and_matmul_paths(experts_models, T, bf16):
-    """float32: experts with <= 4 rows stream their weights, more rows go through MAX's matmul; bfloat16: every
-    expert streams, in groups of 4 rows. All must match the reference."""
+def test_streaming_matmul_and_dot_paths(experts_models, T, bf16):
+    """Experts with <= 4 rows stream their weights; more rows go through MAX's matmul (float32) or the bf16-dot
+    GEMM (bfloat16, where the CPU has it; else they stream). All must match the reference."""
     rng = np.random.default_rng(T)
     E, H, I = 4, 130, 33
     k = BF16_TOP_K if bf16 else 1
@@ -116,3 +123,31 @@ def test_streaming_and_matmul_paths(experts_models, T, bf16):
     check(experts_models, k, rng.standard_normal((T, H)).astype(np.float32), logits,
           (rng.standard_normal((E, 2 * I, H)) / 11).astype(np.float32), (rng.standard_normal((E, H, I)) / 6).astype(np.float32),
           bf16)
+
+
+@pytest.fixture
+def portable(monkeypatch):
+    monkeypatch.setenv(PORTABLE_ENV, "1")
+
+
+def _heavy_bf16_case(T=70, E=4, H=64, I=48):
+    """Every token to the same 3 experts: each has T rows, so the bf16-dot path is taken where available."""
+    rng = np.random.default_rng(11)
+    return (BF16_TOP_K, rng.standard_normal((T, H)).astype(np.float32), np.tile(np.arange(E, dtype=np.float32), (T, 1)),
+            (rng.standard_normal((E, 2 * I, H)) / 8).astype(np.float32), (rng.standard_normal((E, H, I)) / 7).astype(np.float32))
+
+
+@pytest.mark.skipif(not bf16_dot_available(), reason="the CPU has no AVX512_BF16 (or the portable paths are forced)")
+def test_bf16_dot_path_rounds_activations(experts_models):
+    """The bf16-dot path is really taken: it matches the reference that rounds activations to bf16, and not the
+    exact one at float32 accuracy."""
+    out, ids, w, gate_up, down = check(experts_models, *_heavy_bf16_case(), bf16=True)
+    exact = moe_experts_reference(_heavy_bf16_case()[1], ids, w, gate_up, down)
+    assert np.abs(out - exact).max() > RTOL * max(1.0, float(np.abs(exact).max()))
+
+
+def test_forced_portable_path_is_exact(experts_models, portable):
+    """HYV3_PORTABLE_KERNELS=1 (read on every call) takes the portable path, as on a CPU without AVX512_BF16:
+    bf16 weights widen exactly and activations stay float32, so the float32 tolerance holds."""
+    assert not bf16_dot_available()
+    check(experts_models, *_heavy_bf16_case(), bf16=True)

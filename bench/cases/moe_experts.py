@@ -1,8 +1,8 @@
 """`experts` cases: kernels/moe_experts.mojo vs HF's HYV3Experts eager loop (torch) vs MAX built-ins (dense).
 
 Hy3 dimensions H = 4096, I = 1536, k = 8, with E = 32 experts (to fit in memory here), float32, for
-T in {1, 8, 512, 2048}, plus bfloat16 weights for T in {1, 8} (ours reads bf16; torch, the yardstick, the
-same values in float32). Every implementation gets the same x, routing (ids, weights) and weights; the
+T in {1, 8, 512, 2048}, plus bfloat16 weights for the same T (ours reads bf16; torch, the yardstick, the
+same values in float32; at large T ours computes on bf16 pairs with vdpbf16ps where the CPU has it). Every implementation gets the same x, routing (ids, weights) and weights; the
 dispatch metadata our op takes is the router's (computed once, outside the timing, as in the model).
 Rooflines: FLOPs 2 * T * k * 3 * H * I over the peak; bytes = the active experts' weights (each read once).
 """
@@ -25,8 +25,9 @@ from hyv3_graph.kernels.moe_router import moe_router_reference
 from ..harness import Case, assert_close, run_case
 
 BENCH = "experts"
-FULL = dict(H=4096, I=1536, E=32, k=8, Ts=[1, 8, 512, 2048], bf16_Ts=[1, 8])
-QUICK = dict(H=256, I=128, E=16, k=4, Ts=[1, 64], bf16_Ts=[1])
+FULL = dict(H=4096, I=1536, E=32, k=8, Ts=[1, 8, 512, 2048], bf16_Ts=[1, 8, 512, 2048])
+QUICK = dict(H=256, I=128, E=16, k=4, Ts=[1, 64], bf16_Ts=[1, 64])
+BF16_DOT_TOL = 1e-2  # relative to the output's scale; measured ~3e-3 at Hy3 sizes
 MAX_DENSE_T = 512  # the dense built-in peer computes all E experts: past this it needs too much memory here
 
 
@@ -77,10 +78,13 @@ def _case(torch, F, rng, T, E, k, H, I, run_mojo_weights, t_gu, t_dn, builtin, b
     if builtin is not None and T <= MAX_DENSE_T:
         impls["max"] = lambda: builtin.execute(bx, bi, bw, b_gu, b_dn)[0].to_numpy()
 
+    # bf16 weights: experts with many rows round their activations to bf16 (the op's bf16-dot path)
+    tol = BF16_DOT_TOL if wname == "bf16" else 2e-4
+
     def check(outputs):
         ref = outputs["torch"]
         for impl, o in outputs.items():
-            assert_close(f"experts ({impl} vs torch)", o, ref, rtol=0, atol=2e-4 * max(1.0, float(np.abs(ref).max())))
+            assert_close(f"experts ({impl} vs torch)", o, ref, rtol=0, atol=tol * max(1.0, float(np.abs(ref).max())))
 
     active = len(np.unique(ids))
     wbytes = 2 if wname == "bf16" else 4

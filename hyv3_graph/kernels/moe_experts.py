@@ -1,27 +1,61 @@
 """Routed MoE experts: out[t] = sum over t's k experts of weight * down(silu(gate(x_t)) * up(x_t)).
 
-Our Mojo op: `kernels/moe_experts.mojo` (its header explains the two paths and the combine order).
+Our Mojo op: `kernels/moe_experts.mojo` (its header explains the three paths and the combine order).
 Here: its graph wrapper, the MAX built-in peer (`experts_builtin`), and the float64 numpy reference.
 Fuzz test: tests/test_moe_experts.py; bench: bench/cases/moe_experts.py.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from max.dtype import DType
 from max.graph import DeviceRef, TensorType, TensorValue, ops
 
+from ..dtypes import bf16_bits_to_f32, f32_to_bf16_bits
 
-def moe_experts_reference(x, topk_ids, topk_weights, gate_up, down) -> np.ndarray:
-    """float64 spec: x [T, H], ids/weights [T, k], gate_up [E, 2I, H], down [E, H, I] -> [T, H]."""
+
+SMALL_ROWS = 4  # kernels/moe_experts.mojo: experts with at most this many rows stream (exact float32 activations)
+PORTABLE_ENV = "HYV3_PORTABLE_KERNELS"  # kernels/cpu_isa.mojo: "1" forces the portable SIMD paths
+
+
+def bf16_dot_available() -> bool:
+    """Whether the op's bf16-dot path runs here: the CPU has AVX512_BF16 (the op asks cpuid; Linux lists the
+    same bit in /proc/cpuinfo) and the portable paths are not forced."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags and os.environ.get(PORTABLE_ENV) != "1"
+
+
+def bf16_dot_experts(topk_ids, E: int, H: int, I: int) -> np.ndarray:
+    """[E] bool: the experts the op computes with bf16-rounded activations (bf16 weights): the bf16-dot path,
+    taken by experts with more than SMALL_ROWS rows when H and I are even and the CPU has it."""
+    rows = np.bincount(np.asarray(topk_ids).reshape(-1), minlength=E)[:E]
+    return (rows > SMALL_ROWS) & (H % 2 == 0 and I % 2 == 0 and bf16_dot_available())
+
+
+def moe_experts_reference(x, topk_ids, topk_weights, gate_up, down, bf16_activations=None) -> np.ndarray:
+    """float64 spec: x [T, H], ids/weights [T, k], gate_up [E, 2I, H], down [E, H, I] -> [T, H].
+
+    bf16_activations: optional [E] bool; for those experts x and the SwiGLU output are rounded to bfloat16
+    before each matmul, as the op's bf16-dot path does (see `bf16_dot_experts`)."""
+    def rounded(a, e):
+        if bf16_activations is None or not bf16_activations[e]:
+            return a
+        return bf16_bits_to_f32(f32_to_bf16_bits(a.astype(np.float32))).astype(np.float64)
+
     x, gate_up, down = (np.asarray(a, np.float64) for a in (x, gate_up, down))
     I = down.shape[2]
     out = np.zeros_like(x)
     for t in range(x.shape[0]):
         for e, w in zip(topk_ids[t], topk_weights[t]):
-            h = gate_up[e] @ x[t]  # [2I]
+            h = gate_up[e] @ rounded(x[t], e)  # [2I]
             g = h[:I]
-            out[t] += float(w) * (down[e] @ (g / (1 + np.exp(-g)) * h[I:]))
+            out[t] += float(w) * (down[e] @ rounded(g / (1 + np.exp(-g)) * h[I:], e))
     return out
 
 

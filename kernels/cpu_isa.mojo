@@ -1,0 +1,51 @@
+# Machine-specific instructions, chosen at run time: MAX compiles our kernels for the build machine's CPU
+# model (rocketlake on the Intel hosts, znver4 on the AMD ones), not for every CPU the same code may meet, and
+# its bf16 intrinsics crash the compile where the target lacks them. So the instructions go in as inline
+# assembly, which assembles for any x86-64 target, and execute only after cpuid says the CPU has them.
+# HYV3_PORTABLE_KERNELS=1 forces the portable SIMD paths (read on every call: tests flip it in-process).
+# Only AVX512_BF16 is used so far: the machines we test on (2-core Zen 4) have no AMX, and an AMX path that
+# no test here can run is not written.
+from std.sys._assembly import inlined_assembly
+from std.memory import bitcast
+from std.os import getenv
+
+comptime I32x = SIMD[DType.int32, 16]
+comptime F32x = SIMD[DType.float32, 16]
+
+
+def portable_only() -> Bool:
+    return getenv("HYV3_PORTABLE_KERNELS") == "1"
+
+
+def has_avx512_bf16() -> Bool:
+    """cpuid leaf 7 subleaf 1, EAX bit 5: AVX512_BF16 (vdpbf16ps, vcvtneps2bf16)."""
+    var eax = inlined_assembly["cpuid", Int32, constraints="={eax},{eax},{ecx},~{ebx},~{edx}"](Int32(7), Int32(1))
+    return (eax >> 5) & 1 == 1
+
+
+def use_bf16_dot() -> Bool:
+    return has_avx512_bf16() and not portable_only()
+
+
+@always_inline
+def dot_bf16_pairs(acc: F32x, a: I32x, b: I32x) -> F32x:
+    """vdpbf16ps: acc[i] += a.bf16[2i] * b.bf16[2i] + a.bf16[2i+1] * b.bf16[2i+1], fp32 accumulation.
+    Only after use_bf16_dot(). Operands travel as int32 lanes (bf16 vectors find no register class)."""
+    return inlined_assembly["vdpbf16ps $2, $1, $0", F32x, constraints="=v,v,v,0"](a, b, acc)
+
+
+@always_inline
+def round_to_bf16[n: Int](v: SIMD[DType.float32, n]) -> SIMD[DType.uint16, n]:
+    """Float32 -> bf16 bits, round to nearest even (NaN payloads aside). The compiler's own bf16 cast is a
+    libcall per element on targets without AVX512_BF16."""
+    var u = bitcast[DType.uint32, n](v)
+    u = u + 0x7FFF + ((u >> 16) & 1)
+    return (u >> 16).cast[DType.uint16]()
+
+
+@always_inline
+def bf16_pairs(lo: F32x, hi: F32x) -> I32x:
+    """Two float32 vectors -> one vector of bf16 pairs (lo in the low half of each lane), vdpbf16ps's layout."""
+    var l = round_to_bf16[16](lo).cast[DType.uint32]()
+    var h = round_to_bf16[16](hi).cast[DType.uint32]()
+    return bitcast[DType.int32, 16](l | (h << 16))
