@@ -21,45 +21,36 @@
 # CPU design: tokens split into blocks across cores (one scratch allocation per block, none per
 # token). Per token, pass 1 computes sigmoid and key for all experts in SIMD chunks and keeps
 # per-lane maxima; the k-th largest lane maximum is a lower bound of the k-th largest key, so
-# pass 2 gathers only the few experts at or above it (most chunks are one vector compare) and picks
-# the top k among them in two vectors: k rounds of max, lowest index holding it, retire that lane. The metadata is a serial counting sort over the T * k slots.
+# pass 2 gathers only the few experts at or above it (a compare and a compress per chunk) and ranks
+# them all at once: an expert's output position is the number of candidates ahead of it. No branch
+# depends on the data in the common case. The metadata is a counting sort: counted per block while
+# routing, one serial prefix, scattered per block.
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
 from max.algorithm import parallelize
-from std.bit import count_trailing_zeros
+from std.bit import count_trailing_zeros, pop_count
 from std.math import exp, isnan
+from std.memory import pack_bits
 from std.runtime import parallelism_level
+from std.sys import llvm_intrinsic
+from std.sys.info import CompilationTarget
 
 comptime W = 16  # SIMD width for the sigmoid
-comptime CAND = 32  # candidates selected in registers (two vectors)
-
-
-def _pow2_at_least(k: Int) -> Int:
-    var p = 1
-    while p < k:
-        p *= 2
-    return p
-
-
-@always_inline
-def _lane_bits() -> SIMD[DType.uint32, W]:
-    var bits = SIMD[DType.uint32, W](0)
-    comptime for i in range(W):
-        bits[i] = UInt32(1 << i)
-    return bits
+comptime CAND = 32  # candidates ranked in registers (two vectors)
+comptime PARALLEL_SCATTER_SLOTS = 8192  # below this many slots, waking the pool costs more than the scatter
 
 
 @always_inline
 def _at_or_above(cp: Pointer[Float32, _], e: Int, threshold: Float32) -> Int:
     """Bit i is set where key e + i >= threshold (one SIMD chunk)."""
-    return Int(cp.unsafe_load[width=W](e).ge(threshold).select(_lane_bits(), SIMD[DType.uint32, W](0)).reduce_or())
+    return Int(pack_bits(cp.unsafe_load[width=W](e).ge(threshold)))
 
 
 @always_inline
-def _lane_index() -> SIMD[DType.int32, CAND]:
-    var lanes = SIMD[DType.int32, CAND](0)
-    comptime for i in range(CAND):
+def _lane_index[n: Int]() -> SIMD[DType.int32, n]:
+    var lanes = SIMD[DType.int32, n](0)
+    comptime for i in range(n):
         lanes[i] = Int32(i)
     return lanes
 
@@ -84,6 +75,24 @@ def _insert[top_k: Int](kp: Pointer[mut=True, Float32, _], xp: Pointer[mut=True,
 
 
 @always_inline
+def _pick_ranked[n: Int, top_k: Int](ck: Pointer[Float32, _], ci: Pointer[mut=True, Int32, _], nc: Int, xp: Pointer[mut=True, Int, _]):
+    """Top k of nc <= n candidates (keys ck, experts ci): each one's output position is its rank, the number
+    of candidates with a larger key or an equal key and a lower index. Branch-free over n lanes; padding
+    lanes rank last. ci[CAND:CAND + n] is scratch."""
+    var live = _lane_index[n]().lt(Int32(nc))
+    var keys = live.select(ck.unsafe_load[width=n](0), SIMD[DType.float32, n](Float32.MIN))
+    var idx = live.select(ci.unsafe_load[width=n](0), SIMD[DType.int32, n](Int32.MAX))
+    var rank = SIMD[DType.int32, n](0)
+    for i in range(nc):
+        var ki = ck[unsafe_offset=i]
+        var before = keys.lt(ki) | (keys.eq(ki) & idx.gt(ci[unsafe_offset=i]))
+        rank += before.select(SIMD[DType.int32, n](1), SIMD[DType.int32, n](0))
+    ci.unsafe_store(CAND, rank)
+    for l in range(nc):  # ranks past the top k land in the spare slot xp[top_k]: no branch to mispredict
+        xp[unsafe_offset=min(Int(ci[unsafe_offset=CAND + l]), top_k)] = Int(ci[unsafe_offset=l])
+
+
+@always_inline
 def route_token[top_k: Int, scale: Float32, renormalize: Bool](
     row: Pointer[Float32, _],
     bp: Pointer[Float32, _],
@@ -97,7 +106,7 @@ def route_token[top_k: Int, scale: Float32, renormalize: Bool](
     """Routes one token: logits row [E] -> ids [top_k], weights [top_k].
 
     scratch holds [E] scores, [E] keys, [top_k] sorted keys and [CAND] candidate keys; ci the [CAND]
-    candidate experts; xp the [top_k] chosen experts.
+    candidate experts and [CAND] ranks; xp the [top_k] chosen experts and a spare slot.
     """
     var sp = scratch
     var cp = scratch.unsafe_offset(E)
@@ -121,19 +130,33 @@ def route_token[top_k: Int, scale: Float32, renormalize: Bool](
         var key = score + bp[unsafe_offset=x]
         sp[unsafe_offset=x] = score
         cp[unsafe_offset=x] = Float32.MIN if key != key else key
-    # Any P distinct experts have a P-th largest key <= the true k-th largest (P >= k), so the
-    # smallest of P lane-group maxima is a cheap lower bound: only keys >= it can be chosen.
+    # The W lane maxima are keys of W distinct experts, so their k-th largest is <= the true k-th largest
+    # key: a lower bound, and only keys >= it can be chosen (about 11 of 192 on random logits).
     var threshold = Float32.MIN
     comptime if top_k <= W:
         if E >= W:
-            threshold = lane_max.reduce_max[size_out=_pow2_at_least(top_k)]().reduce_min()
-    # Pass 2: gather the candidates (keys >= threshold, ascending expert order). Usually a handful: they
-    # fit two vectors, and k rounds of (max, lowest index holding it, retire that lane) pick the top k in
-    # registers. Many candidates (ties, tiny E) take the sorted insertion over all experts instead.
+            # lanes with fewer than k strictly larger lanes hold the top k lane maxima; the least of them
+            var larger = SIMD[DType.int32, W](0)
+            comptime for i in range(W):
+                larger += lane_max.lt(lane_max[i]).select(SIMD[DType.int32, W](1), SIMD[DType.int32, W](0))
+            threshold = larger.lt(Int32(top_k)).select(lane_max, SIMD[DType.float32, W](Float32.MAX)).reduce_min()
+    # Pass 2: gather the candidates (keys >= threshold, ascending expert order), compressed a chunk at a
+    # time. Up to CAND of them are ranked in registers (_pick_ranked); more (heavy ties, k > W) take the
+    # sorted insertion over all experts instead.
     var nc = 0  # candidates seen; the first CAND are kept
     e = 0
+    var lanes = _lane_index[W]()
     while e + W <= E:
-        var mask = _at_or_above(cp, e, threshold)
+        var keys = cp.unsafe_load[width=W](e)
+        var m = keys.ge(threshold)  # as _at_or_above
+        comptime if CompilationTarget.has_avx512f():
+            if nc + W <= CAND:  # branch-free: compress the chunk's candidates to the front, store all lanes
+                ck.unsafe_store(nc, llvm_intrinsic["llvm.x86.avx512.mask.compress.v16f32", SIMD[DType.float32, W]](keys, keys, m))
+                ci.unsafe_store(nc, llvm_intrinsic["llvm.x86.avx512.mask.compress.v16i32", SIMD[DType.int32, W]](lanes + Int32(e), lanes, m))
+                nc += Int(pop_count(pack_bits(m)))
+                e += W
+                continue
+        var mask = Int(pack_bits(m))
         while mask != 0:
             var x = e + count_trailing_zeros(mask)
             mask &= mask - 1
@@ -148,17 +171,12 @@ def route_token[top_k: Int, scale: Float32, renormalize: Bool](
                 ck[unsafe_offset=nc] = cp[unsafe_offset=x]
                 ci[unsafe_offset=nc] = Int32(x)
             nc += 1
+    if nc <= W:
+        _pick_ranked[W, top_k](ck, ci, nc, xp)
+        _finish[top_k, scale, renormalize](sp, xp, ids, weights)
+        return
     if nc <= CAND:
-        var live = _lane_index().lt(Int32(nc))
-        var keys = live.select(ck.unsafe_load[width=CAND](0), SIMD[DType.float32, CAND](Float32.MIN))
-        var idx = live.select(ci.unsafe_load[width=CAND](0), SIMD[DType.int32, CAND](Int32.MAX))
-        for j in range(top_k):
-            var best = keys.reduce_max()
-            var pick = keys.eq(best).select(idx, SIMD[DType.int32, CAND](Int32.MAX)).reduce_min()
-            xp[unsafe_offset=j] = Int(pick)
-            var taken = idx.eq(pick)
-            keys = taken.select(SIMD[DType.float32, CAND](Float32.MIN), keys)
-            idx = taken.select(SIMD[DType.int32, CAND](Int32.MAX), idx)  # a retired lane never matches again
+        _pick_ranked[CAND, top_k](ck, ci, nc, xp)
         _finish[top_k, scale, renormalize](sp, xp, ids, weights)
         return
     var n = 0
@@ -241,37 +259,51 @@ struct MoeRouter:
         var block = max(64, min(256, (T + 4 * workers - 1) // (4 * workers)))
         var n_blocks = (T + block - 1) // block
 
-        def route_block(b: Int) {var lp, var bp, var ip, var wp, var ls, var ids_s, var ws, var E, var T, var block}:
+        # Dispatch metadata: a stable counting sort of the T * k slots by expert, per block. Each block counts
+        # its own tokens' experts; one prefix over (expert, block) gives every block its start within each
+        # expert's range, so blocks scatter in parallel and a range still ascends in t.
+        var counts = List[Int](length=n_blocks * E, fill=0)
+        var cnt = counts.unsafe_ptr()
+
+        def route_block(b: Int) {var lp, var bp, var ip, var wp, var cnt, var ls, var ids_s, var ws, var E, var T, var block}:
             var scratch = List[Float32](length=2 * E + top_k + CAND, fill=0)  # scores, keys, top-k, candidates
-            var cand = List[Int32](length=CAND, fill=0)
-            var best = List[Int](length=top_k, fill=0)
+            var cand = List[Int32](length=2 * CAND, fill=0)  # candidate experts, then their ranks
+            var best = List[Int](length=top_k + 1, fill=0)  # the top k and a spare slot
             var sp = scratch.unsafe_ptr()
+            var block_counts = cnt.unsafe_offset(b * E)
             for t in range(b * block, min(T, (b + 1) * block)):
                 route_token[top_k, scale, renormalize](
                     lp.unsafe_offset(t * ls), bp, E, sp, cand.unsafe_ptr(), best.unsafe_ptr(), ip.unsafe_offset(t * ids_s),
                     wp.unsafe_offset(t * ws))
+                for j in range(top_k):
+                    var x = Int(ip[unsafe_offset=t * ids_s + j])
+                    block_counts[unsafe_offset=x] = block_counts[unsafe_offset=x] + 1
+
+        var op = expert_offsets.unsafe_ptr()
+        var slots = sorted_slots.unsafe_ptr()
+
+        def scatter_block(b: Int) {var ip, var slots, var cnt, var ids_s, var E, var T, var block}:
+            var cursor = cnt.unsafe_offset(b * E)  # this block's start in each expert's range (after the prefix)
+            for t in range(b * block, min(T, (b + 1) * block)):
+                for j in range(top_k):
+                    var x = Int(ip[unsafe_offset=t * ids_s + j])
+                    slots[unsafe_offset=cursor[unsafe_offset=x]] = Int32(t * top_k + j)
+                    cursor[unsafe_offset=x] = cursor[unsafe_offset=x] + 1
 
         if n_blocks == 1:
             route_block(0)
         else:
             parallelize(route_block, n_blocks)
-
-        # Dispatch metadata: a stable counting sort of the T * k slots by expert.
-        var op = expert_offsets.unsafe_ptr()
-        var slots = sorted_slots.unsafe_ptr()
-        for e in range(E + 1):
-            op[unsafe_offset=e] = 0
-        for t in range(T):
-            for j in range(top_k):
-                var x = Int(ip[unsafe_offset=t * ids_s + j])
-                op[unsafe_offset=x + 1] = op[unsafe_offset=x + 1] + 1
+        var running = 0
         for e in range(E):
-            op[unsafe_offset=e + 1] = op[unsafe_offset=e + 1] + op[unsafe_offset=e]
-        var cursor = List[Int](length=E, fill=0)
-        for e in range(E):
-            cursor[e] = Int(op[unsafe_offset=e])
-        for t in range(T):
-            for j in range(top_k):
-                var x = Int(ip[unsafe_offset=t * ids_s + j])
-                slots[unsafe_offset=cursor[x]] = Int32(t * top_k + j)
-                cursor[x] += 1
+            op[unsafe_offset=e] = Int32(running)
+            for b in range(n_blocks):
+                var c = cnt[unsafe_offset=b * E + e]
+                cnt[unsafe_offset=b * E + e] = running
+                running += c
+        op[unsafe_offset=E] = Int32(running)
+        if T * top_k < PARALLEL_SCATTER_SLOTS:
+            for b in range(n_blocks):
+                scatter_block(b)
+        else:
+            parallelize(scatter_block, n_blocks)
