@@ -256,7 +256,7 @@ struct MoeRouter:
         # A token costs well under a microsecond: below ~64 tokens per worker waking the thread pool
         # costs more than it saves, so small batches (decode) run on the calling thread.
         var workers = parallelism_level()
-        var block = max(64, min(256, (T + 4 * workers - 1) // (4 * workers)))
+        var block = max(64, min(1024, (T + 2 * workers - 1) // (2 * workers)))
         var n_blocks = (T + block - 1) // block
 
         # Dispatch metadata: a stable counting sort of the T * k slots by expert, per block. Each block counts
