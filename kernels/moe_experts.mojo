@@ -47,7 +47,7 @@ from std.utils import StaticTuple
 from .cpu_isa import I32x, F32x, bf16_pairs, dot_bf16_pairs, round_to_bf16, use_bf16_dot
 
 comptime W = 16  # SIMD width
-comptime SMALL_ROWS = 4  # experts with at most this many rows take the streaming path (_dots4)
+comptime SMALL_ROWS = 4  # experts with at most this many rows take the streaming path (_dots4x2)
 comptime TILE = 16  # output rows of a weight matrix per streaming task
 comptime MB = 48  # bf16-dot path: activation rows per packed block (NVMAX vectors)
 comptime NVMAX = MB // W
@@ -63,30 +63,41 @@ def _silu(g: Float32) -> Float32:
 
 
 @always_inline
-def _dots4[wdt: DType](
-    w: Pointer[Scalar[wdt], _], rows: Pointer[Float32, _], row_stride: Int, n_rows: Int, K: Int,
-) -> SIMD[DType.float32, 4]:
-    """Dot products of one weight row w [K] (float32, or bfloat16 widened exactly) with up to 4 activation rows:
-    w is streamed once for all of them."""
-    var a0 = SIMD[DType.float32, W](0)
-    var a1 = SIMD[DType.float32, W](0)
-    var a2 = SIMD[DType.float32, W](0)
-    var a3 = SIMD[DType.float32, W](0)
+def _dots4x2[wdt: DType](
+    w0: Pointer[Scalar[wdt], _], w1: Pointer[Scalar[wdt], _], rows: Pointer[Float32, _], row_stride: Int, n_rows: Int,
+    K: Int,
+) -> StaticTuple[SIMD[DType.float32, 4], 2]:
+    """Dot products of two weight rows w0, w1 [K] (float32, or bfloat16 widened exactly) with up to 4 activation
+    rows: each weight row is streamed once, and each activation chunk is loaded once for both."""
+    var acc = StaticTuple[F32x, 8](fill=F32x(0))
     var r1 = rows.unsafe_offset(min(1, n_rows - 1) * row_stride)  # rows past n_rows alias the last real one
     var r2 = rows.unsafe_offset(min(2, n_rows - 1) * row_stride)
     var r3 = rows.unsafe_offset(min(3, n_rows - 1) * row_stride)
     var i = 0
     while i + W <= K:
-        var wv = w.unsafe_load[width=W](i).cast[DType.float32]()
-        a0 += wv * rows.unsafe_load[width=W](i)
-        a1 += wv * r1.unsafe_load[width=W](i)
-        a2 += wv * r2.unsafe_load[width=W](i)
-        a3 += wv * r3.unsafe_load[width=W](i)
+        var a = w0.unsafe_load[width=W](i).cast[DType.float32]()
+        var b = w1.unsafe_load[width=W](i).cast[DType.float32]()
+        var x0 = rows.unsafe_load[width=W](i)
+        var x1 = r1.unsafe_load[width=W](i)
+        var x2 = r2.unsafe_load[width=W](i)
+        var x3 = r3.unsafe_load[width=W](i)
+        acc[0] = a.fma(x0, acc[0])
+        acc[1] = a.fma(x1, acc[1])
+        acc[2] = a.fma(x2, acc[2])
+        acc[3] = a.fma(x3, acc[3])
+        acc[4] = b.fma(x0, acc[4])
+        acc[5] = b.fma(x1, acc[5])
+        acc[6] = b.fma(x2, acc[6])
+        acc[7] = b.fma(x3, acc[7])
         i += W
-    var out = SIMD[DType.float32, 4](a0.reduce_add(), a1.reduce_add(), a2.reduce_add(), a3.reduce_add())
+    var out = StaticTuple[SIMD[DType.float32, 4], 2](fill=SIMD[DType.float32, 4](0))
+    comptime for v in range(2):
+        out[v] = SIMD[DType.float32, 4](acc[4 * v].reduce_add(), acc[4 * v + 1].reduce_add(), acc[4 * v + 2].reduce_add(),
+                                        acc[4 * v + 3].reduce_add())
     while i < K:
-        var wv = w[unsafe_offset=i].cast[DType.float32]()
-        out += wv * SIMD[DType.float32, 4](rows[unsafe_offset=i], r1[unsafe_offset=i], r2[unsafe_offset=i], r3[unsafe_offset=i])
+        var x = SIMD[DType.float32, 4](rows[unsafe_offset=i], r1[unsafe_offset=i], r2[unsafe_offset=i], r3[unsafe_offset=i])
+        out[0] += w0[unsafe_offset=i].cast[DType.float32]() * x
+        out[1] += w1[unsafe_offset=i].cast[DType.float32]() * x
         i += 1
     return out
 
@@ -275,10 +286,10 @@ struct MoeExperts:
             for o in range(o0, min(I, o0 + TILE)):
                 for g0 in range(0, n, SMALL_ROWS):
                     var gn = min(SMALL_ROWS, n - g0)
-                    var g = _dots4(w.unsafe_offset(o * H), rp.unsafe_offset((r0 + g0) * H), H, gn, H)
-                    var u = _dots4(w.unsafe_offset((I + o) * H), rp.unsafe_offset((r0 + g0) * H), H, gn, H)
+                    var gu = _dots4x2(w.unsafe_offset(o * H), w.unsafe_offset((I + o) * H),
+                                      rp.unsafe_offset((r0 + g0) * H), H, gn, H)
                     for r in range(gn):
-                        ap[unsafe_offset=(r0 + g0 + r) * I + o] = _silu(g[r]) * u[r]
+                        ap[unsafe_offset=(r0 + g0 + r) * I + o] = _silu(gu[0][r]) * gu[1][r]
 
         def down_task(task: Int) {var sp, var offp, var ap, var yp, var dnp, var dn_es, var H, var I, var dn_tiles}:
             var e = sp[unsafe_offset=task // dn_tiles]
@@ -286,12 +297,14 @@ struct MoeExperts:
             var n = Int(offp[unsafe_offset=e + 1]) - r0
             var w = dnp.unsafe_offset(e * dn_es)
             var h0 = (task % dn_tiles) * TILE
-            for h in range(h0, min(H, h0 + TILE)):
+            for h in range(h0, min(H, h0 + TILE), 2):  # rows h, h + 1 (h + 1 aliases h past H; stored once)
+                var h1 = min(h + 1, H - 1)
                 for g0 in range(0, n, SMALL_ROWS):
                     var gn = min(SMALL_ROWS, n - g0)
-                    var y = _dots4(w.unsafe_offset(h * I), ap.unsafe_offset((r0 + g0) * I), I, gn, I)
+                    var y = _dots4x2(w.unsafe_offset(h * I), w.unsafe_offset(h1 * I), ap.unsafe_offset((r0 + g0) * I), I, gn, I)
                     for r in range(gn):
-                        yp[unsafe_offset=(r0 + g0 + r) * H + h] = y[r]
+                        yp[unsafe_offset=(r0 + g0 + r) * H + h] = y[0][r]
+                        yp[unsafe_offset=(r0 + g0 + r) * H + h1] = y[1][r]
 
         if n_small > 0:
             parallelize(gate_up_task, n_small * gu_tiles)
