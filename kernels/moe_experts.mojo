@@ -194,8 +194,6 @@ struct MoeExperts:
                 or down.stride_length(2) != 1 or down.stride_length(1) != I or topk_weights.stride_length(0) != k):
             raise Error("moe_experts: expected contiguous tensors")
         var op = output.unsafe_ptr()
-        for i in range(T * H):
-            op[unsafe_offset=i] = 0
         if T == 0:
             return
         var xp = x.unsafe_ptr()
@@ -252,7 +250,7 @@ struct MoeExperts:
         # Gathered float32 activation rows in grouped order (row r is token slots[r] // k), for the streaming
         # and matmul experts; the bf16-dot experts pack theirs straight from x.
         var f32_rows = T * k if dot_rows < T * k else 0  # no float32 copies when every expert is DOT
-        var rows = List[Float32](length=f32_rows * H, fill=0)
+        var rows = List[Float32](unsafe_uninit_length=f32_rows * H)
         var rp = rows.unsafe_ptr()
 
         def gather(r: Int) {var rp, var xp, var slotp, var pathp, var rep, var H, var k}:
@@ -265,7 +263,7 @@ struct MoeExperts:
 
         parallelize(gather, T * k)
 
-        var act = List[Float32](length=f32_rows * I, fill=0)  # SwiGLU activations per grouped row
+        var act = List[Float32](unsafe_uninit_length=f32_rows * I)  # SwiGLU activations per grouped row
         var ys = List[Float32](unsafe_uninit_length=T * k * H)  # expert outputs per grouped row, all written
         var ap = act.unsafe_ptr()
         var yp = ys.unsafe_ptr()
@@ -322,7 +320,7 @@ struct MoeExperts:
                 for b in range(nb):
                     blk_expert[dot_blk0[d] + b] = d
             var xpk = List[Int32](length=n_blk * H2 * MB + 16, fill=0)  # zeros: padding rows stay 0
-            var apk = List[Int32](length=n_blk * I2 * MB + 16, fill=0)
+            var apk = List[Int32](unsafe_uninit_length=n_blk * I2 * MB + 16)  # every pair read is written first
             var xkp = xpk.unsafe_ptr()
             xkp = xkp.unsafe_offset(_align64(Int(xkp)))
             var akp = apk.unsafe_ptr()
@@ -413,7 +411,7 @@ struct MoeExperts:
 
         # Matmul path (float32 weights), one expert at a time (MAX's matmul uses all cores itself).
         comptime if wdt == DType.float32:
-            var g_buf = List[Float32](length=T * k * 2 * I, fill=0)
+            var g_buf = List[Float32](unsafe_uninit_length=T * k * 2 * I)
             var gp = g_buf.unsafe_ptr()
             for e in range(E):
                 var r0 = Int(offp[unsafe_offset=e])
@@ -448,6 +446,8 @@ struct MoeExperts:
 
         def combine_token(t: Int) {var op, var yp, var wp, var trp, var slotp, var H, var k}:
             var dst = op.unsafe_offset(t * H)
+            for h in range(H):
+                dst[unsafe_offset=h] = 0
             for j in range(k):
                 var row = trp[unsafe_offset=t * k + j]
                 var weight = wp[unsafe_offset=Int(slotp[unsafe_offset=row])]
