@@ -22,6 +22,11 @@ def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
     return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
+def bf16_rounded(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bf16 (round to nearest even), still as float32."""
+    return bf16_bits_to_f32(f32_to_bf16_bits(a))
+
+
 def to_dtype(a: np.ndarray, dtype: DType) -> np.ndarray:
     """Float array (float32, float16, or bf16 bits as uint16 = already bf16) in the model dtype's numpy form."""
     if dtype == DType.float32:

@@ -30,8 +30,9 @@
 #     packed bf16 input directly. Numerics: x and the SwiGLU output are rounded to bf16 (the reference
 #     models that: moe_experts_reference's bf16_activations). Without the instruction (or with
 #     HYV3_PORTABLE_KERNELS=1), or with odd H or I, bf16 experts take the streaming path instead: exact
-#     float32 activations, slower at large T. Measured here (2-core Zen 4, H 4096, I 1536, E 32, k 8):
-#     T 2048 2.1 s (~290 GFLOP/s; the vdpbf16ps micro-kernel alone peaks at ~430 on this machine).
+#     float32 activations, slower at large T. Measured (`python -m bench`, 2-core Zen 4, H 4096, I 1536,
+#     E 32, k 8): T 2048 1.92 s, 322 GFLOP/s; T 512 466 ms. The vdpbf16ps micro-kernel alone peaks at
+#     ~430 GFLOP/s on this machine.
 #   * Combine is deterministic, without atomics: out[t] accumulates its experts in ascending expert
 #     order, whatever the thread count; the shared expert(s) stay in the graph (a dense SwiGLU).
 import extensibility
@@ -58,8 +59,20 @@ comptime GROUPS = 8  # bf16-dot path: micro-tiles of MR weight rows per task (sh
 
 
 @always_inline
-def _silu(g: Float32) -> Float32:
+def _silu[n: Int](g: SIMD[DType.float32, n]) -> SIMD[DType.float32, n]:
     return g / (1.0 + exp(-g))
+
+
+@always_inline
+def _n_blocks(n: Int) -> Int:
+    """Packed blocks of MB rows holding an expert's n rows (bf16-dot path)."""
+    return (n + MB - 1) // MB
+
+
+@always_inline
+def _n_vec(n: Int, b: Int) -> Int:
+    """Vectors of W rows that block b of an expert's n rows actually uses (the rest is padding)."""
+    return (min(MB, n - b * MB) + W - 1) // W
 
 
 @always_inline
@@ -133,11 +146,11 @@ def _dot_panel(
     """c [groups][blocks][MR][MB] = (groups x MR weight rows) . (an expert's n packed activation rows), over K2
     pairs. Blocked over KC pairs so that one activation block's slice (KC x MB pairs) stays in L1 while every
     group's weight rows (from L2) pass over it; c is re-read once per KC slice, which is cheap."""
-    var n_blocks = (n + MB - 1) // MB
+    var n_blocks = _n_blocks(n)
     for p0 in range(0, K2, KC):
         var kc = min(KC, K2 - p0)
         for b in range(n_blocks):
-            var n_vec = (min(MB, n - b * MB) + W - 1) // W
+            var n_vec = _n_vec(n, b)
             var xb = xk.unsafe_offset((b * K2 + p0) * MB)
             for g in range(groups):
                 var rows = StaticTuple[Int, MR](fill=0)
@@ -153,8 +166,9 @@ def _dot_panel(
 
 
 @always_inline
-def _silu_v(g: F32x) -> F32x:
-    return g / (1.0 + exp(-g))
+def _swiglu_lanes(c: Pointer[Float32, _], i: Int, j: Int) -> F32x:
+    """silu(gate) * up of gate_up micro-tile c [MR][MB]: gate row i, up row GU_ROWS + i, lanes of vector j."""
+    return _silu[W](c.unsafe_load[width=W](i * MB + j * W)) * c.unsafe_load[width=W]((GU_ROWS + i) * MB + j * W)
 
 
 def _align64(address: Int) -> Int:
@@ -239,7 +253,7 @@ struct MoeExperts:
                 dots.append(e)
                 dot_blk0.append(n_blk)
                 dot_rows += n
-                n_blk += (n + MB - 1) // MB
+                n_blk += _n_blocks(n)
         var pathp = path.unsafe_ptr()
         var row_expert = List[Int](length=T * k, fill=0)
         for e in range(E):
@@ -269,7 +283,7 @@ struct MoeExperts:
         var yp = ys.unsafe_ptr()
 
         # Streaming path: tasks over (expert, tile of TILE output rows), the expert's rows in groups of 4 per
-        # weight row (which stays in L1 meanwhile).
+        # pair of weight rows (which stay in L1 meanwhile).
         var n_small = len(small)
         var sp = small.unsafe_ptr()
         var gu_tiles = (I + TILE - 1) // TILE
@@ -287,7 +301,7 @@ struct MoeExperts:
                     var gu = _dots4x2(w.unsafe_offset(o * H), w.unsafe_offset((I + o) * H),
                                       rp.unsafe_offset((r0 + g0) * H), H, gn, H)
                     for r in range(gn):
-                        ap[unsafe_offset=(r0 + g0 + r) * I + o] = _silu(gu[0][r]) * gu[1][r]
+                        ap[unsafe_offset=(r0 + g0 + r) * I + o] = _silu[1](gu[0][r]) * gu[1][r]
 
         def down_task(task: Int) {var sp, var offp, var ap, var yp, var dnp, var dn_es, var H, var I, var dn_tiles}:
             var e = sp[unsafe_offset=task // dn_tiles]
@@ -316,8 +330,7 @@ struct MoeExperts:
             var I2 = I // 2
             var blk_expert = List[Int](length=n_blk, fill=0)  # block -> index into dots
             for d in range(n_dots):
-                var nb = (Int(offp[unsafe_offset=dots[d] + 1]) - Int(offp[unsafe_offset=dots[d]]) + MB - 1) // MB
-                for b in range(nb):
+                for b in range(_n_blocks(Int(offp[unsafe_offset=dots[d] + 1]) - Int(offp[unsafe_offset=dots[d]]))):
                     blk_expert[dot_blk0[d] + b] = d
             var xpk = List[Int32](length=n_blk * H2 * MB + 16, fill=0)  # zeros: padding rows stay 0
             var apk = List[Int32](unsafe_uninit_length=n_blk * I2 * MB + 16)  # every pair read is written first
@@ -355,7 +368,7 @@ struct MoeExperts:
                 var d = task // gu_tasks
                 var e = dp[unsafe_offset=d]
                 var n = Int(offp[unsafe_offset=e + 1]) - Int(offp[unsafe_offset=e])
-                var n_blocks = (n + MB - 1) // MB
+                var n_blocks = _n_blocks(n)
                 var o_first = (task % gu_tasks) * GU_ROWS * GROUPS
                 var groups = min(GROUPS, (I - o_first + GU_ROWS - 1) // GU_ROWS)
                 var offsets = List[Int](length=groups * MR, fill=0)
@@ -371,16 +384,15 @@ struct MoeExperts:
                            xkp.unsafe_offset(blk0 * H2 * MB), n, H2, cp)
                 for g in range(groups):
                     for b in range(n_blocks):
-                        var n_vec = (min(MB, n - b * MB) + W - 1) // W
+                        var n_vec = _n_vec(n, b)
                         var cb = cp.unsafe_offset((g * n_blocks + b) * MR * MB)
                         var dst = akp.unsafe_offset((blk0 + b) * I2 * MB)
                         comptime for q in range(GU_ROWS // 2):  # outputs o, o + 1 -> one bf16 pair
                             var o = o_first + g * GU_ROWS + 2 * q
                             if o < I:
                                 for j in range(n_vec):
-                                    var lo = _silu_v(cb.unsafe_load[width=W]((2 * q) * MB + j * W)) * cb.unsafe_load[width=W]((GU_ROWS + 2 * q) * MB + j * W)
-                                    var hi = _silu_v(cb.unsafe_load[width=W]((2 * q + 1) * MB + j * W)) * cb.unsafe_load[width=W]((GU_ROWS + 2 * q + 1) * MB + j * W)
-                                    dst.unsafe_store((o // 2) * MB + j * W, bf16_pairs(lo, hi))
+                                    dst.unsafe_store((o // 2) * MB + j * W, bf16_pairs(_swiglu_lanes(cb, 2 * q, j),
+                                                                                       _swiglu_lanes(cb, 2 * q + 1, j)))
 
             var dn_tasks = (H + MR * GROUPS - 1) // (MR * GROUPS)
 
@@ -389,7 +401,7 @@ struct MoeExperts:
                 var e = dp[unsafe_offset=d]
                 var r0 = Int(offp[unsafe_offset=e])
                 var n = Int(offp[unsafe_offset=e + 1]) - r0
-                var n_blocks = (n + MB - 1) // MB
+                var n_blocks = _n_blocks(n)
                 var h_first = (task % dn_tasks) * MR * GROUPS
                 var groups = min(GROUPS, (H - h_first + MR - 1) // MR)
                 var offsets = List[Int](length=groups * MR, fill=0)
@@ -426,7 +438,7 @@ struct MoeExperts:
 
                 def swiglu_row(r: Int) {var gp, var ap, var I, var r0}:
                     for o in range(I):
-                        ap[unsafe_offset=(r0 + r) * I + o] = _silu(gp[unsafe_offset=r * 2 * I + o]) * gp[unsafe_offset=r * 2 * I + I + o]
+                        ap[unsafe_offset=(r0 + r) * I + o] = _silu[1](gp[unsafe_offset=r * 2 * I + o]) * gp[unsafe_offset=r * 2 * I + I + o]
 
                 parallelize(swiglu_row, n)
                 matmul[transpose_b=True](

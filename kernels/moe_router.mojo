@@ -48,6 +48,15 @@ def _at_or_above(cp: Pointer[Float32, _], e: Int, threshold: Float32) -> Int:
 
 
 @always_inline
+def _keep_candidate(ck: Pointer[mut=True, Float32, _], ci: Pointer[mut=True, Int32, _], mut nc: Int, key: Float32, x: Int):
+    """Counts one more candidate; only the first CAND are kept (more sends the token to the sorted insertion)."""
+    if nc < CAND:
+        ck[unsafe_offset=nc] = key
+        ci[unsafe_offset=nc] = Int32(x)
+    nc += 1
+
+
+@always_inline
 def _lane_index[n: Int]() -> SIMD[DType.int32, n]:
     var lanes = SIMD[DType.int32, n](0)
     comptime for i in range(n):
@@ -160,23 +169,16 @@ def route_token[top_k: Int, scale: Float32, renormalize: Bool](
         while mask != 0:
             var x = e + count_trailing_zeros(mask)
             mask &= mask - 1
-            if nc < CAND:
-                ck[unsafe_offset=nc] = cp[unsafe_offset=x]
-                ci[unsafe_offset=nc] = Int32(x)
-            nc += 1
+            _keep_candidate(ck, ci, nc, cp[unsafe_offset=x], x)
         e += W
     for x in range(e, E):
         if cp[unsafe_offset=x] >= threshold:
-            if nc < CAND:
-                ck[unsafe_offset=nc] = cp[unsafe_offset=x]
-                ci[unsafe_offset=nc] = Int32(x)
-            nc += 1
-    if nc <= W:
-        _pick_ranked[W, top_k](ck, ci, nc, xp)
-        _finish[top_k, scale, renormalize](sp, xp, ids, weights)
-        return
+            _keep_candidate(ck, ci, nc, cp[unsafe_offset=x], x)
     if nc <= CAND:
-        _pick_ranked[CAND, top_k](ck, ci, nc, xp)
+        if nc <= W:
+            _pick_ranked[W, top_k](ck, ci, nc, xp)
+        else:
+            _pick_ranked[CAND, top_k](ck, ci, nc, xp)
         _finish[top_k, scale, renormalize](sp, xp, ids, weights)
         return
     var n = 0

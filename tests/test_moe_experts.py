@@ -15,7 +15,7 @@ from max.dtype import DType
 from max.engine import InferenceSession
 from max.graph import DeviceRef, Graph, TensorType
 
-from hyv3_graph.dtypes import bf16_bits_to_f32, f32_to_bf16_bits, to_buffer, to_dtype
+from hyv3_graph.dtypes import bf16_rounded, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
 from hyv3_graph.kernels.moe_experts import (PORTABLE_ENV, bf16_dot_available, bf16_dot_experts, moe_experts,
                                             moe_experts_reference)
@@ -51,7 +51,7 @@ def run(models, k, x, logits, gate_up, down, bf16=False):
     """bf16: the weights go in as bfloat16 (rounded here); returns the weights the op saw, as float32."""
     wdt = DType.bfloat16 if bf16 else DType.float32
     if bf16:
-        gate_up, down = (bf16_bits_to_f32(f32_to_bf16_bits(a)) for a in (gate_up, down))
+        gate_up, down = bf16_rounded(gate_up), bf16_rounded(down)
     out, ids, w = (o.to_numpy() for o in models[k, wdt].execute(x, logits, to_buffer(to_dtype(gate_up, wdt), wdt),
                                                                   to_buffer(to_dtype(down, wdt), wdt)))
     return out, ids, w, gate_up, down
@@ -141,8 +141,9 @@ def _heavy_bf16_case(T=70, E=4, H=64, I=48):
 def test_bf16_dot_path_rounds_activations(experts_models):
     """The bf16-dot path is really taken: it matches the reference that rounds activations to bf16, and not the
     exact one at float32 accuracy."""
-    out, ids, w, gate_up, down = check(experts_models, *_heavy_bf16_case(), bf16=True)
-    exact = moe_experts_reference(_heavy_bf16_case()[1], ids, w, gate_up, down)
+    case = _heavy_bf16_case()
+    out, ids, w, gate_up, down = check(experts_models, *case, bf16=True)
+    exact = moe_experts_reference(case[1], ids, w, gate_up, down)
     assert np.abs(out - exact).max() > RTOL * max(1.0, float(np.abs(exact).max()))
 
 

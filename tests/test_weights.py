@@ -6,7 +6,7 @@ from max.dtype import DType
 
 from hyv3_graph.checkpoints import hf_config_dict, random_tensors, write_checkpoint
 from hyv3_graph.config import HYV3Config
-from hyv3_graph.dtypes import bf16_bits_to_f32, f32_to_bf16_bits
+from hyv3_graph.dtypes import bf16_rounded, f32_to_bf16_bits
 from hyv3_graph.weights import WeightError, load_weights
 
 SPEC = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -111,7 +111,7 @@ def test_bf16_checkpoint(tmp_path):
     save_file({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in t.items()}, bf / "model.safetensors")
     (bf / "config.json").write_text((tmp_path / "f32" / "config.json").read_text())
     w = load_weights(bf, cfg, DType.float32).tensors
-    expect = bf16_bits_to_f32(f32_to_bf16_bits(t["model.layers.1.mlp.experts.2.down_proj.weight"]))
+    expect = bf16_rounded(t["model.layers.1.mlp.experts.2.down_proj.weight"])
     np.testing.assert_array_equal(w["layers.1.mlp.experts.down"][2], expect)
 
 

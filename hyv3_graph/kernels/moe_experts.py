@@ -13,7 +13,7 @@ import numpy as np
 from max.dtype import DType
 from max.graph import DeviceRef, TensorType, TensorValue, ops
 
-from ..dtypes import bf16_bits_to_f32, f32_to_bf16_bits
+from ..dtypes import bf16_rounded
 
 
 SMALL_ROWS = 4  # kernels/moe_experts.mojo: experts with at most this many rows stream (exact float32 activations)
@@ -46,7 +46,7 @@ def moe_experts_reference(x, topk_ids, topk_weights, gate_up, down, bf16_activat
     def rounded(a, e):
         if bf16_activations is None or not bf16_activations[e]:
             return a
-        return bf16_bits_to_f32(f32_to_bf16_bits(a.astype(np.float32))).astype(np.float64)
+        return bf16_rounded(a.astype(np.float32)).astype(np.float64)
 
     x, gate_up, down = (np.asarray(a, np.float64) for a in (x, gate_up, down))
     I = down.shape[2]
