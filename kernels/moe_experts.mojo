@@ -35,9 +35,9 @@
 #     packed bf16 input directly. Numerics: x and the SwiGLU output are rounded to bf16 (the reference
 #     models that: moe_experts_reference's bf16_activations). Without the instruction (or with
 #     HYV3_PORTABLE_KERNELS=1), or with odd H or I, bf16 experts take the streaming path instead: exact
-#     float32 activations, slower at large T. Measured (`python -m bench`, 2026-11-29 07:32, 2-core Zen 4, H 4096, I 1536,
-#     E 32, k 8): T 2048 1.92 s, 322 GFLOP/s; T 512 466 ms. The vdpbf16ps micro-kernel alone peaks at
-#     ~430 GFLOP/s on this machine.
+#     float32 activations, slower at large T. Measured (`python -m bench`, 2026-11-29 07:32, 2-core Zen 4,
+#     H 4096, I 1536, E 32, k 8): T 2048 1.92 s, 322 GFLOP/s; T 512 466 ms. The vdpbf16ps micro-kernel
+#     alone peaks at ~430 GFLOP/s on this machine.
 #   * Combine is deterministic, without atomics: out[t] accumulates its experts in ascending expert
 #     order, whatever the thread count; the shared expert(s) stay in the graph (a dense SwiGLU).
 import extensibility
