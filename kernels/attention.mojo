@@ -468,8 +468,8 @@ struct Attention:
                 var nk = min(KT, k_hi - k0)
                 var tof = off_buf.unsafe_ptr().unsafe_offset(k0 - k_lo)
                 var n_next = min(KT, k_hi - k0 - KT)  # keys in the next tile (<= 0: none)
-                # Scores, kv head by kv head, so that its G query rows (G x D floats) stay in L1 while the
-                # tile's K rows of that head go by; meanwhile the next tile's K and V rows of the head are
+                # Scores, kv head by kv head, so that the head's NR query rows (NR x D floats) stay in L1 while
+                # the tile's K rows of that head go by; meanwhile the next tile's K and V rows of the head are
                 # prefetched (a token's heads are adjacent in the cache, so all heads together still read
                 # whole tokens).
                 for g in range(Hkv):
