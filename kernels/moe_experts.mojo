@@ -57,6 +57,7 @@ from .cpu_isa import I32x, F32x, bf16_pairs, dot_bf16_pairs, round_to_bf16, use_
 comptime W = 16  # SIMD width
 comptime SMALL_ROWS = 4  # experts with at most this many rows take the streaming path (_dots)
 comptime STREAM_ROWS = 4  # streaming path: weight rows per pass over the activations (_dots' NW)
+comptime STREAM_GATES = STREAM_ROWS // 2  # gate_up: that many gate rows, each with its up row
 comptime STREAM_TASK_BYTES = 1 << 20  # streaming path: weight bytes per task
 comptime PREFETCH_AHEAD = 2048  # streaming path: weight elements prefetched ahead of use (~10% at T = 4..8)
 comptime MB = 48  # bf16-dot path: activation rows per packed block (NVMAX vectors)
@@ -323,15 +324,18 @@ struct MoeExperts:
             var n = Int(offp[unsafe_offset=e + 1]) - r0
             var w = gup.unsafe_offset(e * gu_es)
             var o0 = (task % gu_tiles) * gu_rows
-            for o in range(o0, min(I, o0 + gu_rows), 2):  # gate rows o, o + 1 with up rows I + o, I + o + 1
-                var o1 = min(o + 1, I - 1)  # past I it aliases o: the same value is stored twice
-                var w_rows = StaticTuple[Int, STREAM_ROWS](o * H, o1 * H, (I + o) * H, (I + o1) * H)
+            for o in range(o0, min(I, o0 + gu_rows), STREAM_GATES):  # gate rows o.. with up rows I + o..
+                var w_rows = StaticTuple[Int, STREAM_ROWS](fill=0)
+                comptime for v in range(STREAM_GATES):  # rows past I alias I - 1 (same value stored)
+                    w_rows[v] = min(o + v, I - 1) * H
+                    w_rows[STREAM_GATES + v] = (I + min(o + v, I - 1)) * H
                 for g0 in range(0, n, SMALL_ROWS):
                     var gn = min(SMALL_ROWS, n - g0)
                     var gu = _dots(w, w_rows, rp.unsafe_offset((r0 + g0) * H), H, gn, H)
                     for r in range(gn):
-                        ap[unsafe_offset=(r0 + g0 + r) * I + o] = _silu[1](gu[0][r]) * gu[2][r]
-                        ap[unsafe_offset=(r0 + g0 + r) * I + o1] = _silu[1](gu[1][r]) * gu[3][r]
+                        comptime for v in range(STREAM_GATES):
+                            ap[unsafe_offset=(r0 + g0 + r) * I + min(o + v, I - 1)] = (
+                                _silu[1](gu[v][r]) * gu[STREAM_GATES + v][r])
 
         def down_task(task: Int) {var sp, var offp, var ap, var yp, var dnp, var dn_es, var H, var I, var dn_rows, var dn_tiles}:
             var e = sp[unsafe_offset=task // dn_tiles]
