@@ -32,12 +32,16 @@
 #     (sequence, query tile, chunk of KCHUNK keys) over all kv heads, so a long sequence still spreads over
 #     every core; K and V are read once, straight from the cache. Within a tile of KT keys the scores go kv
 #     head by kv head: that head's NR query rows (NR x D floats) stay in L1 while its K rows go by, two keys
-#     per pass, dot products over D reduced by one transpose-add tree (16 sums at once); meanwhile the next
-#     tile's K and V rows of the head are prefetched into L2, so all heads together prefetch whole tokens.
-#     (Token by token over all heads, the first design, kept Hkv x NR x D floats = 32 KiB of Q hot, the
-#     whole L1: decode16 fp32 took 24.9 ms against 15.4 ms now, same process.) The online softmax keeps
-#     the rows in the lanes ([KT][NR] scores), and each chunk leaves a partial (max, sum, O) that a last
-#     pass combines per row.
+#     per pass, dot products over D reduced by one transpose-add tree (16 sums at once). The next tile's K
+#     rows of the head are prefetched into L2 during the score pass and its V rows during the P V pass, a
+#     few lines per key, so prefetches are spread over the whole tile instead of bursting in the score pass
+#     (the burst version: decode16 fp32 about 8% slower, same process). All heads together still prefetch
+#     whole tokens. (Token by token over all heads, the first design, kept Hkv x NR x D floats = 32 KiB of
+#     Q hot, the whole L1: decode16 fp32 took 24.9 ms against 15.4 ms with the head-by-head scores, same
+#     process.) The online softmax keeps the rows in the lanes ([KT][NR] scores), and each chunk leaves a
+#     partial (max, sum, O) that a last pass combines per row. The partial O buffer (4 MiB for decode16) is
+#     allocated uninitialised and each item zeroes its own part: zero-filling it serially before the items
+#     ran cost about 5%.
 import extensibility
 from extensibility import InputTensor, OutputTensor, _MutableInputTensor
 from max.gpu.host import DeviceContext
@@ -256,15 +260,18 @@ def _prefetch_rows[dt: DType](base: Pointer[Scalar[dt], _], shift: Int, n: Int):
 @always_inline
 def _accumulate_rows[dt: DType, nv: Int](
     o: Pointer[mut=True, Float32, _], p: Pointer[Float32, _], alpha: SIMD[DType.float32, NR],
-    vbase: Pointer[Scalar[dt], _], voffs: Pointer[Int, _], nk: Int, D: Int,
+    vbase: Pointer[Scalar[dt], _], voffs: Pointer[Int, _], nk: Int, D: Int, n_next: Int,
 ):
-    """O[r][d : d + nv W] = O * alpha[r] + sum_j P[j][r] V_j[d : d + nv W] for NR rows; each V chunk read once."""
+    """O[r][d : d + nv W] = O * alpha[r] + sum_j P[j][r] V_j[d : d + nv W] for NR rows; each V chunk read once.
+    The same chunk of the next tile's first n_next V rows (offsets voffs[KT:]) is prefetched along the way."""
     var acc = StaticTuple[F32x, NR * nv](fill=F32x(0))
     comptime for r in range(NR):
         comptime for v in range(nv):
             acc[r * nv + v] = o.unsafe_load[width=W](r * D + v * W) * alpha[r]
     for j in range(nk):
         var row = vbase.unsafe_offset(voffs[unsafe_offset=j])
+        if j < n_next:
+            _prefetch_rows(vbase, voffs[unsafe_offset=KT + j], nv * W)
         var vv = StaticTuple[F32x, nv](fill=F32x(0))
         comptime for v in range(nv):
             vv[v] = row.unsafe_load[width=W](v * W).cast[DType.float32]()
@@ -430,7 +437,7 @@ struct Attention:
         var nkp = n_k0.unsafe_ptr()
         var tfp = tile_first.unsafe_ptr()
         # Each narrow item's partial result per (kv head, row): running max, running sum, unnormalised O.
-        var part_o = List[Float32](length=n_narrow * Hkv * NR * D, fill=0)
+        var part_o = List[Float32](unsafe_uninit_length=n_narrow * Hkv * NR * D)  # each item zeroes its own
         var part_ml = List[Float32](length=n_narrow * Hkv * NR * 2, fill=0)
         var pop = part_o.unsafe_ptr()
         var pmp = part_ml.unsafe_ptr()
@@ -457,6 +464,8 @@ struct Attention:
             var sp = s_buf.unsafe_ptr()
             var o_all = pop.unsafe_offset(item * Hkv * NR * D)  # this item's O [Hkv][NR][D]
             var ml = pmp.unsafe_offset(item * Hkv * NR * 2)  # per kv head: max [NR], then sum [NR]
+            for i in range(Hkv * NR * D):
+                o_all[unsafe_offset=i] = 0
             for g in range(Hkv):
                 ml.unsafe_store(g * 2 * NR, SIMD[DType.float32, NR](Float32.MIN))
             _tile_offsets(off_buf.unsafe_ptr(), lutp.unsafe_offset(b * lut_s), k_lo, k_hi - k_lo, page, s_page, s_tok,
@@ -469,9 +478,8 @@ struct Attention:
                 var tof = off_buf.unsafe_ptr().unsafe_offset(k0 - k_lo)
                 var n_next = min(KT, k_hi - k0 - KT)  # keys in the next tile (<= 0: none)
                 # Scores, kv head by kv head, so that the head's NR query rows (NR x D floats) stay in L1 while
-                # the tile's K rows of that head go by; meanwhile the next tile's K and V rows of the head are
-                # prefetched (a token's heads are adjacent in the cache, so all heads together still read
-                # whole tokens).
+                # the tile's K rows of that head go by; meanwhile the next tile's K rows of the head are
+                # prefetched (its V rows during P V).
                 for g in range(Hkv):
                     var qrows = StaticTuple[Int, NR](fill=0)
                     comptime for r in range(NR):
@@ -482,7 +490,6 @@ struct Attention:
                             if j + t < n_next:
                                 var at = tof[unsafe_offset=KT + j + t] + g * s_head
                                 _prefetch_rows(bp, at, D)
-                                _prefetch_rows(bp, at + s_kind, D)
                         sp.unsafe_store((g * KT + j) * NR, _dots_rows2(qsp, qrows, kg.unsafe_offset(tof[unsafe_offset=j]),
                                                                      kg.unsafe_offset(tof[unsafe_offset=min(j + 1, nk - 1)]), D))
                 # Online softmax with the rows in the lanes ([KT][NR] per kv head, two keys per vector): the
@@ -515,10 +522,10 @@ struct Attention:
                     var vrow = bp.unsafe_offset(s_kind + g * s_head)
                     var d = 0
                     while d + 2 * W <= D:
-                        _accumulate_rows[nv=2](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D)
+                        _accumulate_rows[nv=2](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D, n_next)
                         d += 2 * W
                     while d + W <= D:
-                        _accumulate_rows[nv=1](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D)
+                        _accumulate_rows[nv=1](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D, n_next)
                         d += W
                     for dd in range(d, D):  # head dims past the last full vector
                         for r in range(NR):
