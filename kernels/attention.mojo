@@ -23,12 +23,12 @@
 #     repeating K/V). Keys go by in tiles of KT with an online softmax (running max and sum in float32):
 #     no [L, L] matrix exists, keys past a tile's last query are never visited, and only key tiles that
 #     cross the diagonal are masked.
-#   * Wide tiles (R > NR: prefill) are work items (sequence, query tile, kv head), longest first, taken one
-#     at a time by whichever core is free (work_queue.mojo; MAX's parallelize hands each core a fixed half
-#     of the list, so the core with the long items finished last: prefill fp32 189 -> 127 ms, prefill over
-#     caches 861 -> 673 ms, same process). Rows are the SIMD lanes: Q is packed transposed, Qp [D][Rp], so S^T = K Q^T is a register-blocked
-#     broadcast-FMA micro-kernel (a K element times a vector of 16 rows), the softmax's max and sum over
-#     keys are lane-wise (no horizontal reductions), and P V accumulates into O^T [D][Rp] the same way.
+#   * Wide tiles (R > NR: prefill) are work items (sequence, query tile, kv head), longest first, taken one at a
+#     time by whichever core is free (work_queue.mojo; MAX's parallelize hands each core a fixed half of the
+#     list, so the core with the long items finished last: prefill fp32 189 -> 127 ms, prefill over caches 861
+#     -> 673 ms, same process). Rows are the SIMD lanes: Q is packed transposed, Qp [D][Rp], so S^T = K Q^T is a
+#     register-blocked broadcast-FMA micro-kernel (a K element times a vector of 16 rows), the softmax's max and
+#     sum over keys are lane-wise (no horizontal reductions), and P V accumulates into O^T [D][Rp] the same way.
 #     Each K/V tile is widened once into a dense float32 scratch (page lookup, bf16 -> f32).
 #   * Narrow tiles (R <= NR: decode, the last queries of a prefill) are memory bound. Their work items are
 #     (sequence, query tile, chunk of KCHUNK keys) over all kv heads, so a long sequence still spreads over
