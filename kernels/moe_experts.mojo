@@ -38,12 +38,17 @@
 #     float32 activations, slower at large T. Measured (`python -m bench`, 2026-11-29 07:32, 2-core Zen 4,
 #     H 4096, I 1536, E 32, k 8): T 2048 1.92 s, 322 GFLOP/s; T 512 466 ms. The vdpbf16ps micro-kernel
 #     alone peaks at ~430 GFLOP/s on this machine.
+#   * The streaming and bf16-dot tasks go to whichever core is free (work_queue.mojo): MAX's parallelize
+#     gives each core a fixed half of the task list, which leaves one idle when experts' row counts differ
+#     or a core is descheduled. Same process, random routing: bf16 T 2048 1927 -> 1786 ms, T 512 476 ->
+#     446 ms; fp32 T 1 19.8 -> 18.5 ms, T 8 75.8 -> 72.6 ms (minima).
 #   * Combine is deterministic, without atomics: out[t] accumulates its experts in ascending expert
 #     order, whatever the thread count; the shared expert(s) stay in the graph (a dense SwiGLU).
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
 from max.algorithm import parallelize
+from .work_queue import parallelize_dynamic
 from std.math import exp
 from layout import TileTensor
 from layout.tile_layout import row_major
@@ -355,8 +360,8 @@ struct MoeExperts:
                             yp[unsafe_offset=(r0 + g0 + r) * H + min(h + v, H - 1)] = y[v][r]
 
         if n_small > 0:
-            parallelize(gate_up_task, n_small * gu_tiles)
-            parallelize(down_task, n_small * dn_tiles)
+            parallelize_dynamic(gate_up_task, n_small * gu_tiles)
+            parallelize_dynamic(down_task, n_small * dn_tiles)
 
         # bf16-dot path (bfloat16 weights, CPU with AVX512_BF16): activations rounded to bf16 and packed in
         # blocks of MB rows, [block][K/2][MB] bf16 pairs; weights read in place as bf16 pairs.
@@ -397,7 +402,7 @@ struct MoeExperts:
                         dst[unsafe_offset=p * MB + m] = bitcast[DType.int32, 1](round_to_bf16[2](src.unsafe_load[width=2](2 * p)))
                         p += 1
 
-            parallelize(pack_x, n_blk)
+            parallelize_dynamic(pack_x, n_blk)
             var gu_tasks = (I + GU_ROWS * GROUPS - 1) // (GU_ROWS * GROUPS)
 
             def gate_up_dot(task: Int) {var akp, var xkp, var gu32, var gu_es, var offp, var dp, var dbp, var H2, var I, var I2, var gu_tasks}:
@@ -454,8 +459,8 @@ struct MoeExperts:
                         for h in range(h_count):
                             y[unsafe_offset=h] = cp[unsafe_offset=((h // MR * n_blocks + b) * MR + h % MR) * MB + m]
 
-            parallelize(gate_up_dot, n_dots * gu_tasks)
-            parallelize(down_dot, n_dots * dn_tasks)
+            parallelize_dynamic(gate_up_dot, n_dots * gu_tasks)
+            parallelize_dynamic(down_dot, n_dots * dn_tasks)
 
         # Matmul path (float32 weights), one expert at a time (MAX's matmul uses all cores itself).
         comptime if wdt == DType.float32:
