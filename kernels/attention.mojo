@@ -32,7 +32,7 @@
 #     Each K/V tile is widened once into a dense float32 scratch (page lookup, bf16 -> f32).
 #   * Narrow tiles (R <= NR: decode, the last queries of a prefill) are memory bound. Their work items are
 #     (sequence, query tile, chunk of KCHUNK keys) over all kv heads, so a long sequence still spreads over
-#     every core; K and V are read once, straight from the cache. Within a tile of KT keys the scores go kv
+#     every core; K and V are read once, straight from the cache. Within a tile of KTN keys the scores go kv
 #     head by kv head: that head's NR query rows (NR x D floats) stay in L1 while its K rows go by, two keys
 #     per pass, dot products over D reduced by one transpose-add tree (16 sums at once). The next tile's K
 #     rows of the head are prefetched into L2 during the score pass and its V rows during the P V pass, a
@@ -40,7 +40,7 @@
 #     (the burst version: decode16 fp32 about 8% slower, same process). All heads together still prefetch
 #     whole tokens. (Token by token over all heads, the first design, kept Hkv x NR x D floats = 32 KiB of
 #     Q hot, the whole L1: decode16 fp32 took 24.9 ms against 15.4 ms with the head-by-head scores, same
-#     process.) The online softmax keeps the rows in the lanes ([KT][NR] scores), and each chunk leaves a
+#     process.) The online softmax keeps the rows in the lanes ([KTN][NR] scores), and each chunk leaves a
 #     partial (max, sum, O) that a last pass combines per row. The partial O buffer (4 MiB for decode16) is
 #     allocated uninitialised and each item zeroes its own part: zero-filling it serially before the items
 #     ran cost about 5%.
@@ -58,7 +58,10 @@ from std.sys.intrinsics import prefetch, PrefetchOptions
 
 comptime W = 16  # SIMD lanes = rows per vector
 comptime F32x = SIMD[DType.float32, W]
-comptime KT = 32  # keys per tile
+comptime KT = 32  # keys per wide tile
+# Keys per narrow tile. The next tile is prefetched, and 16 keys ahead (128 KiB of Hy3's fp32 K/V) beat 32:
+# decode16 fp32 12.2 -> 11.1 ms, bf16 9.3 -> 8.9 ms, same process; 8 and 64 took 11.2 and 14.2 ms.
+comptime KTN = 16
 comptime ROWS = 64  # target rows (queries x heads of one kv head) per work item
 comptime NV = 4  # row vectors per micro-kernel block
 comptime NJ = 4  # keys per S micro-kernel block
@@ -266,7 +269,7 @@ def _accumulate_rows[dt: DType, nv: Int](
     vbase: Pointer[Scalar[dt], _], voffs: Pointer[Int, _], nk: Int, D: Int, n_next: Int,
 ):
     """O[r][d : d + nv W] = O * alpha[r] + sum_j P[j][r] V_j[d : d + nv W] for NR rows; each V chunk read once.
-    The same chunk of the next tile's first n_next V rows (offsets voffs[KT:]) is prefetched along the way."""
+    The same chunk of the next tile's first n_next V rows (offsets voffs[KTN:]) is prefetched along the way."""
     var acc = StaticTuple[F32x, NR * nv](fill=F32x(0))
     comptime for r in range(NR):
         comptime for v in range(nv):
@@ -274,7 +277,7 @@ def _accumulate_rows[dt: DType, nv: Int](
     for j in range(nk):
         var row = vbase.unsafe_offset(voffs[unsafe_offset=j])
         if j < n_next:
-            _prefetch_rows(vbase, voffs[unsafe_offset=KT + j], nv * W)
+            _prefetch_rows(vbase, voffs[unsafe_offset=KTN + j], nv * W)
         var vv = StaticTuple[F32x, nv](fill=F32x(0))
         comptime for v in range(nv):
             vv[v] = row.unsafe_load[width=W](v * W).cast[DType.float32]()
@@ -462,7 +465,7 @@ struct Attention:
                 var rr = min(r, R - 1)
                 rows[r] = ((tok0 + rr // G) * Hq + rr % G) * D
                 qpos[r] = Float32(first_pos + rr // G)
-            var s_buf = List[Float32](length=Hkv * KT * NR, fill=0)  # scores, then probabilities [Hkv][KT][NR]
+            var s_buf = List[Float32](length=Hkv * KTN * NR, fill=0)  # scores, then probabilities [Hkv][KTN][NR]
             var off_buf = List[Int](length=KCHUNK, fill=0)  # cache offset of each key's token (layer included)
             var sp = s_buf.unsafe_ptr()
             var o_all = pop.unsafe_offset(item * Hkv * NR * D)  # this item's O [Hkv][NR][D]
@@ -473,13 +476,13 @@ struct Attention:
                 ml.unsafe_store(g * 2 * NR, SIMD[DType.float32, NR](Float32.MIN))
             _tile_offsets(off_buf.unsafe_ptr(), lutp.unsafe_offset(b * lut_s), k_lo, k_hi - k_lo, page, s_page, s_tok,
                           kv_base)
-            for j in range(min(KT, k_hi - k_lo)):  # the first tile; each tile prefetches the next one
+            for j in range(min(KTN, k_hi - k_lo)):  # the first tile; each tile prefetches the next one
                 _prefetch_rows(bp, off_buf[j], Hkv * D)
                 _prefetch_rows(bp, off_buf[j] + s_kind, Hkv * D)
-            for k0 in range(k_lo, k_hi, KT):
-                var nk = min(KT, k_hi - k0)
+            for k0 in range(k_lo, k_hi, KTN):
+                var nk = min(KTN, k_hi - k0)
                 var tof = off_buf.unsafe_ptr().unsafe_offset(k0 - k_lo)
-                var n_next = min(KT, k_hi - k0 - KT)  # keys in the next tile (<= 0: none)
+                var n_next = min(KTN, k_hi - k0 - KTN)  # keys in the next tile (<= 0: none)
                 # Scores, kv head by kv head, so that the head's NR query rows (NR x D floats) stay in L1 while
                 # the tile's K rows of that head go by; meanwhile the next tile's K rows of the head are
                 # prefetched (its V rows during P V).
@@ -491,16 +494,16 @@ struct Attention:
                     for j in range(0, nk, 2):  # key pairs; past nk the second key aliases the first (masked below)
                         comptime for t in range(2):
                             if j + t < n_next:
-                                var at = tof[unsafe_offset=KT + j + t] + g * s_head
+                                var at = tof[unsafe_offset=KTN + j + t] + g * s_head
                                 _prefetch_rows(bp, at, D)
-                        sp.unsafe_store((g * KT + j) * NR, _dots_rows2(qsp, qrows, kg.unsafe_offset(tof[unsafe_offset=j]),
+                        sp.unsafe_store((g * KTN + j) * NR, _dots_rows2(qsp, qrows, kg.unsafe_offset(tof[unsafe_offset=j]),
                                                                      kg.unsafe_offset(tof[unsafe_offset=min(j + 1, nk - 1)]), D))
-                # Online softmax with the rows in the lanes ([KT][NR] per kv head, two keys per vector): the
+                # Online softmax with the rows in the lanes ([KTN][NR] per kv head, two keys per vector): the
                 # max and sum over keys are lane-wise.
                 var kpos = SIMD[DType.float32, NR](Float32(k0)).join(SIMD[DType.float32, NR](Float32(k0 + 1)))
                 var qpos2 = qpos.join(qpos)
                 for g in range(Hkv):
-                    var sg = sp.unsafe_offset(g * KT * NR)
+                    var sg = sp.unsafe_offset(g * KTN * NR)
                     var m = ml.unsafe_load[width=NR](g * 2 * NR)
                     var l = ml.unsafe_load[width=NR](g * 2 * NR + NR)
                     var mx2 = m.join(m)
