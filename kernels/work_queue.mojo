@@ -2,11 +2,12 @@
 #
 # MAX's `parallelize(func, n)` splits the n items into one contiguous range per worker, fixed in advance
 # (checked with a standalone Mojo program on this 2-core machine: of 8 items, 0-3 costing 22 ms each and 4-7
-# nothing, items 0-3 ran one after the other on one worker, 88 ms in all; with parallelize_dynamic, 44 ms). Where items differ in cost (attention's query tiles sorted
-# longest first, experts with different row counts) that leaves one core idle for a large part of the call,
-# and a descheduled worker's range waits for it. Here every worker takes the next item from a shared atomic
-# counter instead, so the cores finish together; the counter costs one atomic add per item, nothing next to
-# items of a few microseconds or more. Small, equal items keep `parallelize`.
+# nothing, items 0-3 ran one after the other on one worker, 88 ms in all; with parallelize_dynamic, 44 ms).
+# Where items differ in cost (attention's query tiles sorted longest first, experts with different row counts)
+# that leaves one core idle for a large part of the call, and a descheduled worker's range waits for it. Here
+# every worker takes the next item from a shared atomic counter instead, so the cores finish together; the
+# counter costs one atomic add per item, nothing next to items of a few microseconds or more. Small, equal items
+# keep `parallelize`.
 from max.algorithm import parallelize
 from std.atomic import Atomic
 from std.runtime import parallelism_level
