@@ -528,19 +528,19 @@ struct MoeExperts:
             var gu_f32 = gup.unsafe_bitcast[Float32]()  # wdt is float32 here
             var dn_f32 = dnp.unsafe_bitcast[Float32]()
 
-            def matmul_expert(i: Int, num_threads: Int) {var mmp, var offp, var gp, var rp, var ap, var yp, var gu_f32,
-                                                         var dn_f32, var gu_es, var dn_es, var H, var I}:
+            def matmul_expert(i: Int, num_threads: Int) raises {var mmp, var offp, var gp, var rp, var ap, var yp,
+                                                                var gu_f32, var dn_f32, var gu_es, var dn_es, var H, var I}:
                 var e = mmp[unsafe_offset=i]
                 var r0 = Int(offp[unsafe_offset=e])
                 var n = Int(offp[unsafe_offset=e + 1]) - r0
-                try:
-                    _swiglu_ffn(rp.unsafe_offset(r0 * H), n, H, I, gu_f32.unsafe_offset(e * gu_es), dn_f32.unsafe_offset(e * dn_es),
-                                gp.unsafe_offset(r0 * 2 * I), ap.unsafe_offset(r0 * I), yp.unsafe_offset(r0 * H), num_threads)
-                except err:
-                    abort(String("moe_experts: ", err))  # a raise cannot leave a parallel loop
+                _swiglu_ffn(rp.unsafe_offset(r0 * H), n, H, I, gu_f32.unsafe_offset(e * gu_es), dn_f32.unsafe_offset(e * dn_es),
+                            gp.unsafe_offset(r0 * 2 * I), ap.unsafe_offset(r0 * I), yp.unsafe_offset(r0 * H), num_threads)
 
             def matmul_expert_one_core(i: Int) {var matmul_expert}:
-                matmul_expert(i, 1)
+                try:
+                    matmul_expert(i, 1)
+                except err:
+                    abort(String("moe_experts: ", err))  # a raise cannot leave a parallel loop
 
             if makespan * workers * 10 <= mm_rows * 11:
                 parallelize_dynamic(matmul_expert_one_core, len(by_rows))
