@@ -116,14 +116,16 @@ def test_deterministic_bit_for_bit(experts_models):
 def test_streaming_matmul_and_dot_paths(experts_models, T, bf16):
     """Experts with <= 4 rows stream their weights; more rows go through MAX's matmul (float32) or the bf16-dot
     GEMM (bfloat16, where the CPU has it; else they stream). All must match the reference. float32 matmul
-    experts: all tokens to one expert runs it on all cores; tokens spread over 4 experts run one per core."""
+    experts (T = 64): all tokens to one expert runs it on all cores; each token skipping expert t % 4 gives 4
+    experts 48 rows each, an even split, so they run one per core."""
     rng = np.random.default_rng(T)
     E, H, I = 4, 130, 33
     x = rng.standard_normal((T, H)).astype(np.float32)
     gate_up = (rng.standard_normal((E, 2 * I, H)) / 11).astype(np.float32)
     down = (rng.standard_normal((E, H, I)) / 6).astype(np.float32)
     top = np.tile(np.arange(E, dtype=np.float32), (T, 1))  # all tokens to the top experts
-    spread = rng.standard_normal((T, E)).astype(np.float32)
+    spread = np.zeros((T, E), np.float32)
+    spread[np.arange(T), np.arange(T) % E] = -1  # top 3 of 4: every expert but t % 4
     for k, logits in [(BF16_TOP_K, top)] if bf16 else [(1, top), (3, spread)]:
         check(experts_models, k, x, logits, gate_up, down, bf16)
 
