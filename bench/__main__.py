@@ -24,12 +24,14 @@ def _fmt_s(s: float) -> str:
 
 
 def table(rows: list[dict]) -> list[str]:
-    head = ["bench", "case", "impl", "median", "min", "GFLOP/s", "GB/s", "roofline", "mojo speedup", "version"]
+    head = ["bench", "case", "impl", "median", "min", "GFLOP/s", "GB/s", "roofline", "local roofline", "mojo speedup",
+            "version"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["bench"], r["case"], r["impl"], _fmt_s(r["median_s"]), _fmt_s(r["min_s"]),
                  f"{r['gflops']:.1f}" if r.get("gflops") else "", f"{r['gbs']:.2f}" if r.get("gbs") else "",
                  f"{100 * r['roofline_frac']:.1f}%" if r.get("roofline_frac") else "",
+                 f"{100 * r['local_roofline_frac']:.1f}% of {r['local_roofline']:.1f}" if r.get("local_roofline_frac") else "",
                  f"{r['speedup_of_mojo']:.2f}x" if r.get("speedup_of_mojo") else (
                      f"{r['ratio_to_L4']:.2f}x of L4" if r.get("ratio_to_L4") else ""),
                  r.get("version", "")]
@@ -74,7 +76,8 @@ def main(argv=None) -> int:
     machine |= {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "quick": args.quick}
     print(f"machine: {machine['peak_gflops']:.0f} GFLOP/s peak fp32 GEMM, {machine['bandwidth_gbs']:.1f} GB/s read, "
-          f"{machine['cores']} cores, empty MAX graph execute {machine['max_execute_overhead_us']:.1f} us", flush=True)
+          f"{machine['cores']} cores, MAX graph execute: empty {machine['max_execute_overhead_us']:.1f} us, "
+          f"one op {machine['max_one_op_execute_us']:.1f} us", flush=True)
     rows: list[dict] = []
     failed = []
     for module in MODULES:
@@ -94,7 +97,9 @@ def main(argv=None) -> int:
     stem = "latest" + ("-quick" if args.quick else "") + "".join(f"-{name}" for name in sorted(args.only))
     md = [f"Machine: {machine['cores']} cores, peak fp32 GEMM {machine['peak_gflops']:.0f} GFLOP/s "
           f"({machine['gemm']}), read bandwidth {machine['bandwidth_gbs']:.1f} GB/s ({machine['bandwidth_method']}), "
-          f"empty MAX graph execute {machine['max_execute_overhead_us']:.1f} us; "
+          f"MAX graph execute: empty {machine['max_execute_overhead_us']:.1f} us, one op "
+          f"{machine['max_one_op_execute_us']:.1f} us; \"local roofline\": the same probe run around the case's timings "
+          "(GFLOP/s for compute-bound cases, GB/s for memory-bound ones); "
           f"{machine['date']}{' (--quick)' if args.quick else ''}", "", *table(rows)]
     (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
     plot(rows, RESULTS / f"{stem}.png")

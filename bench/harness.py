@@ -53,47 +53,69 @@ def time_fn(fn: Callable[[], Any], min_time_s: float = 0.3, min_repeats: int = 5
     return Timing(statistics.median(samples), min(samples), len(samples))
 
 
+def gemm_gflops(n: int) -> float:
+    """Peak fp32 GEMM here and now: the best of torch's and numpy's n^3 sgemm, all cores."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    an, bn = a.numpy(), b.numpy()
+    best = min(time_fn(lambda: torch.mm(a, b), min_time_s=0.5).min_s, time_fn(lambda: an @ bn, min_time_s=0.5).min_s)
+    return 2 * n**3 / best / 1e9
+
+
+READ_PROBE_BYTES = 512 << 20  # far larger than any cache
+
+
+def read_gbs() -> float:
+    """Streaming-read bandwidth here and now: torch's sum over READ_PROBE_BYTES, all cores."""
+    import torch
+
+    big = torch.ones(READ_PROBE_BYTES // 4)
+    return READ_PROBE_BYTES / time_fn(lambda: big.sum(), min_time_s=0.5).min_s / 1e9
+
+
 def measure_machine(quick: bool) -> dict:
-    """Roofline measured here and now: peak fp32 GEMM FLOP/s and streaming-read bandwidth, all cores."""
+    """Roofline measured at the start of the run: peak fp32 GEMM FLOP/s and streaming-read bandwidth, all cores."""
     import torch
 
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
     n = 1024 if quick else 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    gemm = time_fn(lambda: torch.mm(a, b), min_time_s=0.5)
-    an, bn = a.numpy(), b.numpy()
-    gemm_np = time_fn(lambda: an @ bn, min_time_s=0.5)
-    peak = 2 * n**3 / min(gemm.min_s, gemm_np.min_s)
-    big = torch.ones(512 * 2**20 // 4)  # float32 elements: far larger than any cache
-    read = time_fn(lambda: big.sum(), min_time_s=0.5)
-    bandwidth = big.numel() * 4 / read.min_s
-    return {"peak_gflops": peak / 1e9, "bandwidth_gbs": bandwidth / 1e9, "cores": cores,
-            "max_execute_overhead_us": _max_execute_overhead() * 1e6,
+    return {"peak_gflops": gemm_gflops(n), "bandwidth_gbs": read_gbs(), "cores": cores, "gemm_n": n,
+            "max_execute_overhead_us": _max_execute_us(one_op=False), "max_one_op_execute_us": _max_execute_us(one_op=True),
             "gemm": f"sgemm {n}^3 (best of torch {torch.__version__} / numpy {np.__version__})",
-            "bandwidth_method": f"torch sum over {big.numel() * 4 >> 20} MiB, {cores} threads"}
+            "bandwidth_method": f"torch sum over {READ_PROBE_BYTES >> 20} MiB, {cores} threads"}
 
 
-def _max_execute_overhead() -> float:
-    """Median time of executing a MAX graph that does nothing: the floor under every MAX/mojo row."""
+def _max_execute_us(one_op: bool) -> float:
+    """Median time of executing a MAX graph that does nothing (one_op False) or adds two [4] vectors: the floor under
+    every MAX/mojo row. The one-op graph pays what any op pays (the kernel launch), the empty one does not."""
     from max.driver import CPU, Buffer
     from max.dtype import DType
     from max.engine import InferenceSession
     from max.graph import DeviceRef, Graph, TensorType
 
-    with Graph("empty", input_types=[TensorType(DType.float32, ["n"], device=DeviceRef.CPU())]) as g:
-        g.output(g.inputs[0].tensor)
+    with Graph("one_op" if one_op else "empty",
+               input_types=[TensorType(DType.float32, ["n"], device=DeviceRef.CPU())] * 2) as g:
+        a, b = (v.tensor for v in g.inputs)
+        g.output(a + b if one_op else a)
     model = InferenceSession(devices=[CPU()]).load(g)
     x = Buffer.from_numpy(np.zeros(4, np.float32))
-    return time_fn(lambda: model.execute(x)).median_s
+    return time_fn(lambda: model.execute(x, x)).median_s * 1e6
 
 
 def run_case(case: Case, machine: dict) -> list[dict]:
+    """Checks, then times every implementation. A case with FLOPs or bytes also gets its roofline probe run just
+    before and just after its timings (the better of the two counts): this machine's bandwidth and GEMM peak drift by
+    up to ~40% within one run, so a fraction against the start-of-run probe alone mixes two machine states."""
     outputs = {impl: fn() for impl, fn in case.impls.items()}
     case.check(outputs)  # raises Disagreement before anything is timed
+    probe = (lambda: gemm_gflops(machine["gemm_n"])) if case.flops else read_gbs if case.bytes else None
+    before = probe() if probe else None
+    timings = {impl: time_fn(fn) for impl, fn in case.impls.items()}
+    local = max(before, probe()) if probe else None
     rows = []
-    for impl, fn in case.impls.items():
-        t = time_fn(fn)
+    for impl, t in timings.items():
         gflops = case.flops / t.median_s / 1e9 if case.flops else None
         gbs = case.bytes / t.median_s / 1e9 if case.bytes else None
         frac = None
@@ -103,6 +125,7 @@ def run_case(case: Case, machine: dict) -> list[dict]:
             frac = gbs / machine["bandwidth_gbs"]
         rows.append({"bench": case.bench, "case": case.name, "impl": impl, "median_s": t.median_s, "min_s": t.min_s,
                      "repeats": t.repeats, "gflops": gflops, "gbs": gbs, "roofline_frac": frac,
+                     "local_roofline": local, "local_roofline_frac": (gflops or gbs) / local if local else None,
                      "version": case.versions.get(impl, ""), "agreed": True})
     ours = next((r for r in rows if r["impl"] == "mojo"), None)
     for r in rows:

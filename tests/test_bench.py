@@ -17,11 +17,14 @@ def test_bench_quick_json(tmp_path):
     data = json.loads(out.read_text())
     m = data["machine"]
     assert m["peak_gflops"] > 0 and m["bandwidth_gbs"] > 0 and m["cores"] >= 1
+    assert m["max_one_op_execute_us"] > 0 and m["max_execute_overhead_us"] > 0
     assert data["failed"] == []
     rows = data["results"]
     for r in rows:
         assert {"bench", "case", "impl", "median_s", "min_s", "gflops", "gbs", "roofline_frac"} <= r.keys()
         assert r["impl"] in {"mojo", "max", "torch", "numpy"} and r["agreed"] and r["median_s"] > 0
+        if r["bench"] in ("router", "experts", "attention"):  # kernel cases: a roofline probe around their timings
+            assert (r["local_roofline_frac"] is not None) == (r["gflops"] is not None or r["gbs"] is not None), r
     cases = {(r["bench"], r["case"], r["impl"]) for r in rows}
     for T in (1, 128):
         for impl in ("mojo", "max", "torch"):
