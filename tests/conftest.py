@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from hyv3_graph.checkpoints import embedded_checkpoint, hf_config_dict, random_tensors, write_checkpoint
+from hyv3_graph.kernels.cpu_isa import PORTABLE_ENV
 
 settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -24,6 +25,12 @@ ALT_SPEC = dict(
     num_shared_experts=2, router_scaling_factor=1.7, rope_theta=500000.0, max_position_embeddings=2048,
     mlp_layer_types=["sparse", "dense", "sparse"], tie_word_embeddings=True, enable_moe_fp32_combine=False,
 )
+
+
+@pytest.fixture
+def portable(monkeypatch):
+    """The ops' portable SIMD paths, as on a CPU without AVX512_BF16 (kernels/cpu_isa.mojo reads it on every call)."""
+    monkeypatch.setenv(PORTABLE_ENV, "1")
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from max.graph import BufferType, DeviceRef, Graph, TensorType
 from hyv3_graph.dtypes import buffer_numpy, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
 from hyv3_graph.kernels.attention import attention, attention_reference
+from hyv3_graph.kernels.cpu_isa import PORTABLE_ENV, bf16_dot_available
 from hyv3_graph.model import rope_freqs_cis
 
 EPS = 1e-6
@@ -98,6 +99,7 @@ def run_case(models, dt, rng, Hq, Hkv, D, page, cache_lens, new_lens, n_layers=2
             assert np.array_equal(after[pg, 1, layer, s], new_v[t])  # V is stored as given
             written[pg, :, layer, s] = True
     assert np.array_equal(after[~written], blocks64[~written]), "the op changed cache entries it does not own"
+    return out
 
 
 @st.composite
@@ -134,6 +136,25 @@ def test_hy3_heads_long_prefill_over_a_cache(attention_models, dt):
     """Hy3's head shape (G = 8, D = 128) across several query tiles and key tiles, pages of 16."""
     run_case(attention_models, dt, np.random.default_rng(1), Hq=16, Hkv=2, D=128, page=16,
              cache_lens=[130, 0, 7], new_lens=[70, 257, 1])
+
+
+def _hy3_heads_bf16_decode(models):
+    return run_case(models, DType.bfloat16, np.random.default_rng(4), Hq=16, Hkv=2, D=128, page=16,
+                    cache_lens=[0, 15, 16, 300, 599], new_lens=[1] * 5)
+
+
+@pytest.mark.skipif(not bf16_dot_available(), reason="the CPU has no AVX512_BF16 (or the portable paths are forced)")
+def test_bf16_cache_decode_on_bf16_pairs(attention_models, monkeypatch):
+    """A bf16 cache's decode items compute on bf16 pairs (vdpbf16ps, Q and P rounded to bf16): within the bf16
+    tolerance, and really taken, since the forced portable path (float32 Q and P) gives other values."""
+    pairs = _hy3_heads_bf16_decode(attention_models)
+    monkeypatch.setenv(PORTABLE_ENV, "1")
+    assert not np.array_equal(pairs, _hy3_heads_bf16_decode(attention_models))
+
+
+def test_bf16_cache_decode_forced_portable(attention_models, portable):
+    """HYV3_PORTABLE_KERNELS=1, as on a CPU without AVX512_BF16: float32 Q and P over the bf16 cache."""
+    _hy3_heads_bf16_decode(attention_models)
 
 
 def test_decode_batch_mqa(attention_models):

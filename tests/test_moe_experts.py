@@ -17,8 +17,8 @@ from max.graph import DeviceRef, Graph, TensorType
 
 from hyv3_graph.dtypes import bf16_rounded, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
-from hyv3_graph.kernels.moe_experts import (PORTABLE_ENV, bf16_dot_available, bf16_dot_experts, moe_experts,
-                                            moe_experts_reference)
+from hyv3_graph.kernels.cpu_isa import bf16_dot_available
+from hyv3_graph.kernels.moe_experts import bf16_dot_experts, moe_experts, moe_experts_reference
 from hyv3_graph.kernels.moe_router import moe_router
 
 TOP_K = (1, 3, 8)
@@ -128,11 +128,6 @@ def test_streaming_matmul_and_dot_paths(experts_models, T, bf16):
     spread[np.arange(T), np.arange(T) % E] = -1  # top 3 of 4: every expert but t % 4
     for k, logits in [(BF16_TOP_K, top)] if bf16 else [(1, top), (3, spread)]:
         check(experts_models, k, x, logits, gate_up, down, bf16)
-
-
-@pytest.fixture
-def portable(monkeypatch):
-    monkeypatch.setenv(PORTABLE_ENV, "1")
 
 
 def _heavy_bf16_case(T=70, E=4, H=64, I=48):

@@ -7,28 +7,15 @@ Fuzz test: tests/test_moe_experts.py; bench: bench/cases/moe_experts.py.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from max.dtype import DType
 from max.graph import DeviceRef, TensorType, TensorValue, ops
 
 from ..dtypes import bf16_rounded
+from .cpu_isa import bf16_dot_available
 
 
 SMALL_ROWS = 4  # kernels/moe_experts.mojo: experts with at most this many rows stream (exact float32 activations)
-PORTABLE_ENV = "HYV3_PORTABLE_KERNELS"  # kernels/cpu_isa.mojo: "1" forces the portable SIMD paths
-
-
-def bf16_dot_available() -> bool:
-    """Whether the op's bf16-dot path runs here: the CPU has AVX512_BF16 (the op asks cpuid; Linux lists the
-    same bit in /proc/cpuinfo) and the portable paths are not forced."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags and os.environ.get(PORTABLE_ENV) != "1"
 
 
 def bf16_dot_experts(topk_ids, E: int, H: int, I: int) -> np.ndarray:
