@@ -131,10 +131,12 @@ def test_attention_matches_reference(attention_models, case):
     run_case(attention_models, **case)
 
 
+@pytest.mark.parametrize("page", [16, 48])
 @pytest.mark.parametrize("dt", [DType.float32, DType.bfloat16])
-def test_hy3_heads_long_prefill_over_a_cache(attention_models, dt):
-    """Hy3's head shape (G = 8, D = 128) across several query tiles and key tiles, pages of 16."""
-    run_case(attention_models, dt, np.random.default_rng(1), Hq=16, Hkv=2, D=128, page=16,
+def test_hy3_heads_long_prefill_over_a_cache(attention_models, dt, page):
+    """Hy3's head shape (G = 8, D = 128) across several query tiles and key tiles. Pages of 48 mix key tiles that a
+    float32 cache gives in place (within one page) with tiles that cross a page (copied)."""
+    run_case(attention_models, dt, np.random.default_rng(1), Hq=16, Hkv=2, D=128, page=page,
              cache_lens=[130, 0, 7], new_lens=[70, 257, 1])
 
 
