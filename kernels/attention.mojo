@@ -33,7 +33,7 @@
 #     (bf16, crossing a page, a sequence's last partial tile) are widened once into a dense float32 scratch (page
 #     lookup, bf16 -> f32). Reading in place instead of copying, same process, pages of 128: prefill 167 -> 137-149
 #     ms, prefill over caches 636-644 -> 567-569 ms (minima).
-#   * Narrow tiles (R <= NR: decode, the last queries of a prefill) are memory bound. Their work items are
+#   * Narrow tiles (R <= NR: decode, the last queries of a prefill) do few FLOPs per K/V byte. Their work items are
 #     (sequence, query tile, chunk of KCHUNK keys) over all kv heads, so a long sequence still spreads over
 #     every core; K and V are read once, straight from the cache. Within a tile of KTN keys the scores go kv
 #     head by kv head: that head's NR query rows (NR x D floats) stay in L1 while its K rows go by, two keys
@@ -578,7 +578,7 @@ struct Attention:
                     comptime for r in range(NR):
                         qrows[r] = rows[r] + g * G * D
                     var kg = bp.unsafe_offset(g * s_head)
-                    var qrows2 = StaticTuple[Int, NR](fill=0)  # dot: the rows in pairs
+                    var qrows2 = StaticTuple[Int, NR](fill=0)  # the same rows in q_pairs
                     comptime for r in range(NR):
                         qrows2[r] = qrows[r] // 2
                     for j in range(0, nk, 2):  # key pairs; past nk the second key aliases the first (masked below)
@@ -716,7 +716,8 @@ struct Attention:
             var nvec = Rp // W
             for k0 in range(0, kend, KT):
                 var nk = min(KT, kend - k0)
-                var kt = kp.unsafe_origin_cast[MutAnyOrigin]()  # the tile's K rows, ks apart, and V rows: in place where float32 and in one page
+                # The tile's K and V rows, ks apart: in place where the cache is float32 and the tile in one page.
+                var kt = kp.unsafe_origin_cast[MutAnyOrigin]()
                 var vt = vp.unsafe_origin_cast[MutAnyOrigin]()
                 var ks = D
                 if dt == DType.float32 and nk == KT and k0 % page + KT <= page:
