@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     md = [f"Machine: {machine['cores']} cores, peak fp32 GEMM {machine['peak_gflops']:.0f} GFLOP/s "
           f"({machine['gemm']}), read bandwidth {machine['bandwidth_gbs']:.1f} GB/s ({machine['bandwidth_method']}), "
           f"MAX graph execute: empty {machine['max_execute_overhead_us']:.1f} us, one op "
-          f"{machine['max_one_op_execute_us']:.1f} us; \"local roofline\": the same probe run around the case's timings "
+          f"{machine['max_one_op_execute_us']:.1f} us; \"local roofline\": the same probe run around each row's own timings "
           "(GFLOP/s for compute-bound cases, GB/s for memory-bound ones); "
           f"{machine['date']}{' (--quick)' if args.quick else ''}", "", *table(rows)]
     (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")

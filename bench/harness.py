@@ -105,15 +105,18 @@ def _max_execute_us(one_op: bool) -> float:
 
 
 def run_case(case: Case, machine: dict) -> list[dict]:
-    """Checks, then times every implementation. A case with FLOPs or bytes also gets its roofline probe run just
-    before and just after its timings (the better of the two counts): this machine's bandwidth and GEMM peak drift by
-    up to ~40% within one run, so a fraction against the start-of-run probe alone mixes two machine states."""
+    """Checks, then times every implementation. A case with FLOPs or bytes also runs its roofline probe just before
+    and just after each implementation's timings, and counts the better of the two as that row's local roofline:
+    this machine's read bandwidth moves by up to ~40% from one case to the next, so a fraction against the
+    start-of-run probe alone mixes two machine states."""
     outputs = {impl: fn() for impl, fn in case.impls.items()}
     case.check(outputs)  # raises Disagreement before anything is timed
     probe = (lambda: gemm_gflops(machine["gemm_n"])) if case.flops else read_gbs if case.bytes else None
-    before = probe() if probe else None
-    timings = {impl: time_fn(fn) for impl, fn in case.impls.items()}
-    local = max(before, probe()) if probe else None
+    timings, local = {}, {}
+    for impl, fn in case.impls.items():
+        before = probe() if probe else None
+        timings[impl] = time_fn(fn)
+        local[impl] = max(before, probe()) if probe else None
     rows = []
     for impl, t in timings.items():
         gflops = case.flops / t.median_s / 1e9 if case.flops else None
@@ -125,7 +128,8 @@ def run_case(case: Case, machine: dict) -> list[dict]:
             frac = gbs / machine["bandwidth_gbs"]
         rows.append({"bench": case.bench, "case": case.name, "impl": impl, "median_s": t.median_s, "min_s": t.min_s,
                      "repeats": t.repeats, "gflops": gflops, "gbs": gbs, "roofline_frac": frac,
-                     "local_roofline": local, "local_roofline_frac": (gflops or gbs) / local if local else None,
+                     "local_roofline": local[impl],
+                     "local_roofline_frac": (gflops or gbs) / local[impl] if local[impl] else None,
                      "version": case.versions.get(impl, ""), "agreed": True})
     ours = next((r for r in rows if r["impl"] == "mojo"), None)
     for r in rows:
