@@ -265,14 +265,18 @@ def _dots_rows2[dt: DType](
 def _dots_rows2_bf16(
     q: Pointer[Int32, _], rows: StaticTuple[Int, NR], k0: Pointer[Int32, _], k1: Pointer[Int32, _], D2: Int,
 ) -> F32x:
-    """_dots_rows2 for a bfloat16 cache on AVX512_BF16: the query rows (q + rows[r], rounded to bf16) and the two K
-    rows as stored are D2 bf16 pairs each (D2 a multiple of W), one vdpbf16ps per 16 pairs and row."""
+    """_dots_rows2 for a bfloat16 cache on AVX512_BF16: the query rows (rows[r] as in _dots_rows2, float offsets; q
+    holds them rounded to bf16 pairs) and the two K rows as stored are D2 bf16 pairs each (D2 a multiple of W), one
+    vdpbf16ps per 16 pairs and row."""
+    var pair_rows = StaticTuple[Int, NR](fill=0)
+    comptime for r in range(NR):
+        pair_rows[r] = rows[r] // 2
     var acc = StaticTuple[F32x, W](fill=F32x(0))
     for i in range(0, D2, W):
         var ka = k0.unsafe_load[width=W](i)
         var kb = k1.unsafe_load[width=W](i)
         comptime for r in range(NR):
-            var qv = q.unsafe_load[width=W](rows[r] + i)
+            var qv = q.unsafe_load[width=W](pair_rows[r] + i)
             acc[r] = dot_bf16_pairs(acc[r], qv, ka)
             acc[NR + r] = dot_bf16_pairs(acc[NR + r], qv, kb)
     return _lane_sums(acc)
@@ -578,9 +582,6 @@ struct Attention:
                     comptime for r in range(NR):
                         qrows[r] = rows[r] + g * G * D
                     var kg = bp.unsafe_offset(g * s_head)
-                    var qrows2 = StaticTuple[Int, NR](fill=0)  # the same rows in q_pairs
-                    comptime for r in range(NR):
-                        qrows2[r] = qrows[r] // 2
                     for j in range(0, nk, 2):  # key pairs; past nk the second key aliases the first (masked below)
                         comptime for t in range(2):
                             if j + t < n_next:
@@ -590,7 +591,7 @@ struct Attention:
                         var k1 = kg.unsafe_offset(tof[unsafe_offset=min(j + 1, nk - 1)])
                         if dot:
                             sp.unsafe_store((g * KTN + j) * NR, _dots_rows2_bf16(
-                                qbp, qrows2, k0.unsafe_bitcast[Int32](), k1.unsafe_bitcast[Int32](), D2))
+                                qbp, qrows, k0.unsafe_bitcast[Int32](), k1.unsafe_bitcast[Int32](), D2))
                         else:
                             sp.unsafe_store((g * KTN + j) * NR, _dots_rows2(qsp, qrows, k0, k1, D))
                 # Online softmax with the rows in the lanes ([KTN][NR] per kv head, two keys per vector): the
