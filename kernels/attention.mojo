@@ -65,7 +65,7 @@ from max.algorithm import parallelize
 from std.math import exp, sqrt
 from std.memory import bitcast
 from std.utils import StaticTuple
-from .cpu_isa import I32x, dot_bf16_pairs, round_to_bf16, use_bf16_dot
+from .cpu_isa import I32x, adjacent_bf16_pairs, dot_bf16_pairs, round_to_bf16, use_bf16_dot
 from .work_queue import parallelize_dynamic
 from std.sys import size_of
 from std.sys.intrinsics import prefetch, PrefetchOptions
@@ -481,8 +481,8 @@ struct Attention:
                 _norm_rope(q, row.unsafe_offset(h * D), qnp, cs, x, D, eps, q_mul)
                 if dot:
                     var qb = qbp.unsafe_offset((t * Hq + h) * D2)
-                    for i in range(0, D2, W):  # 32 floats -> 16 little-endian bf16 pairs
-                        qb.unsafe_store(i, bitcast[DType.int32, W](round_to_bf16[2 * W](q.unsafe_load[width=2 * W](2 * i))))
+                    for i in range(0, D2, W):
+                        qb.unsafe_store(i, adjacent_bf16_pairs[W](q.unsafe_load[width=2 * W](2 * i)))
             var slot = bp.unsafe_offset(_cache_offset(lutp.unsafe_offset(b * lut_s), pos, page, s_page, s_tok) + kv_base)
             for h in range(Hkv):
                 _norm_rope(kr, row.unsafe_offset((Hq + h) * D), knp, cs, x, D, eps, 1.0)

@@ -44,6 +44,12 @@ def round_to_bf16[n: Int](v: SIMD[DType.float32, n]) -> SIMD[DType.uint16, n]:
 
 
 @always_inline
+def adjacent_bf16_pairs[n: Int](v: SIMD[DType.float32, 2 * n]) -> SIMD[DType.int32, n]:
+    """2n consecutive float32 -> n bf16 pairs (v[2i] in the low half of lane i): vdpbf16ps's layout along a row."""
+    return bitcast[DType.int32, n](round_to_bf16[2 * n](v))
+
+
+@always_inline
 def bf16_pairs(lo: F32x, hi: F32x) -> I32x:
     """Two float32 vectors -> one vector of bf16 pairs (lo in the low half of each lane), vdpbf16ps's layout."""
     var l = round_to_bf16[16](lo).cast[DType.uint32]()

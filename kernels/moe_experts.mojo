@@ -60,11 +60,10 @@ from std.runtime import parallelism_level
 from layout import TileTensor
 from layout.tile_layout import row_major
 from linalg.matmul.cpu import matmul as cpu_matmul
-from std.memory import bitcast
 from std.utils import StaticTuple
 from std.sys import size_of
 from std.sys.intrinsics import prefetch, PrefetchOptions
-from .cpu_isa import I32x, F32x, bf16_pairs, dot_bf16_pairs, round_to_bf16, use_bf16_dot
+from .cpu_isa import I32x, F32x, adjacent_bf16_pairs, bf16_pairs, dot_bf16_pairs, use_bf16_dot
 
 comptime W = 16  # SIMD width
 comptime SMALL_ROWS = 4  # experts with at most this many rows take the streaming path (_dots)
@@ -429,13 +428,13 @@ struct MoeExperts:
                 for m in range(min(MB, r_end - r_first)):
                     var src = xp.unsafe_offset((Int(slotp[unsafe_offset=r_first + m]) // k) * H)
                     var p = 0
-                    while p + W <= H2:  # 16 pairs: 32 floats -> 32 bf16 = 16 little-endian pairs
-                        var pairs = bitcast[DType.int32, W](round_to_bf16[2 * W](src.unsafe_load[width=2 * W](2 * p)))
+                    while p + W <= H2:
+                        var pairs = adjacent_bf16_pairs[W](src.unsafe_load[width=2 * W](2 * p))
                         comptime for l in range(W):
                             dst[unsafe_offset=(p + l) * MB + m] = pairs[l]
                         p += W
                     while p < H2:
-                        dst[unsafe_offset=p * MB + m] = bitcast[DType.int32, 1](round_to_bf16[2](src.unsafe_load[width=2](2 * p)))
+                        dst[unsafe_offset=p * MB + m] = adjacent_bf16_pairs[1](src.unsafe_load[width=2](2 * p))
                         p += 1
 
             parallelize_dynamic(pack_x, n_blk)
