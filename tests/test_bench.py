@@ -33,5 +33,7 @@ def test_bench_quick_json(tmp_path):
     for bench in ("experts", "attention", "e2e"):
         assert {i for b, _, i in cases if b == bench} >= {"mojo", "torch"}, bench
     assert any(b == "experts" and c.endswith("_bf16") for b, c, _ in cases)
+    assert {c for b, c, _ in cases if b == "experts" and c.endswith("_grouped")} == {
+        c + "_grouped" for b, c, _ in cases if b == "experts" and not c.endswith("_grouped")}  # HF's grouped_mm peer
     assert {c.rsplit("_", 1)[-1] for b, c, _ in cases if b == "attention"} == {"f32", "bf16"}
     assert (ROOT / "bench" / "results" / "latest-quick.md").exists()

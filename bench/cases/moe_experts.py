@@ -1,9 +1,15 @@
-"""`experts` cases: kernels/moe_experts.mojo vs HF's HYV3Experts eager loop (torch) vs MAX built-ins (dense).
+"""`experts` cases: kernels/moe_experts.mojo vs HF's HYV3Experts (torch) vs MAX built-ins (dense).
 
 Hy3 dimensions H = 4096, I = 1536, k = 8, with E = 32 experts (to fit in memory here), float32, for
-T in {1, 8, 512, 2048}, plus bfloat16 weights for the same T (ours reads bf16; torch, the yardstick, the
-same values in float32; at large T ours computes on bf16 pairs with vdpbf16ps where the CPU has it). Every implementation gets the same x, routing (ids, weights) and weights; the
-dispatch metadata our op takes is the router's (computed once, outside the timing, as in the model).
+T in {1, 8, 512, 2048}, plus bfloat16 weights for the same T (ours reads bf16; at large T it computes on bf16
+pairs with vdpbf16ps where the CPU has it). Every implementation gets the same x, routing (ids, weights) and
+weights; the dispatch metadata our op takes is the router's (computed once, outside the timing, as in the model).
+Two torch peers, both HF's own HYV3Experts module:
+  * `<case>`: the eager per-expert loop, in float32 (for bf16 rows, the same rounded values in float32): the
+    yardstick the experts issue sets its targets against;
+  * `<case>_grouped`: HF's `grouped_mm` experts implementation (rows sorted by expert through two grouped GEMMs),
+    which is what `from_pretrained` picks when torch has a grouped GEMM, as this torch does on the CPU; bf16 rows
+    run it on bfloat16 weights and activations, as HF runs a bf16 checkpoint.
 Rooflines: FLOPs 2 * T * k * 3 * H * I over the peak; bytes = the active experts' weights (each read once).
 """
 
@@ -27,7 +33,9 @@ from ..harness import Case, assert_close, run_case
 BENCH = "experts"
 FULL = dict(H=4096, I=1536, E=32, k=8, Ts=[1, 8, 512, 2048], bf16_Ts=[1, 8, 512, 2048])
 QUICK = dict(H=256, I=128, E=16, k=4, Ts=[1, 64], bf16_Ts=[1, 64])
+F32_TOL = 2e-4  # relative to the output's scale
 BF16_DOT_TOL = 1e-2  # relative to the output's scale; measured ~3e-3 at Hy3 sizes
+GROUPED_BF16_TOL = 2e-2  # torch's bf16 grouped path also rounds its intermediates and output to bf16
 MAX_DENSE_T = 512  # the dense built-in peer computes all E experts: past this it needs too much memory here
 
 
@@ -52,55 +60,80 @@ def _builtin_graph(session, H, I, E, k):
     return session.load(g)
 
 
-def _torch_experts(torch, F, x, ids, w, gate_up, down):
-    """HF HYV3Experts.forward (transformers 5.24), eager loop over the hit experts."""
-    out = torch.zeros_like(x)
-    mask = F.one_hot(ids, num_classes=gate_up.shape[0]).permute(2, 1, 0)
-    for e in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero():
-        e = e[0]
-        pos, tok = torch.where(mask[e])
-        g, u = F.linear(x[tok], gate_up[e]).chunk(2, dim=-1)
-        y = F.linear(F.silu(g) * u, down[e]) * w[tok, pos, None]
-        out.index_add_(0, tok, y)
-    return out
+def _hf_experts(torch, H, I, E, k, implementation, gate_up, down):
+    """HF's HYV3Experts (transformers 5.24) running `implementation` ("eager" or "grouped_mm") on these weights
+    (shared, not copied)."""
+    from transformers.models.hy_v3.configuration_hy_v3 import HYV3Config
+    from transformers.models.hy_v3.modeling_hy_v3 import HYV3Experts
+
+    config = HYV3Config(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=k)
+    config._experts_implementation = implementation
+    experts = HYV3Experts(config).eval()
+    experts.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
+    experts.down_proj = torch.nn.Parameter(down, requires_grad=False)
+    return experts
 
 
-def _case(torch, F, rng, T, E, k, H, I, run_mojo_weights, t_gu, t_dn, builtin, b_gu, b_dn, wname):
+def _grouped_gemm_name(torch) -> str:
+    """Which grouped GEMM HF's grouped_mm experts call on this torch (transformers.integrations.moe._grouped_mm)."""
+    from transformers.integrations.moe import _can_use_grouped_mm
+
+    probe = torch.zeros(1, 8), torch.zeros(1, 8, 8), torch.ones(1, dtype=torch.int32)
+    if not _can_use_grouped_mm(*probe):
+        return "transformers' per-expert fallback loop"
+    return "torch.nn.functional.grouped_mm" if hasattr(torch.nn.functional, "grouped_mm") else "torch._grouped_mm"
+
+
+def _cases(torch, rng, T, E, k, H, I, wname, run_mojo, eager, grouped, builtin, b_gu, b_dn) -> list[Case]:
+    """The eager-loop case and its `_grouped` sibling for one T and weight dtype (same inputs, ours timed in both)."""
     x = rng.standard_normal((T, H), dtype=np.float32)
     ids, w, offsets, slots = moe_router_reference(rng.standard_normal((T, E)).astype(np.float32),
                                                   np.zeros(E, np.float32), k, 2.826)
     bx, bw, bo, bs, bi = (Buffer.from_numpy(a) for a in (x, w, offsets, slots, ids))
     tx, tids, tw = torch.from_numpy(x), torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(w)
-    impls = {
-        "mojo": lambda: run_mojo_weights(bx, bw, bo, bs),
-        "torch": lambda: _torch_experts(torch, F, tx, tids, tw, t_gu, t_dn).numpy(),
-    }
+    gx = tx.to(grouped.down_proj.dtype)  # a bf16 model's activations are bf16
+
+    def run_torch(experts, x_in):
+        with torch.no_grad():
+            return experts(x_in, tids, tw).float().numpy()
+
+    def mojo():
+        return run_mojo(bx, bw, bo, bs)
+
+    eager_impls = {"mojo": mojo, "torch": lambda: run_torch(eager, tx)}
     if builtin is not None and T <= MAX_DENSE_T:
-        impls["max"] = lambda: builtin.execute(bx, bi, bw, b_gu, b_dn)[0].to_numpy()
+        eager_impls["max"] = lambda: builtin.execute(bx, bi, bw, b_gu, b_dn)[0].to_numpy()
+    grouped_impls = {"mojo": mojo, "torch": lambda: run_torch(grouped, gx)}
+
+    def check_against_torch(tol):
+        def check(outputs):
+            ref = outputs["torch"]
+            for impl, o in outputs.items():
+                assert_close(f"experts ({impl} vs torch)", o, ref, rtol=0, atol=tol * max(1.0, float(np.abs(ref).max())))
+        return check
 
     # bf16 weights: experts with many rows round their activations to bf16 (the op's bf16-dot path)
-    tol = BF16_DOT_TOL if wname == "bf16" else 2e-4
-
-    def check(outputs):
-        ref = outputs["torch"]
-        for impl, o in outputs.items():
-            assert_close(f"experts ({impl} vs torch)", o, ref, rtol=0, atol=tol * max(1.0, float(np.abs(ref).max())))
-
+    tol = BF16_DOT_TOL if wname == "bf16" else F32_TOL
     active = len(np.unique(ids))
     wbytes = 2 if wname == "bf16" else 4
-    return Case(
-        bench=BENCH, name=f"T{T}_E{E}_k{k}_H{H}_I{I}_{wname}", impls=impls, check=check,
-        flops=None if T <= 8 else 2.0 * T * k * 3 * H * I,
-        bytes=active * 3 * H * I * wbytes if T <= 8 else None,
-        versions={"mojo": f"kernels/moe_experts.mojo ({wname} weights)",
-                  "torch": f"HF HYV3Experts loop, torch {torch.__version__}, float32 weights",
-                  "max": f"max {version('max')} dense built-ins (all experts)"},
-        notes="bf16 rows: ours reads bfloat16 weights, torch the same values in float32" if wname == "bf16" else "")
+    name = f"T{T}_E{E}_k{k}_H{H}_I{I}_{wname}"
+    shared = dict(bench=BENCH, flops=None if T <= 8 else 2.0 * T * k * 3 * H * I,
+                  bytes=active * 3 * H * I * wbytes if T <= 8 else None)
+    mojo_version = f"kernels/moe_experts.mojo ({wname} weights)"
+    return [
+        Case(name=name, impls=eager_impls, check=check_against_torch(tol), **shared,
+             versions={"mojo": mojo_version, "torch": f"HF HYV3Experts eager loop, torch {torch.__version__}, float32 weights",
+                       "max": f"max {version('max')} dense built-ins (all experts)"},
+             notes="bf16 rows: ours reads bfloat16 weights, torch the same values in float32" if wname == "bf16" else ""),
+        Case(name=f"{name}_grouped", impls=grouped_impls, **shared,
+             check=check_against_torch(GROUPED_BF16_TOL if wname == "bf16" else F32_TOL),
+             versions={"mojo": mojo_version, "torch": f"HF HYV3Experts grouped_mm ({_grouped_gemm_name(torch)}), "
+                                                      f"torch {torch.__version__}, {wname} weights and activations"}),
+    ]
 
 
 def cases(quick: bool) -> list[Case]:
     import torch
-    import torch.nn.functional as F
 
     s = QUICK if quick else FULL
     H, I, E, k = s["H"], s["I"], s["E"], s["k"]
@@ -112,17 +145,20 @@ def cases(quick: bool) -> list[Case]:
     mojo, builtin = _mojo_graph(session, H, I, E, k, DType.float32), _builtin_graph(session, H, I, E, k)
     b_gu, b_dn = Buffer.from_numpy(gate_up), Buffer.from_numpy(down)
     t_gu, t_dn = torch.from_numpy(gate_up), torch.from_numpy(down)
+    eager, grouped = (_hf_experts(torch, H, I, E, k, impl, t_gu, t_dn) for impl in ("eager", "grouped_mm"))
     for T in s["Ts"]:
-        out.append(_case(torch, F, rng, T, E, k, H, I, lambda *a: mojo.execute(*a, b_gu, b_dn)[0].to_numpy(),
-                         t_gu, t_dn, builtin, b_gu, b_dn, "f32"))
-    # bfloat16 weights (the real checkpoint's dtype): torch gets the same rounded values in float32
+        out += _cases(torch, rng, T, E, k, H, I, "f32", lambda *a: mojo.execute(*a, b_gu, b_dn)[0].to_numpy(),
+                      eager, grouped, builtin, b_gu, b_dn)
+    # bfloat16 weights (the real checkpoint's dtype): the eager loop gets the same rounded values in float32
     gu16, dn16 = f32_to_bf16_bits(gate_up), f32_to_bf16_bits(down)
     mojo16 = _mojo_graph(session, H, I, E, k, DType.bfloat16)
     b_gu16, b_dn16 = to_buffer(gu16, DType.bfloat16), to_buffer(dn16, DType.bfloat16)
     t_gu32, t_dn32 = torch.from_numpy(bf16_bits_to_f32(gu16)), torch.from_numpy(bf16_bits_to_f32(dn16))
+    eager16 = _hf_experts(torch, H, I, E, k, "eager", t_gu32, t_dn32)
+    grouped16 = _hf_experts(torch, H, I, E, k, "grouped_mm", t_gu32.to(torch.bfloat16), t_dn32.to(torch.bfloat16))
     for T in s["bf16_Ts"]:
-        out.append(_case(torch, F, rng, T, E, k, H, I, lambda *a: mojo16.execute(*a, b_gu16, b_dn16)[0].to_numpy(),
-                         t_gu32, t_dn32, None, None, None, "bf16"))
+        out += _cases(torch, rng, T, E, k, H, I, "bf16", lambda *a: mojo16.execute(*a, b_gu16, b_dn16)[0].to_numpy(),
+                      eager16, grouped16, None, None, None)
     return out
 
 
