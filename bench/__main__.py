@@ -40,22 +40,31 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """One horizontal bar per peer row: peer time / our time within its case (ours is 1 by definition, not drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.patches
     import matplotlib.pyplot as plt
 
-    timed = [r for r in rows if r.get("speedup_of_mojo")]
-    if not timed:
+    peers = [r for r in rows if r.get("speedup_of_mojo") and r["impl"] != "mojo"]
+    if not peers:
         return
-    labels = [f"{r['bench']}\n{r['case']}\n{r['impl']}" for r in timed]
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(timed)), 4))
-    ax.bar(range(len(timed)), [r["speedup_of_mojo"] for r in timed],
-           color=["tab:green" if r["impl"] == "mojo" else "tab:gray" for r in timed])
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xticks(range(len(timed)), labels, fontsize=6)
-    ax.set_yscale("log")
-    ax.set_ylabel("peer time / our time (higher = ours faster)")
+    colors = {"max": "tab:orange", "torch": "tab:blue", "numpy": "tab:purple"}
+    fig, ax = plt.subplots(figsize=(9, 1 + 0.22 * len(peers)))
+    y = range(len(peers))
+    ratios = [r["speedup_of_mojo"] for r in peers]
+    ax.barh(y, ratios, color=[colors.get(r["impl"], "tab:gray") for r in peers])
+    for i, ratio in zip(y, ratios):
+        ax.text(ratio, i, f" {ratio:.2f}x", va="center", fontsize=6)
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks(list(y), [f"{r['bench']} {r['case']}: {r['impl']}" for r in peers], fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("peer time / our time, medians (right of 1 = ours faster)")
+    shown = sorted({r["impl"] for r in peers})
+    ax.legend(handles=[matplotlib.patches.Patch(color=colors.get(i, "tab:gray"), label=i) for i in shown],
+              loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
