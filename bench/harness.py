@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-IMPLS = ("mojo", "max", "torch", "numpy")
+IMPLS = ("mojo", "max", "torch", "numpy")  # the `impl` of every row (the --json contract); a variant is a case
 
 
 class Disagreement(AssertionError):
@@ -109,6 +109,8 @@ def run_case(case: Case, machine: dict) -> list[dict]:
     and just after each implementation's timings, and counts the better of the two as that row's local roofline:
     this machine's read bandwidth moves by up to ~40% from one case to the next, so a fraction against the
     start-of-run probe alone mixes two machine states."""
+    if unknown := set(case.impls) - set(IMPLS):
+        raise ValueError(f"{case.bench} {case.name}: implementations {sorted(unknown)} are not among {IMPLS}")
     outputs = {impl: fn() for impl, fn in case.impls.items()}
     case.check(outputs)  # raises Disagreement before anything is timed
     probe = (lambda: gemm_gflops(machine["gemm_n"])) if case.flops else read_gbs if case.bytes else None
