@@ -1,10 +1,12 @@
-"""`e2e` cases: the whole model, ours (`--kernels custom` and `builtin`) vs HF `HYV3ForCausalLM` (torch fp32, bf16).
+"""`e2e` cases: the whole model, ours (`--kernels custom` and `builtin`) vs HF `HYV3ForCausalLM` (torch).
 
 Full run: the `small` preset in float32: prefill of one 512-token prompt, greedy decode of 128 tokens at
-batch 1, and a ragged batch of 8 prompts of mixed lengths (greedy, 32 new tokens each). `--quick` runs the
-same on `tiny` with shapes that fit the test suite's engine settings, so CI reuses the compiled graphs.
+batch 1, and a ragged batch of 8 prompts of mixed lengths (greedy, 32 new tokens each). The `_bf16` cases run
+the same in bfloat16 (weights, activations and KV cache), ours with `--kernels custom` against HF's bf16 model.
+`--quick` runs the same on `tiny` with shapes that fit the test suite's engine settings, so CI reuses the
+compiled graphs.
 
-Every implementation gets the same prompts and is greedy; before timing, ours (both backends) must give
+Every implementation gets the same prompts and is greedy; before timing, ours in float32 (both backends) must give
 HF fp32's prefill logits and exactly its greedy tokens (bf16 is timed, its agreement is only reported).
 Rooflines: prefill against its FLOPs over the measured peak, decode against the bytes one step must read
 (active weights: attention, dense MLP, router, the k chosen and the shared experts, lm_head; plus the KV
@@ -18,6 +20,8 @@ import time
 from importlib.metadata import version
 
 import numpy as np
+
+from max.dtype import DType
 
 from hyv3_graph.checkpoints import embedded_checkpoint
 from hyv3_graph.config import HYV3Config
@@ -127,14 +131,16 @@ def results(quick: bool, machine: dict) -> list[dict]:
     short = prompt[:16]
     ragged = [rng.integers(2, cfg.vocab_size, n).tolist() for n in s["ragged"]]
     common = dict(max_batch_size=len(ragged), max_length=s["max_length"], page_size=s["page_size"])
-    impls = {
+    impls = {  # a `_bf16` name runs the `_bf16` cases as its impl without the suffix
         "mojo": _Ours(HYV3Engine(path, kernels="custom", **common)),
         "max": _Ours(HYV3Engine(path, kernels="builtin", **common)),
         "torch": _HF(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), torch),
+        "mojo_bf16": _Ours(HYV3Engine(path, dtype=DType.bfloat16, kernels="custom", **common)),
         "torch_bf16": _HF(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval(), torch),
     }
     versions = {"mojo": "hyv3_graph --kernels custom", "max": f"hyv3_graph --kernels builtin (max {version('max')})",
                 "torch": f"HF transformers {version('transformers')} fp32, torch {torch.__version__}",
+                "mojo_bf16": "hyv3_graph --kernels custom, bf16",
                 "torch_bf16": f"HF transformers {version('transformers')} bf16, torch {torch.__version__}"}
 
     # Agreement before any timing: ours vs HF fp32 logits and greedy tokens.
@@ -149,31 +155,31 @@ def results(quick: bool, machine: dict) -> list[dict]:
             if tokens != ref_tokens:
                 raise Disagreement(f"e2e: {name} greedy tokens differ from HF fp32: {tokens} vs {ref_tokens}")
 
-    kv_bytes = 2 * cfg.num_hidden_layers * cfg.kv_dim * 4 * (len(short) + s["decode"] // 2)
-    decode_bytes = active_weight_bytes(cfg, 4) + kv_bytes
     rows = []
     for name, impl in impls.items():
-        impl_name = "torch" if name.startswith("torch") else name
-        base = {"bench": BENCH, "impl": impl_name, "version": versions[name], "agreed": True,
+        suffix, bytes_per = ("_bf16", 2) if name.endswith("_bf16") else ("", 4)
+        kv_bytes = 2 * cfg.num_hidden_layers * cfg.kv_dim * bytes_per * (len(short) + s["decode"] // 2)
+        decode_bytes = active_weight_bytes(cfg, bytes_per) + kv_bytes
+        base = {"bench": BENCH, "impl": name.removesuffix("_bf16"), "version": versions[name], "agreed": True,
                 "token_agreement_with_hf_fp32": agreement[name]}
         _, med, mn = _median_min(lambda: impl.prefill_logits(prompt), s["repeats"])
         fl = prefill_flops(cfg, len(prompt))
-        rows.append(base | {"case": f"{s['preset']}_prefill{len(prompt)}" + ("_bf16" if "bf16" in name else ""),
+        rows.append(base | {"case": f"{s['preset']}_prefill{len(prompt)}{suffix}",
                             "median_s": med, "min_s": mn, "tok_s": len(prompt) / med, "gflops": fl / med / 1e9,
                             "gbs": None, "roofline_frac": fl / med / 1e9 / machine["peak_gflops"]})
         decode_times = [impl.decode(short, s["decode"])[1] for _ in range(s["repeats"])]
         med, mn = statistics.median(decode_times), min(decode_times)
         steps = s["decode"] - 1
         gbs = decode_bytes * steps / med / 1e9
-        rows.append(base | {"case": f"{s['preset']}_decode{s['decode']}_b1" + ("_bf16" if "bf16" in name else ""),
+        rows.append(base | {"case": f"{s['preset']}_decode{s['decode']}_b1{suffix}",
                             "median_s": med, "min_s": mn, "tok_s": steps / med, "gflops": None, "gbs": gbs,
                             "roofline_frac": gbs / machine["bandwidth_gbs"]})
         _, med, mn = _median_min(lambda: impl.batch(ragged, s["ragged_new"]), s["repeats"])
         n_tok = len(ragged) * s["ragged_new"]
-        rows.append(base | {"case": f"{s['preset']}_ragged{len(ragged)}x{s['ragged_new']}" + ("_bf16" if "bf16" in name else ""),
+        rows.append(base | {"case": f"{s['preset']}_ragged{len(ragged)}x{s['ragged_new']}{suffix}",
                             "median_s": med, "min_s": mn, "tok_s": n_tok / med, "gflops": None, "gbs": None,
                             "roofline_frac": None})
-    ours = {r["case"]: r["median_s"] for r in rows if r["impl"] == "mojo"}  # the bf16 rows compare to ours in fp32
+    ours = {r["case"]: r["median_s"] for r in rows if r["impl"] == "mojo"}
     for r in rows:
-        r["speedup_of_mojo"] = r["median_s"] / ours[r["case"].removesuffix("_bf16")]
+        r["speedup_of_mojo"] = r["median_s"] / ours[r["case"]]
     return rows
