@@ -35,7 +35,7 @@ FULL = dict(H=4096, I=1536, E=32, k=8, Ts=[1, 8, 512, 2048], bf16_Ts=[1, 8, 512,
 QUICK = dict(H=256, I=128, E=16, k=4, Ts=[1, 64], bf16_Ts=[1, 64])
 F32_TOL = 2e-4  # relative to the output's scale
 BF16_DOT_TOL = 1e-2  # relative to the output's scale; measured ~3e-3 at Hy3 sizes
-GROUPED_BF16_TOL = 2e-2  # torch's bf16 grouped path also rounds its intermediates and output to bf16
+GROUPED_BF16_TOL = 2e-2  # torch's bf16 path also rounds its intermediates and output: measured 4-6e-3 at both sizes
 MAX_DENSE_T = 512  # the dense built-in peer computes all E experts: past this it needs too much memory here
 
 
