@@ -68,7 +68,8 @@ def _hf_experts(torch, H, I, E, k, implementation, gate_up, down):
 
     config = HYV3Config(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=k)
     config._experts_implementation = implementation
-    experts = HYV3Experts(config).eval()
+    with torch.device("meta"):  # its own parameters would be replaced at once: do not allocate them
+        experts = HYV3Experts(config).eval()
     experts.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
     experts.down_proj = torch.nn.Parameter(down, requires_grad=False)
     return experts
