@@ -42,7 +42,13 @@
 #     HYV3_PORTABLE_KERNELS=1), or with odd H or I, bf16 experts take the streaming path instead: exact
 #     float32 activations, slower at large T. Measured (`python -m bench`, 2026-11-29 07:32, 2-core Zen 4,
 #     H 4096, I 1536, E 32, k 8): T 2048 1.92 s, 322 GFLOP/s; T 512 466 ms. The vdpbf16ps micro-kernel
-#     alone peaks at ~430 GFLOP/s on this machine.
+#     alone peaks at ~430 GFLOP/s on this machine. Phase times at T 2048 (timers in the op, 2026-11-30):
+#     gate_up ~1.07 s (~385 GFLOP/s), down ~0.56 s, packing x ~35 ms, combine 15-25 ms. The down epilogue
+#     stores MR outputs of a row at once (c's lanes are rows), and each tile's first K slice starts from zero
+#     instead of loading a zero-filled c: same process, T 2048 1741 -> 1705 ms, T 512 463 -> 446 ms (minima;
+#     the one-scalar-per-output epilogue with its index arithmetic had cost down ~10%). Measured and not kept:
+#     weight slices copied contiguous ([KC][MR] per group) before the micro-kernel, T 512 438 -> 520 ms (the
+#     copy costs more than the strided broadcasts); MADV_HUGEPAGE on the big scratch buffers: no change.
 #   * The streaming and bf16-dot tasks go to whichever core is free (work_queue.mojo): MAX's parallelize
 #     gives each core a fixed half of the task list, which leaves one idle when experts' row counts differ
 #     or a core is descheduled. Same process, random routing: bf16 T 2048 1927 -> 1786 ms, T 512 476 ->
@@ -156,14 +162,16 @@ def _stream_rows_per_task(row_bytes: Int) -> Int:
 @always_inline
 def _dot_tile[NV: Int](
     w: Pointer[Int32, _], rows: StaticTuple[Int, MR], xb: Pointer[Int32, _], kc: Int, c: Pointer[mut=True, Float32, _],
+    first: Bool,
 ):
     """c [MR][MB] += MR weight rows (bf16 pairs at offsets rows[i]) . kc pairs of a packed activation block
     xb [kc][MB] (VNNI layout), for the block's first NV vectors of rows. The weight pair is broadcast and the
     activation rows are the lanes, so weights are read in their stored layout, never packed."""
     var acc = StaticTuple[F32x, MR * NV](fill=F32x(0))
-    comptime for i in range(MR):
-        comptime for j in range(NV):
-            acc[i * NV + j] = c.unsafe_load[width=W](i * MB + j * W)
+    if not first:
+        comptime for i in range(MR):
+            comptime for j in range(NV):
+                acc[i * NV + j] = c.unsafe_load[width=W](i * MB + j * W)
     for p in range(kc):
         var bv = StaticTuple[I32x, NV](fill=I32x(0))
         comptime for j in range(NV):
@@ -196,11 +204,11 @@ def _dot_panel(
                     rows[i] = row_offsets[unsafe_offset=g * MR + i] + p0
                 var cb = c.unsafe_offset((g * n_blocks + b) * MR * MB)
                 if n_vec == 1:
-                    _dot_tile[1](w, rows, xb, kc, cb)
+                    _dot_tile[1](w, rows, xb, kc, cb, p0 == 0)
                 elif n_vec == 2:
-                    _dot_tile[2](w, rows, xb, kc, cb)
+                    _dot_tile[2](w, rows, xb, kc, cb, p0 == 0)
                 else:
-                    _dot_tile[NVMAX](w, rows, xb, kc, cb)
+                    _dot_tile[NVMAX](w, rows, xb, kc, cb, p0 == 0)
 
 
 @always_inline
@@ -299,7 +307,7 @@ struct MoeExperts:
         comptime STREAM = 1
         comptime MATMUL = 2
         comptime DOT = 3
-        var dot = wdt == DType.bfloat16 and H % 2 == 0 and I % 2 == 0 and use_bf16_dot()
+        var dot = wdt == DType.bfloat16 and H > 0 and I > 0 and H % 2 == 0 and I % 2 == 0 and use_bf16_dot()
         var path = List[Int](length=E, fill=0)
         var small = List[Int]()  # streaming experts
         var dots = List[Int]()  # bf16-dot experts
@@ -408,7 +416,7 @@ struct MoeExperts:
             for d in range(n_dots):
                 for b in range(_n_blocks(Int(offp[unsafe_offset=dots[d] + 1]) - Int(offp[unsafe_offset=dots[d]]))):
                     blk_expert[dot_blk0[d] + b] = d
-            var xpk = List[Int32](length=n_blk * H2 * MB + 16, fill=0)  # zeros: padding rows stay 0
+            var xpk = List[Int32](unsafe_uninit_length=n_blk * H2 * MB + 16)  # pack_x writes every row read
             var apk = List[Int32](unsafe_uninit_length=n_blk * I2 * MB + 16)  # every pair read is written first
             var xkp = xpk.unsafe_ptr()
             xkp = xkp.unsafe_offset(_align64(Int(xkp)))
@@ -425,7 +433,11 @@ struct MoeExperts:
                 var r_first = Int(offp[unsafe_offset=e]) + (blk - dbp[unsafe_offset=bep[unsafe_offset=blk]]) * MB
                 var r_end = Int(offp[unsafe_offset=e + 1])
                 var dst = xkp.unsafe_offset(blk * H2 * MB)
-                for m in range(min(MB, r_end - r_first)):
+                var n_real = min(MB, r_end - r_first)
+                for m in range(n_real, (n_real + W - 1) // W * W):  # padding rows of the last vector read
+                    for p in range(H2):
+                        dst[unsafe_offset=p * MB + m] = 0
+                for m in range(n_real):
                     var src = xp.unsafe_offset((Int(slotp[unsafe_offset=r_first + m]) // k) * H)
                     var p = 0
                     while p + W <= H2:
@@ -453,7 +465,7 @@ struct MoeExperts:
                         var o = min(o_first + g * GU_ROWS + i, I - 1)
                         offsets[g * MR + i] = o * H2
                         offsets[g * MR + GU_ROWS + i] = (I + o) * H2
-                var c = List[Float32](length=groups * n_blocks * MR * MB, fill=0)
+                var c = List[Float32](unsafe_uninit_length=groups * n_blocks * MR * MB)  # the first K slice stores, never loads
                 var cp = c.unsafe_ptr()
                 var blk0 = dbp[unsafe_offset=d]
                 _dot_panel(gu32.unsafe_offset(e * (gu_es // 2)), offsets.unsafe_ptr(), groups,
@@ -483,16 +495,25 @@ struct MoeExperts:
                 var offsets = List[Int](length=groups * MR, fill=0)
                 for i in range(groups * MR):
                     offsets[i] = min(h_first + i, H - 1) * I2
-                var c = List[Float32](length=groups * n_blocks * MR * MB, fill=0)
+                var c = List[Float32](unsafe_uninit_length=groups * n_blocks * MR * MB)  # the first K slice stores, never loads
                 var cp = c.unsafe_ptr()
                 _dot_panel(dn32.unsafe_offset(e * (dn_es // 2)), offsets.unsafe_ptr(), groups,
                            akp.unsafe_offset(dbp[unsafe_offset=d] * I2 * MB), n, I2, cp)
-                var h_count = min(groups * MR, H - h_first)
-                for b in range(n_blocks):  # transposed store: c's lanes are rows of y; write y row by row
-                    for m in range(min(MB, n - b * MB)):
-                        var y = yp.unsafe_offset((r0 + b * MB + m) * H + h_first)
-                        for h in range(h_count):
-                            y[unsafe_offset=h] = cp[unsafe_offset=((h // MR * n_blocks + b) * MR + h % MR) * MB + m]
+                for b in range(n_blocks):  # transposed store: c's lanes are rows of y, MR outputs per row at a time
+                    for g in range(groups):
+                        var cb = cp.unsafe_offset((g * n_blocks + b) * MR * MB)
+                        var h0 = h_first + g * MR
+                        var full = h0 + MR <= H
+                        for m in range(min(MB, n - b * MB)):
+                            var y = yp.unsafe_offset((r0 + b * MB + m) * H + h0)
+                            if full:
+                                var v = SIMD[DType.float32, MR](0)
+                                comptime for i in range(MR):
+                                    v[i] = cb[unsafe_offset=i * MB + m]
+                                y.unsafe_store(0, v)
+                            else:
+                                for i in range(H - h0):
+                                    y[unsafe_offset=i] = cb[unsafe_offset=i * MB + m]
 
             parallelize_dynamic(gate_up_dot, n_dots * gu_tasks)
             parallelize_dynamic(down_dot, n_dots * dn_tasks)

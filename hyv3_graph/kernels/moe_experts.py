@@ -20,9 +20,9 @@ SMALL_ROWS = 4  # kernels/moe_experts.mojo: experts with at most this many rows 
 
 def bf16_dot_experts(topk_ids, E: int, H: int, I: int) -> np.ndarray:
     """[E] bool: the experts the op computes with bf16-rounded activations (bf16 weights): the bf16-dot path,
-    taken by experts with more than SMALL_ROWS rows when H and I are even and the CPU has it."""
+    taken by experts with more than SMALL_ROWS rows when H and I are even and nonzero and the CPU has it."""
     rows = np.bincount(np.asarray(topk_ids).reshape(-1), minlength=E)[:E]
-    return (rows > SMALL_ROWS) & (H % 2 == 0 and I % 2 == 0 and bf16_dot_available())
+    return (rows > SMALL_ROWS) & (H > 0 and I > 0 and H % 2 == 0 and I % 2 == 0 and bf16_dot_available())
 
 
 def moe_experts_reference(x, topk_ids, topk_weights, gate_up, down, bf16_activations=None) -> np.ndarray:
