@@ -314,6 +314,9 @@ struct MoeRouter:
                 route_token[top_k, scale, renormalize](
                     lp.unsafe_offset(t * ls), bp, E, sp, cand.unsafe_ptr(), top.unsafe_ptr(), top_scores.unsafe_ptr(), ip.unsafe_offset(t * ids_s),
                     wp.unsafe_offset(t * ws))
+            # Counted once the block is routed: reading a token's ids right after their vector store stalls on
+            # store forwarding (standalone, per token: 171 ns counted in the loop, 158 ns here).
+            for t in range(b * block, min(T, (b + 1) * block)):
                 for j in range(top_k):
                     var x = Int(ip[unsafe_offset=t * ids_s + j])
                     block_counts[unsafe_offset=x] = block_counts[unsafe_offset=x] + 1
