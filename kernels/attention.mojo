@@ -46,11 +46,16 @@
 #     process.) The online softmax keeps the rows in the lanes ([KTN][NR] scores), and each chunk leaves a
 #     partial (max, sum, O) that a last pass combines per row. The partial O buffer (4 MiB for decode16) is
 #     allocated uninitialised and each item zeroes its own part: zero-filling it serially before the items
-#     ran cost about 5%.
+#     ran cost about 5%. P V goes 48 head dims at a time where they fit (8 rows x 3 vectors = 24 accumulators,
+#     each P broadcast feeding 3 FMAs instead of 2), and the transpose-add tree keeps its first two levels
+#     within 128-bit lanes (unpack and shufps instead of two-source permutes): same process, alternating
+#     order, decode16 fp32 10.60 -> 10.00 ms; the wider P V alone 10.57 -> 10.20 ms, the tree alone 7.98 ->
+#     7.86 ms with all K/V in cache (medians, 2026-11-30).
 #   * Decode is compute bound on this 2-core machine, not memory bound: G = 8 query heads per kv head make 4 FLOPs
 #     per float32 K/V byte, the machine's own balance (~187 GFLOP/s over ~30-48 GB/s). Measured, decode16 fp32 in
 #     one process: 14.0 ms on the real cache, 12.3 ms with every page id pointing at one page (all K/V in cache);
-#     without the P V products 8.0 ms, without the scores 8.9 ms.
+#     without the P V products 8.0 ms, without the scores 8.9 ms. Again on 2026-11-30 (before the wider P V):
+#     10.6-11.1 ms real, 7.8-8.2 ms all in cache, 5.0 ms without the P V products.
 #   * bfloat16 cache on a CPU with AVX512_BF16 (cpuid at run time, cpu_isa.mojo; HYV3_PORTABLE_KERNELS=1 forces
 #     the float32 path): narrow items compute on bf16 pairs with vdpbf16ps, half the multiply instructions. Pass 1
 #     also rounds Q to bf16, paired along D against K as stored; each tile's probabilities are rounded to bf16 and
@@ -215,21 +220,31 @@ def _accumulate_pv[nd: Int, nv: Int](
 
 
 @always_inline
-def _pair_sums(x: F32x, y: F32x) -> F32x:
-    """Lanes 0..7: the sums of x's adjacent lane pairs; lanes 8..15: y's. Four rounds of it over 16 vectors
-    leave lane l = the sum of vector l's lanes (a transpose-add tree: 45 ops instead of 16 reductions' 128)."""
-    comptime assert W == 16, "_pair_sums is written for 16 lanes"
-    return (x.shuffle[0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30](y)
-            + x.shuffle[1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31](y))
-
-
-@always_inline
-def _lane_sums(var acc: StaticTuple[F32x, W]) -> F32x:
-    """Lane l = the sum of acc[l]'s lanes: four rounds of _pair_sums, 16 -> 8 -> 4 -> 2 -> 1 vectors."""
-    comptime for level in range(4):
-        comptime for v in range(8 >> level):
-            acc[v] = _pair_sums(acc[2 * v], acc[2 * v + 1])
-    return acc[0]
+def _lane_sums(acc: StaticTuple[F32x, W]) -> F32x:
+    """Lane l = the sum of acc[l]'s lanes: a transpose-add tree of 45 ops instead of 16 reductions' 128. Its first two
+    levels stay within 128-bit lanes (unpack, shufps: cheap shuffles), the last two move 128-bit blocks."""
+    comptime assert W == 16, "_lane_sums is written for 16 lanes"
+    # Level 1: pairs (a, b) -> per 128-bit block j: [a_j0 + a_j2, b_j0 + b_j2, a_j1 + a_j3, b_j1 + b_j3]
+    var l1 = StaticTuple[F32x, 8](fill=F32x(0))
+    comptime for i in range(8):
+        var a = acc[2 * i]
+        var b = acc[2 * i + 1]
+        l1[i] = (a.shuffle[0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29](b)
+                 + a.shuffle[2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31](b))
+    # Level 2: -> per 128-bit block j: the block-j sums of acc[4i], acc[4i + 1], acc[4i + 2], acc[4i + 3]
+    var l2 = StaticTuple[F32x, 4](fill=F32x(0))
+    comptime for i in range(4):
+        var c = l1[2 * i]
+        var d = l1[2 * i + 1]
+        l2[i] = (c.shuffle[0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29](d)
+                 + c.shuffle[2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31](d))
+    # Levels 3 and 4: sum the four 128-bit blocks of l2[m] into block m of the result
+    var v01 = (l2[0].shuffle[0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23](l2[1])
+               + l2[0].shuffle[8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31](l2[1]))
+    var v23 = (l2[2].shuffle[0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23](l2[3])
+               + l2[2].shuffle[8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31](l2[3]))
+    return (v01.shuffle[0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27](v23)
+            + v01.shuffle[4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31](v23))
 
 
 @always_inline
@@ -632,6 +647,9 @@ struct Attention:
                                                   vrow.unsafe_bitcast[UInt16]().unsafe_offset(d), tof, nk, D, n_next)
                         continue
                     var d = 0
+                    while d + 3 * W <= D:
+                        _accumulate_rows[nv=3](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D, n_next)
+                        d += 3 * W
                     while d + 2 * W <= D:
                         _accumulate_rows[nv=2](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D, n_next)
                         d += 2 * W
