@@ -45,10 +45,11 @@
 #     alone peaks at ~430 GFLOP/s on this machine. Phase times at T 2048 (timers in the op, 2026-11-30):
 #     gate_up ~1.07 s (~385 GFLOP/s), down ~0.56 s, packing x ~35 ms, combine 15-25 ms. The down epilogue
 #     stores MR outputs of a row at once (c's lanes are rows), and each tile's first K slice starts from zero
-#     instead of loading a zero-filled c: same process, T 2048 1741 -> 1705 ms, T 512 463 -> 446 ms (minima;
-#     the one-scalar-per-output epilogue with its index arithmetic had cost down ~10%). Measured and not kept:
-#     weight slices copied contiguous ([KC][MR] per group) before the micro-kernel, T 512 438 -> 520 ms (the
-#     copy costs more than the strided broadcasts); MADV_HUGEPAGE on the big scratch buffers: no change.
+#     instead of loading a zero-filled c: same process, alternating order, T 2048 1837 -> 1733 ms, T 512 486 ->
+#     457 ms (medians; the one-scalar-per-output epilogue with its index arithmetic had cost down ~10%). Measured
+#     and not kept: weight slices copied contiguous ([KC][MR] per group) before the micro-kernel, T 512 438 ->
+#     520 ms (the copy costs more than the strided broadcasts); MADV_HUGEPAGE on the big scratch buffers and
+#     KC = 64: no change.
 #   * The streaming and bf16-dot tasks go to whichever core is free (work_queue.mojo): MAX's parallelize
 #     gives each core a fixed half of the task list, which leaves one idle when experts' row counts differ
 #     or a core is descheduled. Same process, random routing: bf16 T 2048 1927 -> 1786 ms, T 512 476 ->
