@@ -30,8 +30,9 @@
 # 51 ns, with the 64-bit candidate words 21 ns; ranking and output 39 -> 31 ns with the lane-by-rank
 # lookup and the single stores (in all 187 -> 147 ns, outputs bit-identical); the op, with the counting moved
 # out of the token loop, same process, alternating order: T 4096 553 -> 466 us (medians). Measured and not kept: a
-# vrcp14ps + Newton sigmoid instead of the division (no change: the divider runs beside the exp's FMAs).
-# The metadata is a counting sort: counted per block while routing, one serial prefix, scattered per
+# vrcp14ps + Newton sigmoid instead of the division (no change: the divider runs beside the exp's FMAs);
+# each block sorting its own slots in the routing loop, then a serial concatenation (no change).
+# The metadata is a counting sort: counted per block once it is routed, one serial prefix, scattered per
 # block.
 import extensibility
 from extensibility import InputTensor, OutputTensor
