@@ -167,7 +167,8 @@ def _dot_tile[NV: Int](
 ):
     """c [MR][MB] += MR weight rows (bf16 pairs at offsets rows[i]) . kc pairs of a packed activation block
     xb [kc][MB] (VNNI layout), for the block's first NV vectors of rows. The weight pair is broadcast and the
-    activation rows are the lanes, so weights are read in their stored layout, never packed."""
+    activation rows are the lanes, so weights are read in their stored layout, never packed. first: the first K
+    slice, so c holds nothing yet and the sums start from zero."""
     var acc = StaticTuple[F32x, MR * NV](fill=F32x(0))
     if not first:
         comptime for i in range(MR):

@@ -138,7 +138,6 @@ def route_token[top_k: Int, scale: Float32, renormalize: Bool](
     var sp = scratch
     var cp = scratch.unsafe_offset(E)
     var ck = scratch.unsafe_offset(2 * E)
-    var cs = ck.unsafe_offset(CAND)
     var kp = scratch.unsafe_offset(2 * E + 2 * CAND)
     # Pass 1 (SIMD): scores and keys into scratch; per-lane maxima over the full chunks.
     var lane_max = SIMD[DType.float32, W](Float32.MIN)
@@ -220,7 +219,8 @@ def route_token[top_k: Int, scale: Float32, renormalize: Bool](
 
 @always_inline
 def _top_width(top_k: Int) -> Int:
-    """Lanes of the top-k vectors: the power of two above top_k (twice top_k when top_k is one)."""
+    """Lanes of the top-k vectors: the smallest power of two above top_k (2 top_k when top_k is a power of two,
+    which lets _finish store the top k lanes with one store)."""
     var n = 1
     while n <= top_k:
         n *= 2
@@ -308,7 +308,7 @@ struct MoeRouter:
             comptime KW = _top_width(top_k)
             var scratch = List[Float32](length=2 * E + 2 * CAND + top_k, fill=0)  # see route_token
             var cand = List[Int32](length=CAND, fill=0)  # candidate experts
-            var top = List[Int32](length=KW, fill=0)  # the top k and a spare slot
+            var top = List[Int32](length=KW, fill=0)  # the top k, padded to _finish's vector width
             var top_scores = List[Float32](length=KW, fill=0)
             var sp = scratch.unsafe_ptr()
             var block_counts = cnt.unsafe_offset(b * E)
