@@ -174,22 +174,17 @@ def route_token[top_k: Int, scale: Float32, renormalize: Bool](
     # over all experts instead.
     var nc = 0  # candidates seen; the first CAND are kept
     e = 0
-    while e + 4 * W <= E:
+    while e + W <= E:
+        var chunks = min(4, (E - e) // W)  # full chunks in this word
         var bits = UInt64(0)
         comptime for c in range(4):
-            bits |= UInt64(_at_or_above(cp, e + c * W, threshold)) << UInt64(c * W)
+            if c < chunks:
+                bits |= UInt64(_at_or_above(cp, e + c * W, threshold)) << UInt64(c * W)
         while bits != 0:
             var x = e + Int(count_trailing_zeros(bits))
             bits &= bits - 1
             _keep_candidate(ck, ci, nc, cp[unsafe_offset=x], sp[unsafe_offset=x], x)
-        e += 4 * W
-    while e + W <= E:
-        var mask = _at_or_above(cp, e, threshold)
-        while mask != 0:
-            var x = e + count_trailing_zeros(mask)
-            mask &= mask - 1
-            _keep_candidate(ck, ci, nc, cp[unsafe_offset=x], sp[unsafe_offset=x], x)
-        e += W
+        e += chunks * W
     for x in range(e, E):
         if cp[unsafe_offset=x] >= threshold:
             _keep_candidate(ck, ci, nc, cp[unsafe_offset=x], sp[unsafe_offset=x], x)
