@@ -44,13 +44,17 @@
 #     whole tokens. (Token by token over all heads, the first design, kept Hkv x NR x D floats = 32 KiB of
 #     Q hot, the whole L1: decode16 fp32 took 24.9 ms against 15.4 ms with the head-by-head scores, same
 #     process.) The online softmax keeps the rows in the lanes ([KTN][NR] scores), and each chunk leaves a
-#     partial (max, sum, O) that a last pass combines per row. The partial O buffer (4 MiB for decode16) is
-#     allocated uninitialised and each item zeroes its own part: zero-filling it serially before the items
-#     ran cost about 5%. P V goes 48 head dims at a time where they fit (8 rows x 3 vectors = 24 accumulators,
-#     each P broadcast feeding 3 FMAs instead of 2), and the transpose-add tree keeps its first two levels
-#     within 128-bit lanes (unpack and shufps instead of two-source permutes): same process, alternating
-#     order, decode16 fp32 10.60 -> 10.00 ms; the wider P V alone 10.57 -> 10.20 ms, the tree alone 7.98 ->
-#     7.86 ms with all K/V in cache (medians, 2026-11-30).
+#     partial (max, sum, O) that a last pass combines per row. The partial O buffer (2 MiB for decode16) is
+#     allocated uninitialised: each item's first key tile stores its part instead of accumulating into it
+#     (zero-filling it serially before the items ran cost about 5%). The score pass also masks (only a tile
+#     that holds keys past a row's position) and takes the tile's max, so the softmax reads the scores once:
+#     decode16 bf16 7.64 -> 7.33 ms, fp32 unchanged (10.19 vs 10.18 ms), same process, alternating order.
+#     KCHUNK = 512 keys instead of 256 halves the items, their partial results and the combine: decode16 fp32
+#     9.90 -> 9.39 ms; 1024 keys gave the same as 512 (2026-11-30). P V goes 48 head dims at a time where they
+#     fit (8 rows x 3 vectors = 24 accumulators, each P broadcast feeding 3 FMAs instead of 2), and the
+#     transpose-add tree keeps its first two levels within 128-bit lanes (unpack and shufps instead of
+#     two-source permutes): same process, alternating order, decode16 fp32 10.60 -> 10.00 ms; the wider P V
+#     alone 10.57 -> 10.20 ms, the tree alone 7.98 -> 7.86 ms with all K/V in cache (medians, 2026-11-30).
 #   * Decode is compute bound on this 2-core machine, not memory bound: G = 8 query heads per kv head make 4 FLOPs
 #     per float32 K/V byte, the machine's own balance (~187 GFLOP/s over ~30-48 GB/s). Measured, decode16 fp32 in
 #     one process: 14.0 ms on the real cache, 12.3 ms with every page id pointing at one page (all K/V in cache);
@@ -86,7 +90,7 @@ comptime NV = 4  # row vectors per micro-kernel block
 comptime NJ = 4  # keys per S micro-kernel block
 comptime ND = 4  # head dims per P V micro-kernel block
 comptime NR = 8  # items with at most this many rows (decode: one query x G heads) take the narrow path
-comptime KCHUNK = 256  # keys per narrow item: a long decode splits over the cores, partial softmaxes combined
+comptime KCHUNK = 512  # keys per narrow item: a long decode splits over the cores, partial softmaxes combined
 
 
 @always_inline
@@ -326,14 +330,16 @@ def _prefetch_rows[dt: DType](base: Pointer[Scalar[dt], _], shift: Int, n: Int):
 @always_inline
 def _accumulate_rows[dt: DType, nv: Int](
     o: Pointer[mut=True, Float32, _], p: Pointer[Float32, _], alpha: SIMD[DType.float32, NR],
-    vbase: Pointer[Scalar[dt], _], voffs: Pointer[Int, _], nk: Int, D: Int, n_next: Int,
+    vbase: Pointer[Scalar[dt], _], voffs: Pointer[Int, _], nk: Int, D: Int, n_next: Int, first: Bool,
 ):
     """O[r][d : d + nv W] = O * alpha[r] + sum_j P[j][r] V_j[d : d + nv W] for NR rows; each V chunk read once.
-    The same chunk of the next tile's first n_next V rows (offsets voffs[KTN:]) is prefetched along the way."""
+    The same chunk of the next tile's first n_next V rows (offsets voffs[KTN:]) is prefetched along the way.
+    The first tile starts from zero and never reads O (uninitialised until then)."""
     var acc = StaticTuple[F32x, NR * nv](fill=F32x(0))
-    comptime for r in range(NR):
-        comptime for v in range(nv):
-            acc[r * nv + v] = o.unsafe_load[width=W](r * D + v * W) * alpha[r]
+    if not first:
+        comptime for r in range(NR):
+            comptime for v in range(nv):
+                acc[r * nv + v] = o.unsafe_load[width=W](r * D + v * W) * alpha[r]
     for j in range(nk):
         var row = vbase.unsafe_offset(voffs[unsafe_offset=j])
         if j < n_next:
@@ -353,16 +359,17 @@ def _accumulate_rows[dt: DType, nv: Int](
 @always_inline
 def _accumulate_rows_bf16(
     o: Pointer[mut=True, Float32, _], pp: Pointer[Int32, _], alpha: SIMD[DType.float32, NR], vbase: Pointer[UInt16, _],
-    voffs: Pointer[Int, _], nk: Int, D: Int, n_next: Int,
+    voffs: Pointer[Int, _], nk: Int, D: Int, n_next: Int, first: Bool,
 ):
     """_accumulate_rows[nv=2] for a bfloat16 cache on AVX512_BF16, two keys per vdpbf16ps: pp [KTN / 2][NR] holds
     (P[2i][r], P[2i + 1][r]) as bf16 pairs, and each key pair's V chunk is interleaved into (V_2i[d], V_2i+1[d])
     pairs, so each FMA of the float32 path becomes half a vdpbf16ps. A missing last key aliases the one before it
     (its P is 0)."""
     var acc = StaticTuple[F32x, NR * 2](fill=F32x(0))
-    comptime for r in range(NR):
-        comptime for v in range(2):
-            acc[r * 2 + v] = o.unsafe_load[width=W](r * D + v * W) * alpha[r]
+    if not first:
+        comptime for r in range(NR):
+            comptime for v in range(2):
+                acc[r * 2 + v] = o.unsafe_load[width=W](r * D + v * W) * alpha[r]
     for jp in range((nk + 1) // 2):
         var j0 = 2 * jp
         var a = vbase.unsafe_offset(voffs[unsafe_offset=j0]).unsafe_load[width=2 * W]()
@@ -574,10 +581,10 @@ struct Attention:
             var ppp = p_pairs.unsafe_ptr()
             var off_buf = List[Int](length=KCHUNK, fill=0)  # cache offset of each key's token (layer included)
             var sp = s_buf.unsafe_ptr()
+            var tile_max = List[Float32](length=Hkv * W, fill=0)  # per kv head: the tile's max (mx2 above)
+            var tmp = tile_max.unsafe_ptr()
             var o_all = pop.unsafe_offset(item * Hkv * NR * D)  # this item's O [Hkv][NR][D]
             var ml = pmp.unsafe_offset(item * Hkv * NR * 2)  # per kv head: max [NR], then sum [NR]
-            for i in range(Hkv * NR * D):
-                o_all[unsafe_offset=i] = 0
             for g in range(Hkv):
                 ml.unsafe_store(g * 2 * NR, SIMD[DType.float32, NR](Float32.MIN))
             _tile_offsets(off_buf.unsafe_ptr(), lutp.unsafe_offset(b * lut_s), k_lo, k_hi - k_lo, page, s_page, s_tok,
@@ -592,39 +599,43 @@ struct Attention:
                 # Scores, kv head by kv head, so that the head's NR query rows (NR x D floats) stay in L1 while
                 # the tile's K rows of that head go by; meanwhile the next tile's K rows of the head are
                 # prefetched (its V rows during P V).
+                # Keys past a row's position, and the alias of an odd tile's last pair, score -inf; only a tile
+                # that holds such keys is masked.
+                var masked = nk % 2 == 1 or k0 + nk - 1 > first_pos
+                var kpos = SIMD[DType.float32, NR](Float32(k0)).join(SIMD[DType.float32, NR](Float32(k0 + 1)))
+                var qpos2 = qpos.join(qpos)
                 for g in range(Hkv):
                     var qrows = StaticTuple[Int, NR](fill=0)
                     comptime for r in range(NR):
                         qrows[r] = rows[r] + g * G * D
                     var kg = bp.unsafe_offset(g * s_head)
-                    for j in range(0, nk, 2):  # key pairs; past nk the second key aliases the first (masked below)
+                    var mx2 = F32x(Float32.MIN)  # the tile's max per row, two keys' halves
+                    for j in range(0, nk, 2):  # key pairs; past nk the second key aliases the first (masked)
                         comptime for t in range(2):
                             if j + t < n_next:
                                 var at = tof[unsafe_offset=KTN + j + t] + g * s_head
                                 _prefetch_rows(bp, at, D)
                         var k0 = kg.unsafe_offset(tof[unsafe_offset=j])
                         var k1 = kg.unsafe_offset(tof[unsafe_offset=min(j + 1, nk - 1)])
+                        var sc: F32x
                         if dot:
-                            sp.unsafe_store((g * KTN + j) * NR, _dots_rows2_bf16(
-                                qbp, qrows, k0.unsafe_bitcast[Int32](), k1.unsafe_bitcast[Int32](), D2))
+                            sc = _dots_rows2_bf16(qbp, qrows, k0.unsafe_bitcast[Int32](), k1.unsafe_bitcast[Int32](), D2)
                         else:
-                            sp.unsafe_store((g * KTN + j) * NR, _dots_rows2(qsp, qrows, k0, k1, D))
+                            sc = _dots_rows2(qsp, qrows, k0, k1, D)
+                        if masked:
+                            var key = kpos + F32x(Float32(j))
+                            sc = (key.le(qpos2) & key.lt(F32x(Float32(k_hi)))).select(sc, F32x(Float32.MIN))
+                        sp.unsafe_store((g * KTN + j) * NR, sc)
+                        mx2 = max(mx2, sc)
+                    tmp.unsafe_store(g * W, mx2)
                 # Online softmax with the rows in the lanes ([KTN][NR] per kv head, two keys per vector): the
                 # max and sum over keys are lane-wise.
-                var kpos = SIMD[DType.float32, NR](Float32(k0)).join(SIMD[DType.float32, NR](Float32(k0 + 1)))
-                var qpos2 = qpos.join(qpos)
                 for g in range(Hkv):
                     var sg = sp.unsafe_offset(g * KTN * NR)
                     var m = ml.unsafe_load[width=NR](g * 2 * NR)
                     var l = ml.unsafe_load[width=NR](g * 2 * NR + NR)
-                    var mx2 = m.join(m)
-                    for j in range(0, nk, 2):
-                        var key = kpos + F32x(Float32(j))
-                        var ok = key.le(qpos2) & key.lt(F32x(Float32(k_hi)))
-                        var sv = ok.select(sg.unsafe_load[width=W](j * NR), F32x(Float32.MIN))
-                        sg.unsafe_store(j * NR, sv)
-                        mx2 = max(mx2, sv)
-                    var mx = max(mx2.slice[NR](), mx2.slice[NR, offset=NR]())
+                    var mx2 = tmp.unsafe_load[width=W](g * W)
+                    var mx = max(m, max(mx2.slice[NR](), mx2.slice[NR, offset=NR]()))
                     var shift = mx.gt(SIMD[DType.float32, NR](Float32.MIN)).select(mx, 0)  # no key yet: p = 0
                     var shift2 = shift.join(shift)
                     var total2 = F32x(0)
@@ -644,21 +655,21 @@ struct Attention:
                                 p16.slice[NR]().interleave(p16.slice[NR, offset=NR]())))
                         for d in range(0, D, 2 * W):
                             _accumulate_rows_bf16(og.unsafe_offset(d), ppp, alpha,
-                                                  vrow.unsafe_bitcast[UInt16]().unsafe_offset(d), tof, nk, D, n_next)
+                                                  vrow.unsafe_bitcast[UInt16]().unsafe_offset(d), tof, nk, D, n_next, k0 == k_lo)
                         continue
                     var d = 0
                     while d + 3 * W <= D:
-                        _accumulate_rows[nv=3](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D, n_next)
+                        _accumulate_rows[nv=3](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D, n_next, k0 == k_lo)
                         d += 3 * W
                     while d + 2 * W <= D:
-                        _accumulate_rows[nv=2](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D, n_next)
+                        _accumulate_rows[nv=2](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D, n_next, k0 == k_lo)
                         d += 2 * W
                     while d + W <= D:
-                        _accumulate_rows[nv=1](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D, n_next)
+                        _accumulate_rows[nv=1](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D, n_next, k0 == k_lo)
                         d += W
                     for dd in range(d, D):  # head dims past the last full vector
                         for r in range(NR):
-                            var acc = og[unsafe_offset=r * D + dd] * alpha[r]
+                            var acc = Float32(0) if k0 == k_lo else og[unsafe_offset=r * D + dd] * alpha[r]
                             for j in range(nk):
                                 acc += sg[unsafe_offset=j * NR + r] * vrow[unsafe_offset=tof[unsafe_offset=j] + dd].cast[DType.float32]()
                             og[unsafe_offset=r * D + dd] = acc

@@ -24,7 +24,7 @@ from hyv3_graph.kernels.cpu_isa import PORTABLE_ENV, bf16_dot_available
 from hyv3_graph.model import rope_freqs_cis
 
 EPS = 1e-6
-N_POSITIONS = 1024
+N_POSITIONS = 2048
 # Tolerances against the float64 reference, relative to the largest |V| (outputs are convex combinations of V):
 # float32 keeps ~1e-6; bf16 rounds the inputs (the reference sees the same rounded inputs), the stored K/V
 # and the output (2^-9 relative each), and the scores move by |q| |dk| ~ 2^-9 * |q.k|. The vdpbf16ps decode path
@@ -161,8 +161,9 @@ def test_bf16_cache_decode_forced_portable(attention_models, portable):
 
 
 def test_decode_batch_mqa(attention_models):
+    """1301 keys make three narrow items (KCHUNK = 512 keys each) whose partial softmaxes are combined."""
     run_case(attention_models, DType.float32, np.random.default_rng(2), Hq=8, Hkv=1, D=64, page=3,
-             cache_lens=[0, 1, 47, 599, 100], new_lens=[1] * 5)
+             cache_lens=[0, 1, 47, 599, 100, 1300], new_lens=[1] * 6)
 
 
 def test_empty_batch_and_sequences_without_new_tokens(attention_models):
