@@ -596,6 +596,7 @@ struct Attention:
                 var nk = min(KTN, k_hi - k0)
                 var tof = off_buf.unsafe_ptr().unsafe_offset(k0 - k_lo)
                 var n_next = min(KTN, k_hi - k0 - KTN)  # keys in the next tile (<= 0: none)
+                var first = k0 == k_lo  # the item's first tile stores its O instead of accumulating into it
                 # Scores, kv head by kv head, so that the head's NR query rows (NR x D floats) stay in L1 while
                 # the tile's K rows of that head go by; meanwhile the next tile's K rows of the head are
                 # prefetched (its V rows during P V).
@@ -619,7 +620,8 @@ struct Attention:
                         var k1 = kg.unsafe_offset(tof[unsafe_offset=min(j + 1, nk - 1)])
                         var sc: F32x
                         if dot:
-                            sc = _dots_rows2_bf16(qbp, qrows, k0.unsafe_bitcast[Int32](), k1.unsafe_bitcast[Int32](), D2)
+                            sc = _dots_rows2_bf16(
+                                qbp, qrows, k0.unsafe_bitcast[Int32](), k1.unsafe_bitcast[Int32](), D2)
                         else:
                             sc = _dots_rows2(qsp, qrows, k0, k1, D)
                         if masked:
@@ -655,21 +657,21 @@ struct Attention:
                                 p16.slice[NR]().interleave(p16.slice[NR, offset=NR]())))
                         for d in range(0, D, 2 * W):
                             _accumulate_rows_bf16(og.unsafe_offset(d), ppp, alpha,
-                                                  vrow.unsafe_bitcast[UInt16]().unsafe_offset(d), tof, nk, D, n_next, k0 == k_lo)
+                                                  vrow.unsafe_bitcast[UInt16]().unsafe_offset(d), tof, nk, D, n_next, first)
                         continue
                     var d = 0
                     while d + 3 * W <= D:
-                        _accumulate_rows[nv=3](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D, n_next, k0 == k_lo)
+                        _accumulate_rows[nv=3](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D, n_next, first)
                         d += 3 * W
                     while d + 2 * W <= D:
-                        _accumulate_rows[nv=2](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D, n_next, k0 == k_lo)
+                        _accumulate_rows[nv=2](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D, n_next, first)
                         d += 2 * W
                     while d + W <= D:
-                        _accumulate_rows[nv=1](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D, n_next, k0 == k_lo)
+                        _accumulate_rows[nv=1](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D, n_next, first)
                         d += W
                     for dd in range(d, D):  # head dims past the last full vector
                         for r in range(NR):
-                            var acc = Float32(0) if k0 == k_lo else og[unsafe_offset=r * D + dd] * alpha[r]
+                            var acc = Float32(0) if first else og[unsafe_offset=r * D + dd] * alpha[r]
                             for j in range(nk):
                                 acc += sg[unsafe_offset=j * NR + r] * vrow[unsafe_offset=tof[unsafe_offset=j] + dd].cast[DType.float32]()
                             og[unsafe_offset=r * D + dd] = acc
