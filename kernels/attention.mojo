@@ -44,8 +44,8 @@
 #     whole tokens. (Token by token over all heads, the first design, kept Hkv x NR x D floats = 32 KiB of
 #     Q hot, the whole L1: decode16 fp32 took 24.9 ms against 15.4 ms with the head-by-head scores, same
 #     process.) The online softmax keeps the rows in the lanes ([KTN][NR] scores), and each chunk leaves a
-#     partial (max, sum, O) that a last pass combines per row. The partial O buffer (2 MiB for decode16) is
-#     allocated uninitialised: each item's first key tile stores its part instead of accumulating into it
+#     partial (max, sum, O) that a last pass combines per row. The partial O buffer (2.25 MiB for decode16)
+#     is allocated uninitialised: each item's first key tile stores its part instead of accumulating into it
 #     (zero-filling it serially before the items ran cost about 5%). The score pass also masks (only a tile
 #     that holds keys past a row's position) and takes the tile's max, so the softmax reads the scores once:
 #     decode16 bf16 7.64 -> 7.33 ms, fp32 unchanged (10.19 vs 10.18 ms), same process, alternating order.
@@ -581,7 +581,7 @@ struct Attention:
             var ppp = p_pairs.unsafe_ptr()
             var off_buf = List[Int](length=KCHUNK, fill=0)  # cache offset of each key's token (layer included)
             var sp = s_buf.unsafe_ptr()
-            var tile_max = List[Float32](length=Hkv * W, fill=0)  # per kv head: the tile's max (mx2 above)
+            var tile_max = List[Float32](length=Hkv * W, fill=0)  # per kv head: the score pass's max per row
             var tmp = tile_max.unsafe_ptr()
             var o_all = pop.unsafe_offset(item * Hkv * NR * D)  # this item's O [Hkv][NR][D]
             var ml = pmp.unsafe_offset(item * Hkv * NR * 2)  # per kv head: max [NR], then sum [NR]
