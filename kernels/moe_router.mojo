@@ -214,10 +214,9 @@ def route_token[top_k: Int, scale: Float32, renormalize: Bool](
 
 @always_inline
 def _top_width(top_k: Int) -> Int:
-    """Lanes of the top-k vectors: the smallest power of two above top_k (2 top_k when top_k is a power of two,
-    which lets _finish store the top k lanes with one store)."""
+    """Lanes of the top-k vectors: the smallest power of two at least top_k (SIMD widths are powers of two)."""
     var n = 1
-    while n <= top_k:
+    while n < top_k:
         n *= 2
     return n
 
@@ -236,9 +235,9 @@ def _finish[top_k: Int, scale: Float32, renormalize: Bool](
     w = w / den * scale
     var x = tid.unsafe_load[width=KW](0)
     # exactly top_k lanes stored: the next row may belong to another thread
-    comptime if 2 * top_k == KW:  # top_k a power of two: one store each
-        ids.unsafe_store(0, x.slice[top_k]())
-        weights.unsafe_store(0, w.slice[top_k]())
+    comptime if KW == top_k:  # top_k a power of two: one store each
+        ids.unsafe_store(0, x)
+        weights.unsafe_store(0, w)
     else:
         comptime for j in range(top_k):
             ids[unsafe_offset=j] = x[j]
