@@ -312,9 +312,16 @@ def _tile_offsets(
     dst: Pointer[mut=True, Int, _], lut_row: Pointer[Scalar[DType.uint32], _], k0: Int, n: Int, page: Int,
     s_page: Int, s_tok: Int, base: Int,
 ):
-    """Element offsets in the cache of keys k0 .. k0 + n - 1 of one sequence (base: layer and head)."""
-    for j in range(n):
-        dst[unsafe_offset=j] = _cache_offset(lut_row, k0 + j, page, s_page, s_tok) + base
+    """Element offsets in the cache of keys k0 .. k0 + n - 1 of one sequence (base: layer and head): one page
+    lookup per page, then a token stride per key."""
+    var j = 0
+    while j < n:
+        var pos = k0 + j
+        var at = _cache_offset(lut_row, pos, page, s_page, s_tok) + base
+        for _ in range(min(page - pos % page, n - j)):
+            dst[unsafe_offset=j] = at
+            at += s_tok
+            j += 1
 
 
 @always_inline
@@ -527,6 +534,7 @@ struct Attention:
         var n_q0 = List[Int]()
         var n_k0 = List[Int]()
         var tile_first = List[Int]()
+        var n_order = List[Int]()  # narrow items, full chunks first, then the partial ones longest first
         for b in range(B):
             var n = Int(offp[unsafe_offset=b + 1]) - Int(offp[unsafe_offset=b])
             for q0 in range(0, n, QT):
@@ -537,6 +545,7 @@ struct Attention:
                         n_b.append(b)
                         n_q0.append(q0)
                         n_k0.append(k0)
+                        n_order.append(KCHUNK - min(KCHUNK, keys - k0))  # keys short of a full chunk
                     continue
                 for g in range(Hkv):
                     items.append((max_keys - keys) * n_codes + (b * T + q0) * Hkv + g)
@@ -548,6 +557,14 @@ struct Attention:
         var n_narrow = len(n_b)
         var n_tiles = len(tile_first)
         tile_first.append(n_narrow)
+        # The cores take narrow items longest first, so they finish together: decode16 fp32 ~2% faster (10.66 ->
+        # 10.48 ms, 11.58 -> 11.32 ms, same process, alternating order, with the per-page offsets below).
+        for i in range(n_narrow):
+            n_order[i] = n_order[i] * n_narrow + i
+        sort(n_order)
+        for i in range(n_narrow):
+            n_order[i] = n_order[i] % n_narrow
+        var nop = n_order.unsafe_ptr()
         var nbp = n_b.unsafe_ptr()
         var nqp = n_q0.unsafe_ptr()
         var nkp = n_k0.unsafe_ptr()
@@ -558,10 +575,11 @@ struct Attention:
         var pop = part_o.unsafe_ptr()
         var pmp = part_ml.unsafe_ptr()
 
-        def attend_narrow(item: Int) {var nbp, var nqp, var nkp, var pop, var pmp, var offp, var clp, var lutp,
+        def attend_narrow(slot: Int) {var nop, var nbp, var nqp, var nkp, var pop, var pmp, var offp, var clp, var lutp,
                                       var lut_s, var page, var bp, var s_page, var s_kind, var kv_base, var s_tok,
                                       var s_head, var qsp, var Hq, var Hkv, var D, var G, var QT, var dot, var qbp,
                                       var D2}:
+            var item = nop[unsafe_offset=slot]
             var b = nbp[unsafe_offset=item]
             var q0 = nqp[unsafe_offset=item]
             var k_lo = nkp[unsafe_offset=item]
