@@ -37,11 +37,15 @@
 #     (sequence, query tile, chunk of KCHUNK keys) over all kv heads, so a long sequence still spreads over
 #     every core; K and V are read once, straight from the cache. Within a tile of KTN keys the scores go kv
 #     head by kv head: that head's NR query rows (NR x D floats) stay in L1 while its K rows go by, two keys
-#     per pass, dot products over D reduced by one transpose-add tree (16 sums at once). The next tile's K
-#     rows of the head are prefetched into L2 during the score pass and its V rows during the P V pass, a
-#     few lines per key, so prefetches are spread over the whole tile instead of bursting in the score pass
-#     (the burst version: decode16 fp32 about 8% slower, same process). All heads together still prefetch
-#     whole tokens. (Token by token over all heads, the first design, kept Hkv x NR x D floats = 32 KiB of
+#     per pass, dot products over D reduced by one transpose-add tree (16 sums at once). Each (tile, kv head)
+#     pass prefetches into L2 the rows of the pass PFH = 2 later (the same head two tiles on when Hkv = 1), K
+#     rows during the score pass and V rows during P V, a few lines per key, so prefetches are spread over
+#     the whole tile instead of bursting in the score pass (the burst version: decode16 fp32 about 8% slower,
+#     same process). Tiles of 32 keys with that distance (64 KiB of Hy3's fp32 K and V in flight) against 16
+#     keys prefetched a whole tile ahead (128 KiB): decode16 fp32 10.17 -> 9.89, 10.79 -> 10.22, 11.94 ->
+#     10.38 ms, bf16 5.92 -> 5.73 ms; 32 keys a tile ahead or 16 keys 2 passes ahead gained nothing, 1 pass
+#     ahead lost 40%, 3 passes or 64-key tiles were slower than 2 and 32 (same process, alternating order,
+#     2026-11-30). (Token by token over all heads, the first design, kept Hkv x NR x D floats = 32 KiB of
 #     Q hot, the whole L1: decode16 fp32 took 24.9 ms against 15.4 ms with the head-by-head scores, same
 #     process.) The online softmax keeps the rows in the lanes ([KTN][NR] scores), and each chunk leaves a
 #     partial (max, sum, O); the last of a query tile's chunks to finish combines them per row, while the other
@@ -85,15 +89,14 @@ from std.sys.intrinsics import prefetch, PrefetchOptions
 comptime W = 16  # SIMD lanes = rows per vector
 comptime F32x = SIMD[DType.float32, W]
 comptime KT = 32  # keys per wide tile
-# Keys per narrow tile. The next tile is prefetched, and 16 keys ahead (128 KiB of Hy3's fp32 K/V) beat 32:
-# decode16 fp32 12.2 -> 11.1 ms, bf16 9.3 -> 8.9 ms, same process; 8 and 64 took 11.2 and 14.2 ms.
-comptime KTN = 16
+comptime KTN = 32  # keys per narrow tile (the header says how it and PFH were chosen)
 comptime ROWS = 64  # target rows (queries x heads of one kv head) per work item
 comptime NV = 4  # row vectors per micro-kernel block
 comptime NJ = 4  # keys per S micro-kernel block
 comptime ND = 4  # head dims per P V micro-kernel block
 comptime NR = 8  # items with at most this many rows (decode: one query x G heads) take the narrow path
 comptime KCHUNK = 512  # keys per narrow item: a long decode splits over the cores, partial softmaxes combined
+comptime PFH = 2  # a narrow (tile, kv head) pass prefetches the K/V rows of the pass this many later
 
 
 @always_inline
@@ -328,6 +331,15 @@ def _tile_offsets(
 
 
 @always_inline
+def _later_pass(g: Int, Hkv: Int, s_head: Int, keys_left: Int) -> StaticTuple[Int, 3]:
+    """The narrow (tile, kv head) pass PFH after kv head g's pass of the current tile, which g's pass prefetches:
+    its first key's index from the current tile's, its element shift from head g's rows, and its number of keys
+    (keys_left: keys from the current tile's first to the item's end)."""
+    var at = (g + PFH) // Hkv * KTN
+    return StaticTuple[Int, 3](at, ((g + PFH) % Hkv - g) * s_head, min(KTN, keys_left - at))
+
+
+@always_inline
 def _prefetch_rows[dt: DType](base: Pointer[Scalar[dt], _], shift: Int, n: Int):
     """Prefetches n contiguous elements at base + shift into L2 (not L1: rows one token stride apart share
     L1 sets and would evict each other)."""
@@ -340,10 +352,11 @@ def _prefetch_rows[dt: DType](base: Pointer[Scalar[dt], _], shift: Int, n: Int):
 @always_inline
 def _accumulate_rows[dt: DType, nv: Int](
     o: Pointer[mut=True, Float32, _], p: Pointer[Float32, _], alpha: SIMD[DType.float32, NR],
-    vbase: Pointer[Scalar[dt], _], voffs: Pointer[Int, _], nk: Int, D: Int, n_next: Int, first: Bool,
+    vbase: Pointer[Scalar[dt], _], voffs: Pointer[Int, _], nk: Int, D: Int, pf_at: Int, pf_shift: Int, n_pf: Int,
+    first: Bool,
 ):
     """O[r][d : d + nv W] = O * alpha[r] + sum_j P[j][r] V_j[d : d + nv W] for NR rows; each V chunk read once.
-    The same chunk of the next tile's first n_next V rows (offsets voffs[KTN:]) is prefetched along the way.
+    The same chunk of n_pf V rows of a later pass (offsets voffs[pf_at:] + pf_shift) is prefetched along the way.
     The first tile starts from zero and never reads O (uninitialised until then)."""
     var acc = StaticTuple[F32x, NR * nv](fill=F32x(0))
     if not first:
@@ -352,8 +365,8 @@ def _accumulate_rows[dt: DType, nv: Int](
                 acc[r * nv + v] = o.unsafe_load[width=W](r * D + v * W) * alpha[r]
     for j in range(nk):
         var row = vbase.unsafe_offset(voffs[unsafe_offset=j])
-        if j < n_next:
-            _prefetch_rows(vbase, voffs[unsafe_offset=KTN + j], nv * W)
+        if j < n_pf:
+            _prefetch_rows(vbase, voffs[unsafe_offset=pf_at + j] + pf_shift, nv * W)
         var vv = StaticTuple[F32x, nv](fill=F32x(0))
         comptime for v in range(nv):
             vv[v] = row.unsafe_load[width=W](v * W).cast[DType.float32]()
@@ -369,7 +382,7 @@ def _accumulate_rows[dt: DType, nv: Int](
 @always_inline
 def _accumulate_rows_bf16(
     o: Pointer[mut=True, Float32, _], pp: Pointer[Int32, _], alpha: SIMD[DType.float32, NR], vbase: Pointer[UInt16, _],
-    voffs: Pointer[Int, _], nk: Int, D: Int, n_next: Int, first: Bool,
+    voffs: Pointer[Int, _], nk: Int, D: Int, pf_at: Int, pf_shift: Int, n_pf: Int, first: Bool,
 ):
     """_accumulate_rows[nv=2] for a bfloat16 cache on AVX512_BF16, two keys per vdpbf16ps: pp [KTN / 2][NR] holds
     (P[2i][r], P[2i + 1][r]) as bf16 pairs, and each key pair's V chunk is interleaved into (V_2i[d], V_2i+1[d])
@@ -385,8 +398,8 @@ def _accumulate_rows_bf16(
         var a = vbase.unsafe_offset(voffs[unsafe_offset=j0]).unsafe_load[width=2 * W]()
         var b = vbase.unsafe_offset(voffs[unsafe_offset=min(j0 + 1, nk - 1)]).unsafe_load[width=2 * W]()
         comptime for t in range(2):
-            if j0 + t < n_next:
-                _prefetch_rows(vbase, voffs[unsafe_offset=KTN + j0 + t], 2 * W)
+            if j0 + t < n_pf:
+                _prefetch_rows(vbase, voffs[unsafe_offset=pf_at + j0 + t] + pf_shift, 2 * W)
         var pairs = a.interleave(b)
         var lo = bitcast[DType.int32, W](pairs.slice[2 * W]())
         var hi = bitcast[DType.int32, W](pairs.slice[2 * W, offset = 2 * W]())
@@ -643,16 +656,17 @@ struct Attention:
                 ml.unsafe_store(g * 2 * NR, SIMD[DType.float32, NR](Float32.MIN))
             _tile_offsets(off_buf.unsafe_ptr(), lutp.unsafe_offset(b * lut_s), k_lo, k_hi - k_lo, page, s_page, s_tok,
                           kv_base)
-            for j in range(min(KTN, k_hi - k_lo)):  # the first tile; each tile prefetches the next one
-                _prefetch_rows(bp, off_buf[j], Hkv * D)
-                _prefetch_rows(bp, off_buf[j] + s_kind, Hkv * D)
+            for p in range(PFH):  # the first PFH (tile, kv head) passes; each pass prefetches the one PFH later
+                var t_at = p // Hkv * KTN
+                for j in range(t_at, min(t_at + KTN, k_hi - k_lo)):
+                    _prefetch_rows(bp, off_buf[j] + p % Hkv * s_head, D)
+                    _prefetch_rows(bp, off_buf[j] + s_kind + p % Hkv * s_head, D)
             for k0 in range(k_lo, k_hi, KTN):
                 var nk = min(KTN, k_hi - k0)
                 var tof = off_buf.unsafe_ptr().unsafe_offset(k0 - k_lo)
-                var n_next = min(KTN, k_hi - k0 - KTN)  # keys in the next tile (<= 0: none)
                 var first = k0 == k_lo  # the item's first tile stores its O instead of accumulating into it
                 # Scores, kv head by kv head, so that the head's NR query rows (NR x D floats) stay in L1 while
-                # the tile's K rows of that head go by; meanwhile the next tile's K rows of the head are
+                # the tile's K rows of that head go by; meanwhile the K rows of the pass PFH later are
                 # prefetched (its V rows during P V).
                 # Keys past a row's position, and the alias of an odd tile's last pair, score -inf; only a tile
                 # that holds such keys is masked.
@@ -660,6 +674,7 @@ struct Attention:
                 var kpos = SIMD[DType.float32, NR](Float32(k0)).join(SIMD[DType.float32, NR](Float32(k0 + 1)))
                 var qpos2 = qpos.join(qpos)
                 for g in range(Hkv):
+                    var pf = _later_pass(g, Hkv, s_head, k_hi - k0)
                     var qrows = StaticTuple[Int, NR](fill=0)
                     comptime for r in range(NR):
                         qrows[r] = rows[r] + g * G * D
@@ -667,9 +682,8 @@ struct Attention:
                     var mx2 = F32x(Float32.MIN)  # the tile's max per row, two keys' halves
                     for j in range(0, nk, 2):  # key pairs; past nk the second key aliases the first (masked)
                         comptime for t in range(2):
-                            if j + t < n_next:
-                                var at = tof[unsafe_offset=KTN + j + t] + g * s_head
-                                _prefetch_rows(bp, at, D)
+                            if j + t < pf[2]:
+                                _prefetch_rows(kg, tof[unsafe_offset=pf[0] + j + t] + pf[1], D)
                         var k0 = kg.unsafe_offset(tof[unsafe_offset=j])
                         var k1 = kg.unsafe_offset(tof[unsafe_offset=min(j + 1, nk - 1)])
                         var sc: F32x
@@ -704,6 +718,7 @@ struct Attention:
                     ml.unsafe_store(g * 2 * NR + NR, l * alpha + total2.slice[NR]() + total2.slice[NR, offset=NR]())
                     var og = o_all.unsafe_offset(g * NR * D)
                     var vrow = bp.unsafe_offset(s_kind + g * s_head)
+                    var pf = _later_pass(g, Hkv, s_head, k_hi - k0)
                     if dot:
                         for j in range(0, nk, 2):  # lane r: (P[j][r], P[j + 1][r]) as one bf16 pair
                             var p16 = round_to_bf16[W](sg.unsafe_load[width=W](j * NR))
@@ -711,17 +726,21 @@ struct Attention:
                                 p16.slice[NR]().interleave(p16.slice[NR, offset=NR]())))
                         for d in range(0, D, 2 * W):
                             _accumulate_rows_bf16(og.unsafe_offset(d), ppp, alpha,
-                                                  vrow.unsafe_bitcast[UInt16]().unsafe_offset(d), tof, nk, D, n_next, first)
+                                                  vrow.unsafe_bitcast[UInt16]().unsafe_offset(d), tof, nk, D,
+                                                  pf[0], pf[1], pf[2], first)
                         continue
                     var d = 0
                     while d + 3 * W <= D:
-                        _accumulate_rows[nv=3](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D, n_next, first)
+                        _accumulate_rows[nv=3](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D,
+                                               pf[0], pf[1], pf[2], first)
                         d += 3 * W
                     while d + 2 * W <= D:
-                        _accumulate_rows[nv=2](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D, n_next, first)
+                        _accumulate_rows[nv=2](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D,
+                                               pf[0], pf[1], pf[2], first)
                         d += 2 * W
                     while d + W <= D:
-                        _accumulate_rows[nv=1](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D, n_next, first)
+                        _accumulate_rows[nv=1](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D,
+                                               pf[0], pf[1], pf[2], first)
                         d += W
                     for dd in range(d, D):  # head dims past the last full vector
                         for r in range(NR):
