@@ -591,7 +591,7 @@ struct Attention:
         var tile_done = List[Int](length=n_tiles, fill=0)  # chunks of each tile finished so far
         var tdp = tile_done.unsafe_ptr()
         # Each narrow item's partial result per (kv head, row): running max, running sum, unnormalised O.
-        var part_o = List[Float32](unsafe_uninit_length=n_narrow * Hkv * NR * D)  # each item zeroes its own
+        var part_o = List[Float32](unsafe_uninit_length=n_narrow * Hkv * NR * D)  # items' first tiles write it
         var part_ml = List[Float32](length=n_narrow * Hkv * NR * 2, fill=0)
         var pop = part_o.unsafe_ptr()
         var pmp = part_ml.unsafe_ptr()
@@ -751,7 +751,8 @@ struct Attention:
             # The last of the tile's chunks to finish combines them (the atomic add orders the other chunks'
             # writes before it).
             var tile = ntp[unsafe_offset=item]
-            if Atomic.fetch_add(tdp.unsafe_offset(tile), 1) == tfp[unsafe_offset=tile + 1] - tfp[unsafe_offset=tile] - 1:
+            var n_chunks = tfp[unsafe_offset=tile + 1] - tfp[unsafe_offset=tile]
+            if Atomic.fetch_add(tdp.unsafe_offset(tile), 1) == n_chunks - 1:
                 combine_narrow(tile)
 
         def attend(item: Int) {var itp, var offp, var clp, var lutp, var lut_s, var page, var bp, var s_page,
