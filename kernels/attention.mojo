@@ -50,9 +50,9 @@
 #     process.) The online softmax keeps the rows in the lanes ([KTN][NR] scores), and each chunk leaves a
 #     partial (max, sum, O); the last of a query tile's chunks to finish combines them per row, while the other
 #     core still streams (a pass of its own after all items: decode16 0.5-1% slower fp32, 2% bf16, same
-#     process, alternating order). The partial O buffer (2.25 MiB for decode16)
-#     is allocated uninitialised: each item's first key tile stores its part instead of accumulating into it
-#     (zero-filling it serially before the items ran cost about 5%). The score pass also masks (only a tile
+#     process, alternating order). The partial O buffer (2.25 MiB for decode16) is allocated uninitialised:
+#     each item's first key tile stores its part instead of accumulating into it (zero-filling it serially
+#     before the items ran cost about 5%). The score pass also masks (only a tile
 #     that holds keys past a row's position) and takes the tile's max, so the softmax reads the scores once:
 #     decode16 bf16 7.64 -> 7.33 ms, fp32 unchanged (10.19 vs 10.18 ms), same process, alternating order.
 #     KCHUNK = 512 keys instead of 256 halves the items, their partial results and the combine: decode16 fp32
@@ -81,7 +81,7 @@ from std.math import exp, sqrt
 from std.memory import bitcast
 from std.utils import StaticTuple
 from .cpu_isa import I32x, adjacent_bf16_pairs, dot_bf16_pairs, round_to_bf16, use_bf16_dot
-from .work_queue import parallelize_dynamic
+from .work_queue import parallelize_dynamic, sort_codes_by_cost
 from std.atomic import Atomic
 from std.sys import size_of
 from std.sys.intrinsics import prefetch, PrefetchOptions
@@ -567,21 +567,17 @@ struct Attention:
                     continue
                 for g in range(Hkv):
                     items.append((max_keys - keys) * n_codes + (b * T + q0) * Hkv + g)
-        sort(items)
-        for i in range(len(items)):
-            items[i] = items[i] % n_codes
+        sort_codes_by_cost(items, n_codes)
         var n_items = len(items)
         var itp = items.unsafe_ptr()
         var n_narrow = len(n_b)
         var n_tiles = len(tile_first)
         tile_first.append(n_narrow)
         # The cores take narrow items longest first, so they finish together: decode16 fp32 ~2% faster (10.66 ->
-        # 10.48 ms, 11.58 -> 11.32 ms, same process, alternating order, with the per-page offsets below).
+        # 10.48 ms, 11.58 -> 11.32 ms, same process, alternating order, with the per-page offsets of _tile_offsets).
         for i in range(n_narrow):
             n_order[i] = n_order[i] * n_narrow + i
-        sort(n_order)
-        for i in range(n_narrow):
-            n_order[i] = n_order[i] % n_narrow
+        sort_codes_by_cost(n_order, n_narrow)
         var nop = n_order.unsafe_ptr()
         var nbp = n_b.unsafe_ptr()
         var nqp = n_q0.unsafe_ptr()

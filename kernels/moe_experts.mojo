@@ -60,7 +60,7 @@ import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
 from max.algorithm import parallelize
-from .work_queue import parallelize_dynamic
+from .work_queue import parallelize_dynamic, sort_codes_by_cost
 from std.math import exp
 from std.os import abort
 from std.runtime import parallelism_level
@@ -530,12 +530,11 @@ struct MoeExperts:
                     var n = Int(offp[unsafe_offset=e + 1]) - Int(offp[unsafe_offset=e])
                     by_rows.append((T * k - n) * E + e)
                     mm_rows += n
-            sort(by_rows)
+            sort_codes_by_cost(by_rows, E)
             var workers = parallelism_level()
             var load = List[Int](length=workers, fill=0)  # greedy list schedule: what the work queue does
             for i in range(len(by_rows)):
-                var e = by_rows[i] % E
-                by_rows[i] = e
+                var e = by_rows[i]
                 var least = 0
                 for w in range(1, workers):
                     if load[w] < load[least]:

@@ -31,3 +31,11 @@ def parallelize_dynamic[FuncType: def(Int) -> None](func: FuncType, num_work_ite
             func(i)
 
     parallelize(worker, workers)
+
+
+def sort_codes_by_cost(mut keyed: List[Int], n_codes: Int):
+    """keyed[i] = cost * n_codes + code, with 0 <= code < n_codes: sorts by cost, then code, and leaves the codes.
+    Callers that want the most expensive items first pass a shortfall (most - cost) as the cost."""
+    sort(keyed)
+    for i in range(len(keyed)):
+        keyed[i] = keyed[i] % n_codes
