@@ -34,8 +34,23 @@ PRESETS: dict[str, dict] = {
         num_shared_experts=1, router_scaling_factor=2.826, rope_theta=11158840.0, max_position_embeddings=8192,
     ),
 }
-_GENERATOR_VERSION = 1  # bump when the generated content changes, so caches are rebuilt
+_GENERATOR_VERSION = 2  # bump when the generated content changes, so caches are rebuilt
 BOS, EOS = "<|bos|>", "<|eos|>"
+USER, ASSISTANT = "<｜hy_User｜>", "<｜hy_Assistant｜>"  # Hy3's role tokens (fullwidth bars)
+# A small chat template in Hy3's style: BOS, an optional system text, role tokens before each turn, EOS after each
+# assistant turn, and `reasoning_effort` (no_think | low | high) deciding how the assistant's turn opens.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}" + USER + "{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}" + ASSISTANT + "{{ m['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}" + ASSISTANT +
+    "{% if reasoning_effort is defined and reasoning_effort == 'no_think' %}<think>\n\n</think>\n\n"
+    "{% elif reasoning_effort is defined and reasoning_effort in ('low', 'high') %}<think:{{ reasoning_effort }}>\n"
+    "{% endif %}{% endif %}"
+)
 
 
 def hf_config_dict(spec: dict) -> dict:
@@ -112,7 +127,8 @@ def write_checkpoint(path: Path, config: dict, tensors: dict[str, np.ndarray], s
 
 
 def write_tokenizer(path: Path, vocab_size: int) -> None:
-    """Byte-level BPE trained on transformers' own source text, saved for `AutoTokenizer`."""
+    """Byte-level BPE trained on transformers' own source text, with Hy3-style role tokens and chat template, saved
+    for `AutoTokenizer`. It adds no BOS of its own to plain text (no post-processor); the chat template writes one."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -123,10 +139,13 @@ def write_tokenizer(path: Path, vocab_size: int) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, USER, ASSISTANT],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS).save_pretrained(path)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
+                                   additional_special_tokens=[USER, ASSISTANT])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
 
 
 def cache_root() -> Path:

@@ -45,6 +45,7 @@ class HYV3Config:
     max_position_embeddings: int
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    torch_dtype: str | None = None  # config `dtype` / `torch_dtype`: the checkpoint's own dtype, when it says
     source: str = field(default="<dict>", compare=False)
 
     @property
@@ -130,6 +131,7 @@ class HYV3Config:
             max_position_embeddings=r.int("max_position_embeddings", minimum=1),
             bos_token_id=r.get("bos_token_id", None),
             eos_token_ids=eos_ids,
+            torch_dtype=_torch_dtype(r),
             source=source,
         )
 
@@ -143,6 +145,13 @@ def _mlp_layer_types(r: _Reader, n_layers: int) -> tuple[str, ...]:
     if not isinstance(types, list) or len(types) != n_layers or not set(types) <= {"dense", "sparse"}:
         raise r.error("mlp_layer_types", f"expected {n_layers} entries of 'dense'/'sparse', got {types!r}")
     return tuple(types)
+
+
+def _torch_dtype(r: _Reader) -> str | None:
+    v = r.get(("dtype", "torch_dtype"), None)
+    if v is not None and not isinstance(v, str):
+        raise r.error("dtype", f"expected a dtype name such as 'bfloat16', got {v!r}")
+    return v.removeprefix("torch.") if v else None
 
 
 def _rope_theta(r: _Reader) -> float:

@@ -68,6 +68,9 @@ class PagedKVCache:
     def release(self, seq_id: int) -> None:
         self._free.extend(reversed(self._seqs.pop(seq_id).pages))
 
+    def holds(self, seq_id: int) -> bool:
+        return seq_id in self._seqs
+
     def length(self, seq_id: int) -> int:
         return self._seqs[seq_id].length
 

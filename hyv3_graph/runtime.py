@@ -4,11 +4,18 @@
 (many tokens), decode (one) and mixes of both, with sequences at different positions, all on
 the same compiled model. Inputs are validated before anything is written, so a bad request
 raises `RequestError` and leaves every other sequence's state untouched.
+
+Before anything is loaded or compiled, `memory_estimate` adds up weights, KV cache and activations and
+`check_memory` compares them with the machine's MemAvailable: a model that cannot fit is one clear error
+with the numbers, not an out-of-memory kill halfway through loading.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,34 +27,131 @@ from .config import HYV3Config
 from .dtypes import to_buffer
 from .kv_cache import KVCacheError, PagedKVCache
 from .model import HYV3Graph, Kernels
-from .weights import LoadedWeights, load_weights
+from .weights import CheckpointReader, LoadedWeights, detect_naming, expected_shapes, load_weights
 
 
 class RequestError(ValueError):
     """A request that cannot be served (bad token, empty prompt, no room in the cache)."""
 
 
+class MemoryCheckError(RequestError):
+    """The model, its KV cache and activations would not fit in the memory available."""
+
+
+def checkpoint_dtype(model_path: str | Path, cfg: HYV3Config) -> DType:
+    """`--dtype auto`: the checkpoint's own dtype (config `dtype`/`torch_dtype`, else the tensors' majority by bytes).
+    float16 checkpoints run in float32 (exact; the graph has no float16 path)."""
+    name = cfg.torch_dtype
+    if name is None:
+        reader = CheckpointReader(model_path)
+        by_dtype: dict[str, int] = {}
+        for t in reader.tensors.values():
+            by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
+        name = {"BF16": "bfloat16"}.get(max(by_dtype, key=by_dtype.get), "float32")
+    return DType.bfloat16 if name == "bfloat16" else DType.float32
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int  # bytes of the weights in the model dtype (router and bias fp32), one copy
+    kv_cache: int
+    activations: int  # the largest step: a full --max-length prefill, with temporaries counted twice
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations
+
+
+def memory_estimate(cfg: HYV3Config, dtype: DType, *, max_batch_size: int, max_length: int, page_size: int,
+                    total_pages: int | None = None) -> MemoryEstimate:
+    nbytes = 2 if dtype == DType.bfloat16 else 4
+    weights = 0
+    for name, shape in expected_shapes(cfg, "raw").items():
+        fp32 = name.endswith(("router.gate.weight", "expert_bias"))
+        weights += int(np.prod(shape)) * (4 if fp32 else nbytes)
+    pages = total_pages if total_pages is not None else max_batch_size * -(-max_length // page_size)
+    kv = (pages + 1) * 2 * cfg.num_hidden_layers * page_size * cfg.kv_dim * nbytes
+    H, k = cfg.hidden_size, cfg.num_experts_per_tok
+    per_token = 4 * (4 * H + cfg.q_dim + 2 * cfg.kv_dim + 2 * max(cfg.intermediate_size, cfg.shared_intermediate_size)
+                     + k * (2 * cfg.moe_intermediate_size + H) + cfg.num_experts)
+    activations = 2 * per_token * max_length + 4 * max_batch_size * cfg.vocab_size
+    return MemoryEstimate(weights, kv, activations)
+
+
+def mem_available() -> int | None:
+    """The kernel's MemAvailable in bytes (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(est: MemoryEstimate, available: int | None) -> None:
+    if available is None or est.total <= available:
+        return
+    gb = 1e9
+    raise MemoryCheckError(
+        f"this model needs ~{est.total / gb:.1f} GB (weights {est.weights / gb:.1f}, KV cache {est.kv_cache / gb:.1f}, "
+        f"activations {est.activations / gb:.1f}) but {available / gb:.1f} GB is available: lower --max-length or "
+        f"--max-batch-size (the KV cache), use --dtype bfloat16 (half the weights and cache), or pass "
+        f"--skip-memory-check to try anyway")
+
+
+@contextmanager
+def heartbeat(say, what: str, every_s: float = 5.0):
+    """Calls `say` every `every_s` seconds with the elapsed time while the body runs (a MAX compile is minutes)."""
+    done = threading.Event()
+    t0 = time.perf_counter()
+
+    def beat():
+        while not done.wait(every_s):
+            say(f"{what}: {time.perf_counter() - t0:.0f}s")
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 class HYV3Engine:
-    def __init__(self, model_path: str | Path, *, dtype: DType = DType.float32, kernels: str = "builtin",
+    def __init__(self, model_path: str | Path, *, dtype: DType | None = DType.float32, kernels: str = "builtin",
                  max_batch_size: int = 8, max_length: int = 1024, page_size: int = 128,
-                 total_pages: int | None = None, progress=None, session: InferenceSession | None = None):
+                 total_pages: int | None = None, progress=None, session: InferenceSession | None = None,
+                 check_memory_first: bool = True, check_finite_weights: bool = False):
+        """`dtype` None = the checkpoint's own (`checkpoint_dtype`). `progress(msg)` receives loading and compiling
+        messages, including a heartbeat every few seconds while MAX compiles."""
         self.model_path = Path(model_path)
         self.cfg = HYV3Config.from_file(self.model_path)
-        self.dtype = dtype
+        for name, v in (("max_batch_size", max_batch_size), ("max_length", max_length), ("page_size", page_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise RequestError(f"{name} must be a positive integer, got {v!r}")
+        self.dtype = dtype if dtype is not None else checkpoint_dtype(self.model_path, self.cfg)
         self.kernels = Kernels(kernels)
-        self.cache = PagedKVCache(self.cfg, dtype, max_batch_size=max_batch_size, max_length=max_length,
+        self.memory = memory_estimate(self.cfg, self.dtype, max_batch_size=max_batch_size, max_length=max_length,
+                                      page_size=page_size, total_pages=total_pages)
+        if check_memory_first:
+            check_memory(self.memory, mem_available())
+        self.cache = PagedKVCache(self.cfg, self.dtype, max_batch_size=max_batch_size, max_length=max_length,
                                   page_size=page_size, total_pages=total_pages)
-        self.graph = HYV3Graph(self.cfg, dtype, self.cache.params, n_positions=max_length, kernels=self.kernels)
+        self.graph = HYV3Graph(self.cfg, self.dtype, self.cache.params, n_positions=max_length, kernels=self.kernels)
         say = progress or (lambda msg: None)
 
         t0 = time.perf_counter()
-        weights = load_weights(self.model_path, self.cfg, dtype,
+        weights = load_weights(self.model_path, self.cfg, self.dtype, check_finite=check_finite_weights,
                                progress=lambda i, n: say(f"loading weights: layer {i + 1}/{n}"))
         self.load_s = time.perf_counter() - t0
         say(f"weights loaded in {self.load_s:.1f}s; compiling the graph (minutes on a cold cache)")
         t0 = time.perf_counter()
         self.session = session or InferenceSession(devices=[CPUDevice()])
-        self.model = self.session.load(self.graph.build(), weights_registry=self._registry(weights))
+        with heartbeat(say, "compiling"):
+            self.model = self.session.load(self.graph.build(), weights_registry=self._registry(weights))
         self.compile_s = time.perf_counter() - t0
 
     def _registry(self, weights: LoadedWeights) -> dict:
@@ -57,23 +161,39 @@ class HYV3Engine:
 
     # --- sequence lifecycle -------------------------------------------------------------------
     def add_sequence(self, seq_id: int) -> None:
+        _check_seq_id(seq_id)
         try:
             self.cache.claim(seq_id)
         except KVCacheError as e:
             raise RequestError(str(e)) from None
 
     def release(self, seq_id: int) -> None:
+        _check_seq_id(seq_id)
+        if not self.cache.holds(seq_id):
+            raise RequestError(f"sequence {seq_id} is not in the cache (never added, or already released)")
         self.cache.release(seq_id)
 
     def step(self, batch: list[tuple[int, list[int] | np.ndarray]]) -> np.ndarray:
         """New tokens for each claimed sequence -> float32 logits [B, V] of each one's last token."""
         if not batch:
             raise RequestError("empty batch")
-        toks = []
-        for seq_id, ids in batch:
-            ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        toks, seen = [], set()
+        for item in batch:
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise RequestError(f"batch items are (seq_id, token_ids) pairs, got {item!r}")
+            seq_id, ids = item
+            _check_seq_id(seq_id)
+            if seq_id in seen:
+                raise RequestError(f"sequence {seq_id} appears twice in one step")
+            seen.add(seq_id)
+            if not self.cache.holds(seq_id):
+                raise RequestError(f"sequence {seq_id} is not in the cache (add_sequence first; released ones are gone)")
+            ids = np.asarray(ids).reshape(-1)
             if ids.size == 0:
                 raise RequestError(f"sequence {seq_id}: no tokens (empty prompt?)")
+            if ids.dtype.kind not in "iu":
+                raise RequestError(f"sequence {seq_id}: token ids must be integers, got dtype {ids.dtype}")
+            ids = ids.astype(np.int64)
             bad = ids[(ids < 0) | (ids >= self.cfg.vocab_size)]
             if bad.size:
                 raise RequestError(f"sequence {seq_id}: token id {int(bad[0])} outside the vocab [0, {self.cfg.vocab_size})")
@@ -88,3 +208,8 @@ class HYV3Engine:
         out = self.model.execute(np.concatenate(toks), offsets, *self.cache.inputs(steps))
         self.cache.commit(steps)
         return out[0].to_numpy()
+
+
+def _check_seq_id(seq_id) -> None:
+    if isinstance(seq_id, bool) or not isinstance(seq_id, (int, np.integer)):
+        raise RequestError(f"sequence ids are integers, got {seq_id!r}")

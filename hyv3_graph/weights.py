@@ -17,8 +17,10 @@ Our names (what the graph's `Weight`s are called), per layer under `layers.{i}.`
 plus `embed_tokens.weight` [V, H], `norm.weight` [H], `lm_head.weight` [V, H] (the embedding
 when `tie_word_embeddings`). The MTP layer (`model.layers.{num_hidden_layers}.*`) is dropped.
 
-Tensors are read lazily, one at a time (safetensors `safe_open`, or a memory map for bf16,
-which numpy cannot name), and converted straight into the model dtype: no second full copy.
+Each shard's header is parsed once and checked against the file (`read_safetensors_header`: a truncated
+or corrupted shard is one `WeightError` naming the file and tensor); tensors are read-only views of the
+memory-mapped shards, converted into the model dtype one at a time. Still copied today: the fused qkv
+rows and the raw layout's per-expert tensors, stacked into [E, 2I, H] / [E, H, I].
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 from max.dtype import DType
-from safetensors import safe_open
 
 from .config import HYV3Config
 from .dtypes import to_dtype
@@ -53,58 +54,138 @@ _RENAMES = {
         "mlp.shared.": "mlp.shared_experts.",
     },
 }
-_FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+# safetensors dtype -> numpy dtype of the bytes (bf16 as its uint16 bit patterns: numpy has no bf16).
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
+              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16,
+              "U8": np.uint8, "BOOL": np.bool_}
+_FLOAT_DTYPES = ("F32", "F16", "BF16")
+_MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: str  # safetensors dtype string
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in `file`
+    nbytes: int
+
+
+def read_safetensors_header(f: Path) -> dict[str, TensorInfo]:
+    """Parses one shard's header (once) and checks every entry against the file: a truncated or corrupted shard is
+    one WeightError naming the file (and the tensor), never a library traceback later."""
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise WeightError(f"{f}: not a safetensors file ({size} bytes, shorter than its 8-byte header size)")
+            n = int.from_bytes(head, "little")
+            if n > min(_MAX_HEADER_BYTES, size - 8):
+                raise WeightError(f"{f}: header size {n} runs past the file ({size} bytes): truncated or not safetensors")
+            raw = fh.read(n)
+    except OSError as e:
+        raise WeightError(f"{f}: cannot read ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightError(f"{f}: corrupted safetensors header (not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise WeightError(f"{f}: corrupted safetensors header (not a JSON object)")
+    data_start, data_len = 8 + n, size - 8 - n
+    out = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
+            ok = (dtype in _ST_DTYPES and all(isinstance(d, int) and d >= 0 for d in shape)
+                  and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise WeightError(f"{f}: tensor '{name}': malformed header entry {e!r}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_ST_DTYPES[dtype]).itemsize
+        if end > data_len:
+            raise WeightError(f"{f}: tensor '{name}': data [{begin}, {end}) runs past the end of the file's data "
+                              f"({data_len} bytes): the shard is truncated")
+        if end - begin != nbytes:
+            raise WeightError(f"{f}: tensor '{name}': {end - begin} bytes of data for {dtype} {list(shape)} "
+                              f"({nbytes} bytes)")
+        out[name] = TensorInfo(f, dtype, shape, data_start + begin, nbytes)
+    return out
+
+
 class CheckpointReader:
-    """Lazy access to the tensors of a safetensors checkpoint directory."""
+    """The tensors of a safetensors checkpoint directory: each shard's header read once, data memory-mapped.
+
+    `read` returns a read-only view of the mapped file (no copy): bytes enter memory as the page cache, and only the
+    dtype conversions the model asks for allocate."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         index = self.path / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: self.path / f for name, f in weight_map.items()}
+            shards = sorted({self.path / f for f in self._weight_map(index).values()})
+            for f in shards:
+                if not f.exists():
+                    raise WeightError(f"{index}: names shard '{f.name}', which is not in {self.path}")
         else:
             shards = sorted(self.path.glob("*.safetensors"))
             if not shards:
                 raise WeightError(f"{self.path}: no *.safetensors files and no model.safetensors.index.json")
-            self.files = {}
-            for f in shards:
-                with safe_open(f, framework="numpy") as h:
-                    self.files.update({name: f for name in h.keys()})
-        self._meta: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        for f in shards:
+            self.tensors |= read_safetensors_header(f)
+        if index.exists():
+            for name, fname in self._weight_map(index).items():
+                if name not in self.tensors or self.tensors[name].file.name != fname:
+                    raise WeightError(f"{index}: tensor '{name}' is not in its shard '{fname}'")
+        self._maps: dict[Path, np.memmap] = {}
+
+    @staticmethod
+    def _weight_map(index: Path) -> dict[str, str]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values()):
+                return weight_map
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            pass
+        raise WeightError(f"{index}: not a valid index (a JSON object with a 'weight_map' of tensor -> file)")
 
     def names(self) -> set[str]:
-        return set(self.files)
+        return set(self.tensors)
 
     def meta(self, name: str) -> tuple[str, tuple[int, ...]]:
         """(safetensors dtype string, shape) without reading the data."""
-        if name not in self._meta:
-            with safe_open(self.files[name], framework="numpy") as h:
-                sl = h.get_slice(name)
-                self._meta[name] = (sl.get_dtype(), tuple(sl.get_shape()))
-        return self._meta[name]
+        t = self.tensors[name]
+        return t.dtype, t.shape
+
+    def nbytes(self, names) -> int:
+        return sum(self.tensors[n].nbytes for n in names)
 
     def read(self, name: str) -> np.ndarray:
-        """The tensor as float32/float16, or bf16 bits as uint16."""
-        dt, shape = self.meta(name)
-        if dt not in _FLOAT_DTYPES:
-            raise WeightError(f"tensor '{name}': expected a float dtype (F32/F16/BF16), found {dt}")
-        if dt != "BF16":
-            with safe_open(self.files[name], framework="numpy") as h:
-                return h.get_tensor(name)
-        return self._memmap_bf16(name, shape)
+        """A read-only view of the mapped tensor: float32/float16, or bf16 bits as uint16."""
+        t = self.tensors[name]
+        if t.dtype not in _FLOAT_DTYPES:
+            raise WeightError(f"{t.file}: tensor '{name}': expected a float dtype (F32/F16/BF16), found {t.dtype}")
+        if t.file not in self._maps:
+            self._maps[t.file] = np.memmap(t.file, dtype=np.uint8, mode="r")
+        raw = self._maps[t.file][t.offset:t.offset + t.nbytes]
+        return raw.view(_ST_DTYPES[t.dtype]).reshape(t.shape)
 
-    def _memmap_bf16(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        f = self.files[name]
-        with open(f, "rb") as fh:
-            header_len = int.from_bytes(fh.read(8), "little")
-            start, end = json.loads(fh.read(header_len))[name]["data_offsets"]
-        n = int(np.prod(shape))
-        assert end - start == 2 * n
-        return np.memmap(f, dtype=np.uint16, mode="r", offset=8 + header_len + start, shape=shape)
+    def first_non_finite(self, names) -> tuple[str, int] | None:
+        """(tensor, flat index) of the first NaN/inf among `names` in order, or None; reads every byte once."""
+        for name in names:
+            a = self.read(name)
+            vals = a.reshape(-1)
+            for lo in range(0, vals.size, 1 << 24):  # 16M elements at a time: bounded temporaries
+                chunk = vals[lo:lo + (1 << 24)]
+                bad = ((chunk & 0x7F80) == 0x7F80) if a.dtype == np.uint16 else ~np.isfinite(chunk)
+                if bad.any():
+                    return name, lo + int(np.argmax(bad))
+        return None
 
 
 @dataclass
@@ -165,8 +246,10 @@ def expected_shapes(cfg: HYV3Config, naming: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_weights(path: str | Path, cfg: HYV3Config, dtype: DType = DType.float32, progress=None) -> LoadedWeights:
-    """Reads and validates every tensor, returning them under our names in `dtype`."""
+def load_weights(path: str | Path, cfg: HYV3Config, dtype: DType = DType.float32, progress=None,
+                 check_finite: bool = False) -> LoadedWeights:
+    """Reads and validates every tensor, returning them under our names in `dtype`. With `check_finite`, every
+    tensor the model reads is first scanned for NaN/inf (one pass over all the bytes)."""
     reader = CheckpointReader(path)
     names = {n for n in reader.names() if not _is_mtp(n, cfg)}
     naming = detect_naming(names)
@@ -180,9 +263,16 @@ def load_weights(path: str | Path, cfg: HYV3Config, dtype: DType = DType.float32
         raise WeightError(f"{path}: unexpected tensor '{extra[0]}' (shape {list(reader.meta(extra[0])[1])})"
                           + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
     for name, shape in shapes.items():
-        found = reader.meta(name)[1]
+        dt, found = reader.meta(name)
+        if dt not in _FLOAT_DTYPES:
+            raise WeightError(f"{reader.tensors[name].file}: tensor '{name}': expected a float dtype (F32/F16/BF16), "
+                              f"found {dt}")
         if found != shape:
             raise WeightError(f"{path}: tensor '{name}': expected shape {list(shape)}, found {list(found)}")
+    if check_finite and (bad := reader.first_non_finite(sorted(shapes))):
+        name, at = bad
+        raise WeightError(f"{reader.tensors[name].file}: tensor '{name}': non-finite value (NaN/inf) at flat index "
+                          f"{at} (index {list(np.unravel_index(at, reader.meta(name)[1]))})")
 
     def get(name: str, as_dtype: DType = dtype) -> np.ndarray:
         return to_dtype(reader.read(name), as_dtype)
