@@ -2,12 +2,14 @@
 #   make generate [ARGS="--prompt 'def forward' --max-new-tokens 16"]
 #   make test     [ARGS="-k router"]
 # Each creates .venv and installs the pinned requirements on first use; later runs skip that.
+# make test-fast: config, weights, CLI errors, sampling, GGUF export and the kernels' fuzz tests; no whole-model compile.
+# make bench-peers: llama.cpp (llama-cpp-python, built from source: ~4-6 minutes on 2 cores once, then pip's cache).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: generate test bench clean-venv
+.PHONY: generate test test-fast bench bench-peers clean-venv
 
 $(VENV)/.runtime-installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,13 +20,24 @@ $(VENV)/.test-installed: requirements-test.txt $(VENV)/.runtime-installed
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
+# GGML_NATIVE: llama.cpp for this CPU's instruction sets (AVX-512, AVX512_BF16, AMX where present), as its users build it.
+$(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.test-installed
+	CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PY) -m pip install -q --disable-pip-version-check -r requirements-bench.txt
+	touch $@
+
 generate: $(VENV)/.runtime-installed
 	$(PY) -m hyv3_graph.generate $(ARGS)
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest $(ARGS)
 
-bench: $(VENV)/.test-installed
+test-fast: $(VENV)/.test-installed
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+bench-peers: $(VENV)/.bench-installed
+
+bench: $(VENV)/.bench-installed
 	$(PY) -m bench $(ARGS)
 
 clean-venv:

@@ -17,6 +17,8 @@ from .cases import MODULES
 from .harness import Disagreement, measure_machine
 
 RESULTS = Path(__file__).parent / "results"
+README = Path(__file__).parents[1] / "README.md"
+README_BEGIN, README_END = "<!-- bench table: begin (written by python -m bench) -->", "<!-- bench table: end -->"
 
 
 def _fmt_s(s: float) -> str:
@@ -50,7 +52,7 @@ def plot(rows: list[dict], path: Path) -> None:
     peers = [r for r in rows if r.get("speedup_of_mojo") and r["impl"] != "mojo"]
     if not peers:
         return
-    colors = {"max": "tab:orange", "torch": "tab:blue", "numpy": "tab:purple"}
+    colors = {"max": "tab:orange", "torch": "tab:blue", "numpy": "tab:purple", "llama.cpp": "tab:green"}
     fig, ax = plt.subplots(figsize=(9, 1 + 0.22 * len(peers)))
     y = range(len(peers))
     ratios = [r["speedup_of_mojo"] for r in peers]
@@ -68,6 +70,15 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_readme_table(md: str, readme: Path = README) -> None:
+    """A full run's table goes into the README between the markers, so the README's figures are the bench's."""
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        return
+    head, rest = text.split(README_BEGIN, 1)
+    readme.write_text(head + README_BEGIN + "\n" + md + "\n" + README_END + rest.split(README_END, 1)[1])
 
 
 def main(argv=None) -> int:
@@ -111,6 +122,8 @@ def main(argv=None) -> int:
           "(GFLOP/s for compute-bound cases, GB/s for memory-bound ones); "
           f"{machine['date']}{' (--quick)' if args.quick else ''}", "", *table(rows)]
     (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
+    if stem == "latest":
+        write_readme_table("\n".join(md))
     plot(rows, RESULTS / f"{stem}.png")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "results": rows, "failed": failed}, indent=2))

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-IMPLS = ("mojo", "max", "torch", "numpy")  # the `impl` of every row (the --json contract); a variant is a case
+IMPLS = ("mojo", "max", "torch", "numpy", "llama.cpp")  # the `impl` of every row (the --json contract); a variant is a case
 
 
 class Disagreement(AssertionError):
@@ -26,7 +26,7 @@ class Case:
     bench: str  # e.g. "router"
     name: str  # e.g. "T4096_E192_k8"
     impls: dict[str, Callable[[], Any]]  # impl -> zero-arg run on the prepared inputs
-    check: Callable[[dict[str, Any]], None]  # raises Disagreement
+    check: Callable[[dict[str, Any]], None]  # raises Disagreement; its docstring says what it checks
     flops: float | None = None
     bytes: float | None = None
     versions: dict[str, str] = field(default_factory=dict)
@@ -112,7 +112,8 @@ def run_case(case: Case, machine: dict) -> list[dict]:
     if unknown := set(case.impls) - set(IMPLS):
         raise ValueError(f"{case.bench} {case.name}: implementations {sorted(unknown)} are not among {IMPLS}")
     outputs = {impl: fn() for impl, fn in case.impls.items()}
-    case.check(outputs)  # raises Disagreement before anything is timed
+    case.check(outputs)  # raises Disagreement before anything is timed: a row exists only if its output agreed
+    check_desc = " ".join((case.check.__doc__ or case.check.__name__).split())
     probe = (lambda: gemm_gflops(machine["gemm_n"])) if case.flops else read_gbs if case.bytes else None
     timings, local = {}, {}
     for impl, fn in case.impls.items():
@@ -132,7 +133,7 @@ def run_case(case: Case, machine: dict) -> list[dict]:
                      "repeats": t.repeats, "gflops": gflops, "gbs": gbs, "roofline_frac": frac,
                      "local_roofline": local[impl],
                      "local_roofline_frac": (gflops or gbs) / local[impl] if local[impl] else None,
-                     "version": case.versions.get(impl, ""), "agreed": True})
+                     "version": case.versions.get(impl, ""), "agreed": True, "check": check_desc})
     ours = next((r for r in rows if r["impl"] == "mojo"), None)
     for r in rows:
         r["speedup_of_mojo"] = (r["median_s"] / ours["median_s"]) if ours else None

@@ -56,7 +56,7 @@ def generate(engine, prompts: list[list[int]], *, max_new_tokens: int, temperatu
     rng = np.random.default_rng(seed)
     outputs: list[list[int]] = [[] for _ in prompts]
     errors: dict[int, dict] = {}
-    sample_s = 0.0
+    host_s = 0.0  # per step after the forward: the NaN/inf check, sampling and `on_token`
     added = []
     try:
         for i in range(len(prompts)):
@@ -83,7 +83,7 @@ def generate(engine, prompts: list[list[int]], *, max_new_tokens: int, temperatu
                     on_token(i, tok)
                 if tok not in eos and len(outputs[i]) < max_new_tokens:
                     still.append(i)
-            sample_s += time.perf_counter() - t0
+            host_s += time.perf_counter() - t0
             if ttft_s is None:
                 ttft_s = time.perf_counter() - t_start
                 t_decode = time.perf_counter()
@@ -100,7 +100,7 @@ def generate(engine, prompts: list[list[int]], *, max_new_tokens: int, temperatu
     decode_tokens = n_out - sum(1 for o in outputs if o)  # the first token of each comes from the prefill
     stats = {"prefill_s": prefill_s, "prefill_tok_s": sum(map(len, prompts)) / prefill_s, "ttft_s": ttft_s,
              "decode_s": decode_s, "decode_tok_s": decode_tokens / decode_s if decode_tokens else None,
-             "decode_tokens": decode_tokens, "sample_us_per_token": 1e6 * sample_s / max(n_out, 1),
+             "decode_tokens": decode_tokens, "host_us_per_token": 1e6 * host_s / max(n_out, 1),
              "errors": [errors[i] for i in sorted(errors)]}
     return outputs, stats
 
@@ -386,7 +386,7 @@ def _interactive(engine, tokenizer, prompter, first, args, sampling, log) -> int
 def _stats_line(stats: dict) -> str:
     decode = f"{stats['decode_tok_s']:.1f} tok/s" if stats["decode_tok_s"] else "n/a"
     return (f"time to first token {1e3 * stats['ttft_s']:.0f} ms | prefill {stats['prefill_tok_s']:.1f} tok/s | "
-            f"decode {decode} (sampling {stats['sample_us_per_token']:.0f} us/token)")
+            f"decode {decode} (host {stats['host_us_per_token']:.0f} us/token)")
 
 
 class TextStream:

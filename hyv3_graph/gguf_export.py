@@ -37,6 +37,7 @@ from .dtypes import bf16_bits_to_f32, f32_to_bf16_bits
 from .weights import _RENAMES, CheckpointReader, WeightError, detect_naming, expected_shapes
 
 ARCH = "hy_v3"
+FORMAT_VERSION = 1  # bump when what is written changes: cached GGUFs are keyed by it
 TYPES = ("f32", "bf16", "q8_0")
 Q8_0_BLOCK = 32
 

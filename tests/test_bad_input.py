@@ -213,6 +213,7 @@ def cached_engine_factory(engines, tiny_path):
     return factory
 
 
+@pytest.mark.slow
 @settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(st.lists(st.sampled_from(sorted(ARGS)), unique=True, max_size=6), st.data())
 def test_random_argument_vectors(cached_engine_factory, tiny_path, capfd, chosen, data):
@@ -261,6 +262,7 @@ def nan_token_checkpoint(tiny_path, tmp_path_factory):
     return ckpt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", ["builtin", "custom"])
 def test_nan_logits_stop_only_that_sequence(engines, tiny_path, nan_token_checkpoint, kernels):
     engine = engines.get(nan_token_checkpoint, kernels)
@@ -273,6 +275,7 @@ def test_nan_logits_stop_only_that_sequence(engines, tiny_path, nan_token_checkp
     assert outputs[1] == alone[0]
 
 
+@pytest.mark.slow
 def test_nan_logits_cli_exit_2_other_prompt_printed(engines, nan_token_checkpoint):
     engines.get(nan_token_checkpoint, "custom")  # compiled graph in MAX's cache: the subprocess hits it
     r = subprocess.run([sys.executable, "-m", "hyv3_graph.generate", "--model-path", str(nan_token_checkpoint),
@@ -288,6 +291,7 @@ def test_nan_logits_cli_exit_2_other_prompt_printed(engines, nan_token_checkpoin
 
 # --- the engine API, for callers that do not go through the CLI ------------------------------------------
 
+@pytest.mark.slow
 def test_engine_api_misuse_is_a_request_error(engines, tiny_path):
     engine = engines.get(tiny_path, "custom")
     free = engine.cache.free_pages

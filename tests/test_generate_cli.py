@@ -1,6 +1,8 @@
 """The `python -m hyv3_graph.generate` contract: flags, --json lines, clear errors with a non-zero exit."""
 
 import json
+
+import pytest
 import os
 import subprocess
 import sys
@@ -15,6 +17,7 @@ def run(*args):
                           cwd=ROOT, env=env, timeout=1200)
 
 
+@pytest.mark.slow
 def test_json_output(tiny_path, engines):
     engines.get(tiny_path)  # same graph (conftest's engine settings): a MAX cache hit in the subprocess
     r = run("--model-path", str(tiny_path), "--prompt", "def forward(self", "--prompt-ids", "5,6,7",

@@ -11,6 +11,7 @@ from hyv3_graph.runtime import RequestError
 LOGITS_ATOL = 2e-4
 PROMPTS = [[5, 17, 300, 2, 9, 77, 31], [44], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26]]
 CHECKPOINTS = ["tiny_path", "alt_path"]
+pytestmark = pytest.mark.slow  # whole-model graphs
 BACKENDS = ["builtin", "custom"]
 
 

@@ -1,13 +1,20 @@
-"""`e2e` cases: the whole model, ours (`--kernels custom` and `builtin`) vs HF `HYV3ForCausalLM` (torch).
+"""`e2e` cases: the whole model, ours (`--kernels custom` and `builtin`) vs HF `HYV3ForCausalLM` (torch) and
+llama.cpp's native `hy_v3` (llama-cpp-python, on GGUFs written by `hyv3_graph.gguf_export`).
 
 Full run: the `small` preset in float32: prefill of one 512-token prompt, greedy decode of 128 tokens at
 batch 1, and a ragged batch of 8 prompts of mixed lengths (greedy, 32 new tokens each). The `_bf16` cases run
-the same in bfloat16 (weights, activations and KV cache), ours with `--kernels custom` against HF's bf16 model.
+the same in bfloat16 (ours: `--kernels custom`, bf16 weights, activations and KV cache; HF's bf16 model;
+llama.cpp's bf16 GGUF), the `_q8_0` cases llama.cpp's Q8_0 GGUF (ours has no int8 path yet).
 `--quick` runs the same on `tiny` with shapes that fit the test suite's engine settings, so CI reuses the
-compiled graphs.
+compiled graphs. llama.cpp's settings: `bench/llama_cpp_peer.py`; without llama-cpp-python its rows are
+skipped with one line saying how to install it.
 
-Every implementation gets the same prompts and is greedy; before timing, ours in float32 (both backends) must give
-HF fp32's prefill logits and exactly its greedy tokens (bf16 is timed, its agreement is only reported).
+Every implementation gets the same prompts and is greedy. Before anything is timed each row passes its check
+(`agreed`, with `check` saying which): float32 rows (ours on both backends, llama.cpp f32) must give HF fp32's
+prefill logits within 2e-3 and exactly its greedy tokens; bf16 and q8_0 rows must keep their prefill logits'
+error against HF fp32 within LOW_PRECISION_SLACK x HF bf16's own error (+0.05, medians over four prompts: see
+`_check`) with correlations > 0.9, and report their greedy-token agreement (random weights: greedy paths part after a few tokens in any lower
+precision, so it is reported, not required). A row that fails its check fails the case.
 Rooflines: prefill against its FLOPs over the measured peak, decode against the bytes one step must read
 (active weights: attention, dense MLP, router, the k chosen and the shared experts, lm_head; plus the KV
 cache) over the measured bandwidth.
@@ -23,12 +30,14 @@ import numpy as np
 
 from max.dtype import DType
 
+from hyv3_graph import gguf_export
 from hyv3_graph.checkpoints import embedded_checkpoint
 from hyv3_graph.config import HYV3Config
 from hyv3_graph.generate import generate
 from hyv3_graph.runtime import HYV3Engine
 
-from ..harness import Disagreement, assert_close
+from .. import llama_cpp_peer
+from ..harness import Disagreement
 
 BENCH = "e2e"
 FULL = dict(preset="small", max_length=1024, page_size=128, prefill=512, decode=128, ragged=[17, 300, 5, 128, 64, 1, 250, 33],
@@ -37,22 +46,30 @@ QUICK = dict(preset="tiny", max_length=256, page_size=16, prefill=128, decode=16
              repeats=2)
 
 
-def active_weight_bytes(cfg: HYV3Config, bytes_per: int) -> int:
+LOW_PRECISION_SLACK = 4.0
+WEIGHT_BYTES = {"f32": 4.0, "bf16": 2.0, "q8_0": 34 / 32}  # Q8_0: 32 int8 + one fp16 scale per block
+SUFFIX = {"f32": "", "bf16": "_bf16", "q8_0": "_q8_0"}
+
+
+def active_weight_bytes(cfg: HYV3Config, bytes_per: float) -> float:
+    """Weight bytes one decode step reads at `bytes_per` per weight (the router always fp32)."""
     H, Ia, S = cfg.hidden_size, cfg.moe_intermediate_size, cfg.shared_intermediate_size
     total = cfg.vocab_size * H  # lm_head (the embedding reads one row)
+    router = 0
     for i in range(cfg.num_hidden_layers):
         total += H * (cfg.q_dim + 2 * cfg.kv_dim) + cfg.q_dim * H
         if cfg.is_sparse(i):
             total += 3 * H * (Ia * cfg.num_experts_per_tok + S)
-            total += cfg.num_experts * H * 4 // bytes_per  # fp32 router
+            router += cfg.num_experts * H * 4
         else:
             total += 3 * H * cfg.intermediate_size
-    return total * bytes_per
+    return total * bytes_per + router
 
 
 def prefill_flops(cfg: HYV3Config, n: int) -> float:
     attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * n * n / 2  # causal QK^T and PV
-    return 2 * n * active_weight_bytes(cfg, 1) + attn
+    router = sum(cfg.is_sparse(i) for i in range(cfg.num_hidden_layers)) * cfg.num_experts * cfg.hidden_size
+    return 2 * n * (active_weight_bytes(cfg, 1) - 3 * router) + attn  # router bytes are 4 per weight at any width
 
 
 def _median_min(fn, repeats):
@@ -118,9 +135,103 @@ class _HF:
         return [row[width:].tolist() for row in out]
 
 
-def results(quick: bool, machine: dict) -> list[dict]:
+class _LlamaCpp:
+    def __init__(self, peer: llama_cpp_peer.LlamaCpp):
+        self.peer = peer
+
+    def prefill_logits(self, prompt):
+        return self.peer.prefill_logits(prompt)
+
+    def decode(self, prompt, n):
+        return self.peer.decode(prompt, n)
+
+    def batch(self, prompts, n):
+        return self.peer.batch_generate(prompts, n)
+
+
+def gguf_for(path, weight_type: str):
+    """The checkpoint's GGUF at `weight_type`, written once next to it (keyed by the converter's version)."""
+    out = path / "gguf" / f"{weight_type}-v{gguf_export.FORMAT_VERSION}.gguf"
+    if not out.exists():
+        out.parent.mkdir(exist_ok=True)
+        gguf_export.export_gguf(path, out, weight_type)
+    return out
+
+
+def _impls(s: dict, path, cfg, machine) -> tuple[dict, dict]:
+    """(name, weight type) -> runner, and -> version string. Built before any timing."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    common = dict(max_batch_size=len(s["ragged"]), max_length=s["max_length"], page_size=s["page_size"])
+    impls = {
+        ("mojo", "f32"): _Ours(HYV3Engine(path, kernels="custom", **common)),
+        ("max", "f32"): _Ours(HYV3Engine(path, kernels="builtin", **common)),
+        ("torch", "f32"): _HF(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), torch),
+        ("mojo", "bf16"): _Ours(HYV3Engine(path, dtype=DType.bfloat16, kernels="custom", **common)),
+        ("torch", "bf16"): _HF(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval(), torch),
+    }
+    tf = f"HF transformers {version('transformers')}"
+    versions = {("mojo", "f32"): "hyv3_graph --kernels custom",
+                ("max", "f32"): f"hyv3_graph --kernels builtin (max {version('max')})",
+                ("torch", "f32"): f"{tf} fp32, torch {torch.__version__}",
+                ("mojo", "bf16"): "hyv3_graph --kernels custom, bf16",
+                ("torch", "bf16"): f"{tf} bf16, torch {torch.__version__}"}
+    ok, why = llama_cpp_peer.available()
+    if not ok:
+        print(f"e2e: llama.cpp rows skipped: {why}; install it with {llama_cpp_peer.INSTALL_HINT}", flush=True)
+        return impls, versions
+    n_batch = max(s["prefill"], sum(s["ragged"]))
+    for wt in ("f32", "bf16", "q8_0"):
+        peer = llama_cpp_peer.LlamaCpp(gguf_for(path, wt), wt, n_threads=machine["cores"], n_batch=n_batch,
+                                       n_seq_max=len(s["ragged"]), n_ctx=len(s["ragged"]) * s["max_length"])
+        impls[("llama.cpp", wt)] = _LlamaCpp(peer)
+        versions[("llama.cpp", wt)] = peer.settings
+    return impls, versions
+
+
+def _check(impls: dict, prompt, short, decode_n) -> dict:
+    """Each row's check against HF fp32, before anything is timed; raises Disagreement for a row that fails.
+
+    The logits are compared on four prefixes of the prompt. In bf16 a single near-tie in some token's expert
+    choice (top-k margins of ~1e-3 occur on random weights) flips that token's experts and moves the last
+    logits by several units, in any bf16 implementation; so low-precision rows are held to the median of the
+    four errors, f32 rows to every one of them."""
+    prefixes = [prompt[:16], prompt[:37], prompt[:len(prompt) // 2 + 1], prompt]
+    ref = [impls[("torch", "f32")].prefill_logits(p) for p in prefixes]
+    ref_tokens, _ = impls[("torch", "f32")].decode(short, decode_n)
+    hf_bf16 = impls[("torch", "bf16")]
+    hf_bf16_err = float(np.median([np.abs(hf_bf16.prefill_logits(p) - r).max() for p, r in zip(prefixes, ref)]))
+    bound = LOW_PRECISION_SLACK * hf_bf16_err + 0.05
+    out = {}
+    for key, impl in impls.items():
+        name, wt = key
+        tokens, _ = impl.decode(short, decode_n)
+        logits = [impl.prefill_logits(p) for p in prefixes]
+        errs = [float(np.abs(lg - r).max()) for lg, r in zip(logits, ref)]
+        corr = min(float(np.corrcoef(lg, r)[0, 1]) for lg, r in zip(logits, ref))
+        agreement = float(np.mean(np.array(tokens) == np.array(ref_tokens)))
+        if wt == "f32":
+            check = "prefill logits within 2e-3 of HF fp32 on 4 prompts and its greedy tokens exactly (required)"
+            agreed = max(errs) <= 2e-3 and tokens == ref_tokens
+        elif key == ("torch", "bf16"):
+            check, agreed = "HF bf16: the yardstick of the low-precision bound", True
+        else:
+            check = (f"median over 4 prompts of the prefill logits' max error vs HF fp32 <= {LOW_PRECISION_SLACK:g} x "
+                     f"HF bf16's ({hf_bf16_err:.3g}) + 0.05, every correlation > 0.9; greedy token agreement "
+                     "reported, not required")
+            agreed = float(np.median(errs)) <= bound and corr > 0.9
+        if not agreed:
+            raise Disagreement(f"e2e {name} {wt}: max |logits - HF fp32| per prompt {[round(e, 4) for e in errs]}, "
+                               f"min correlation {corr:.5f}, greedy tokens {tokens[:12]}... vs HF fp32's "
+                               f"{ref_tokens[:12]}... ({check})")
+        out[key] = {"agreed": True, "check": check, "token_agreement_with_hf_fp32": agreement,
+                    "logits_max_err_vs_hf_fp32": max(errs), "logits_median_err_vs_hf_fp32": float(np.median(errs))}
+    return out
+
+
+def results(quick: bool, machine: dict) -> list[dict]:
+    import torch
 
     s = QUICK if quick else FULL
     path = embedded_checkpoint(s["preset"])
@@ -130,38 +241,16 @@ def results(quick: bool, machine: dict) -> list[dict]:
     prompt = rng.integers(2, cfg.vocab_size, s["prefill"]).tolist()
     short = prompt[:16]
     ragged = [rng.integers(2, cfg.vocab_size, n).tolist() for n in s["ragged"]]
-    common = dict(max_batch_size=len(ragged), max_length=s["max_length"], page_size=s["page_size"])
-    impls = {  # a `_bf16` name runs the `_bf16` cases as its impl without the suffix
-        "mojo": _Ours(HYV3Engine(path, kernels="custom", **common)),
-        "max": _Ours(HYV3Engine(path, kernels="builtin", **common)),
-        "torch": _HF(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), torch),
-        "mojo_bf16": _Ours(HYV3Engine(path, dtype=DType.bfloat16, kernels="custom", **common)),
-        "torch_bf16": _HF(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval(), torch),
-    }
-    versions = {"mojo": "hyv3_graph --kernels custom", "max": f"hyv3_graph --kernels builtin (max {version('max')})",
-                "torch": f"HF transformers {version('transformers')} fp32, torch {torch.__version__}",
-                "mojo_bf16": "hyv3_graph --kernels custom, bf16",
-                "torch_bf16": f"HF transformers {version('transformers')} bf16, torch {torch.__version__}"}
-
-    # Agreement before any timing: ours vs HF fp32 logits and greedy tokens.
-    ref_logits = impls["torch"].prefill_logits(prompt)
-    ref_tokens, _ = impls["torch"].decode(short, s["decode"])
-    agreement = {}
-    for name, impl in impls.items():
-        tokens, _ = impl.decode(short, s["decode"])
-        agreement[name] = float(np.mean(np.array(tokens) == np.array(ref_tokens)))
-        if name in ("mojo", "max"):
-            assert_close(f"e2e prefill logits ({name})", impl.prefill_logits(prompt), ref_logits, rtol=0, atol=2e-3)
-            if tokens != ref_tokens:
-                raise Disagreement(f"e2e: {name} greedy tokens differ from HF fp32: {tokens} vs {ref_tokens}")
+    impls, versions = _impls(s, path, cfg, machine)
+    checks = _check(impls, prompt, short, s["decode"])
 
     rows = []
-    for name, impl in impls.items():
-        suffix, bytes_per = ("_bf16", 2) if name.endswith("_bf16") else ("", 4)
-        kv_bytes = 2 * cfg.num_hidden_layers * cfg.kv_dim * bytes_per * (len(short) + s["decode"] // 2)
+    for key, impl in impls.items():
+        name, wt = key
+        suffix, bytes_per = SUFFIX[wt], WEIGHT_BYTES[wt]
+        kv_bytes = 2 * cfg.num_hidden_layers * cfg.kv_dim * (4 if wt == "f32" else 2) * (len(short) + s["decode"] // 2)
         decode_bytes = active_weight_bytes(cfg, bytes_per) + kv_bytes
-        base = {"bench": BENCH, "impl": name.removesuffix("_bf16"), "version": versions[name], "agreed": True,
-                "token_agreement_with_hf_fp32": agreement[name]}
+        base = {"bench": BENCH, "impl": name, "weights": wt, "version": versions[key], **checks[key]}
         _, med, mn = _median_min(lambda: impl.prefill_logits(prompt), s["repeats"])
         fl = prefill_flops(cfg, len(prompt))
         rows.append(base | {"case": f"{s['preset']}_prefill{len(prompt)}{suffix}",
@@ -179,7 +268,10 @@ def results(quick: bool, machine: dict) -> list[dict]:
         rows.append(base | {"case": f"{s['preset']}_ragged{len(ragged)}x{s['ragged_new']}{suffix}",
                             "median_s": med, "min_s": mn, "tok_s": n_tok / med, "gflops": None, "gbs": None,
                             "roofline_frac": None})
+    for impl in impls.values():
+        if isinstance(impl, _LlamaCpp):
+            impl.peer.close()
     ours = {r["case"]: r["median_s"] for r in rows if r["impl"] == "mojo"}
     for r in rows:
-        r["speedup_of_mojo"] = r["median_s"] / ours[r["case"]]
+        r["speedup_of_mojo"] = r["median_s"] / ours[r["case"]] if r["case"] in ours else None
     return rows

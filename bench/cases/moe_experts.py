@@ -111,6 +111,7 @@ def _cases(torch, rng, T, E, k, H, I, wname, run_mojo, eager, grouped, builtin, 
             ref = outputs["torch"]
             for impl, o in outputs.items():
                 assert_close(f"experts ({impl} vs torch)", o, ref, rtol=0, atol=tol * max(1.0, float(np.abs(ref).max())))
+        check.__doc__ = f"every implementation within {tol:g} x max(1, max|out|) of HF's torch experts"
         return check
 
     # bf16 weights: experts with many rows round their activations to bf16 (the op's bf16-dot path)

@@ -42,6 +42,7 @@ def _torch_router(torch, logits, bias):
 
 
 def _check(outputs):
+    """The same expert ids (as sets per token) and their weights within tolerance, for every implementation."""
     ref_ids, ref_w = None, None
     for impl, (ids, w) in outputs.items():
         ids, w = np.asarray(ids), np.asarray(w)
