@@ -8,6 +8,7 @@
     --max-new-tokens N --temperature T (0 = greedy) --top-k K --top-p P --seed S --ignore-eos
     --dtype auto|float32|bfloat16 --kernels custom|builtin --max-batch-size N --max-length N --page-size N
     --check-weights           scan every weight for NaN/inf before loading
+    --expert-stats [PATH.png] tokens per expert per sparse layer, prefill and decode apart (and a heatmap)
     --skip-memory-check       load even when weights + KV cache + activations exceed MemAvailable
     --json                    one line per prompt {prompt_ids, output_ids, text, error}, then one stats line
 
@@ -57,6 +58,7 @@ def generate(engine, prompts: list[list[int]], *, max_new_tokens: int, temperatu
     outputs: list[list[int]] = [[] for _ in prompts]
     errors: dict[int, dict] = {}
     host_s = 0.0  # per step after the forward: the NaN/inf check, sampling and `on_token`
+    counts = ExpertCounts(engine) if getattr(engine, "expert_stats", False) else None
     added = []
     try:
         for i in range(len(prompts)):
@@ -65,6 +67,8 @@ def generate(engine, prompts: list[list[int]], *, max_new_tokens: int, temperatu
         t_start = time.perf_counter()
         logits = engine.step(list(enumerate(prompts)))  # [B, V]
         prefill_s = time.perf_counter() - t_start
+        if counts:
+            counts.add("prefill", engine.last_expert_counts)
         active, step, ttft_s = list(range(len(prompts))), 0, None
         t_decode = time.perf_counter()
         while True:
@@ -92,6 +96,8 @@ def generate(engine, prompts: list[list[int]], *, max_new_tokens: int, temperatu
                 break
             step += 1
             logits = engine.step([(i, [outputs[i][-1]]) for i in active])
+            if counts:
+                counts.add("decode", engine.last_expert_counts)
         decode_s = time.perf_counter() - t_decode
     finally:
         for i in added:
@@ -102,7 +108,60 @@ def generate(engine, prompts: list[list[int]], *, max_new_tokens: int, temperatu
              "decode_s": decode_s, "decode_tok_s": decode_tokens / decode_s if decode_tokens else None,
              "decode_tokens": decode_tokens, "host_us_per_token": 1e6 * host_s / max(n_out, 1),
              "errors": [errors[i] for i in sorted(errors)]}
+    if counts:
+        stats["expert_counts"] = counts.as_dict()
     return outputs, stats
+
+
+class ExpertCounts:
+    """Tokens per expert per sparse layer, summed over the prefill step and over the decode steps apart."""
+
+    def __init__(self, engine):
+        self.layers = list(engine.sparse_layers)
+        shape = (len(self.layers), engine.cfg.num_experts)
+        self.sums = {"prefill": np.zeros(shape, np.int64), "decode": np.zeros(shape, np.int64)}
+
+    def add(self, phase: str, step_counts: np.ndarray) -> None:
+        self.sums[phase] += step_counts
+
+    def as_dict(self) -> dict:
+        return {"layers": self.layers, **{phase: c.tolist() for phase, c in self.sums.items()}}
+
+
+def expert_table(counts: dict) -> list[str]:
+    """A compact table: per sparse layer and phase, tokens routed, experts used, the busiest expert, then every
+    expert's count in expert order."""
+    lines = ["layer phase    routed  used  busiest (tokens)  per expert 0.."]
+    for n, layer in enumerate(counts["layers"]):
+        for phase in ("prefill", "decode"):
+            c = np.asarray(counts[phase][n])
+            if not c.sum():
+                continue
+            lines.append(f"{layer:5d} {phase:8s} {int(c.sum()):6d} {int((c > 0).sum()):3d}/{c.size:<3d} "
+                         f"e{int(c.argmax()):<4d}({int(c.max()):5d})   " + " ".join(str(int(v)) for v in c))
+    return lines
+
+
+def expert_heatmap(counts: dict, path: Path) -> None:
+    """Layers x experts, prefill and decode side by side, tokens per expert as colour."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise RequestError(f"--expert-stats {path}: drawing needs matplotlib (pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 1.5 + 0.25 * len(counts["layers"])), squeeze=False)
+    for ax, phase in zip(axes[0], ("prefill", "decode")):
+        im = ax.imshow(np.asarray(counts[phase]), aspect="auto", interpolation="nearest", cmap="viridis")
+        ax.set_title(f"{phase}: tokens per expert")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+        ax.set_yticks(range(len(counts["layers"])), [str(i) for i in counts["layers"]], fontsize=6)
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # --- the command line ---------------------------------------------------------------------------
@@ -182,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--page-size", type=_int_in(1, PAGE_SIZE_MAX), default=128,
                     help=f"KV cache page size in tokens, 1..{PAGE_SIZE_MAX}")
     ap.add_argument("--check-weights", action="store_true", help="scan every weight for NaN/inf before loading")
+    ap.add_argument("--expert-stats", nargs="?", const=True, default=None, metavar="PATH.png",
+                    help="after generating: tokens per expert per sparse layer (stderr and --json stats); "
+                         "with a .png path also a heatmap (needs --kernels custom)")
     ap.add_argument("--skip-memory-check", action="store_true",
                     help="load even when the estimate exceeds the memory available")
     ap.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -210,6 +272,11 @@ def _check_args(args, cfg) -> None:
         raise RequestError("--system and --reasoning-effort go with --chat")
     if args.interactive and args.json:
         raise RequestError("--interactive prints text as it streams; it does not go with --json")
+    if args.expert_stats is not None:
+        if args.kernels != "custom":
+            raise RequestError("--expert-stats comes from our router op: it needs --kernels custom")
+        if args.expert_stats is not True and not str(args.expert_stats).endswith(".png"):
+            raise RequestError(f"--expert-stats: expected a .png path for the heatmap, got {args.expert_stats!r}")
 
 
 class Prompter:
@@ -293,7 +360,7 @@ def _run(args, log) -> int:
     engine = HYV3Engine(model_path, dtype=None if args.dtype == "auto" else DTYPES[args.dtype], kernels=args.kernels,
                         max_batch_size=args.max_batch_size, max_length=args.max_length, page_size=args.page_size,
                         progress=log, check_memory_first=not args.skip_memory_check,
-                        check_finite_weights=args.check_weights)
+                        check_finite_weights=args.check_weights, expert_stats=args.expert_stats is not None)
     log(f"{engine.dtype} model, --kernels {args.kernels}: compiled in {engine.compile_s:.1f}s")
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
@@ -325,6 +392,11 @@ def _batch(engine, tokenizer, prompts, args, sampling, log, echo_prompt: bool) -
                 shown = tokenizer.decode(out) if tokenizer is not None else out
                 print(f"[{n}] {shown!r}")
         log(_stats_line(stats))
+    if "expert_counts" in stats:
+        log("\n".join(expert_table(stats["expert_counts"])))
+        if args.expert_stats is not True:
+            expert_heatmap(stats["expert_counts"], Path(args.expert_stats))
+            log(f"expert heatmap: {args.expert_stats}")
     for e in stats["errors"]:
         print(f"error: {e['error']}", file=sys.stderr)
     return 2 if failed else 0

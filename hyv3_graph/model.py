@@ -6,7 +6,9 @@ layer's tensors. Compile time therefore stays flat as depth grows.
 
 Inputs (ragged batch): tokens [T] (all new tokens of all sequences, concatenated),
 input_row_offsets [B + 1] uint32, then the paged KV cache inputs (`kv_cache.py`).
-Output: float32 logits [B, V] of each sequence's last new token.
+Output: float32 logits [B, V] of each sequence's last new token; with `expert_stats` (custom kernels only)
+also int32 [n_sparse, E]: how many of the step's tokens each expert took in each sparse layer, the
+differences of the router op's own dispatch offsets (no extra pass over the router logits).
 
 Shapes: T = total new tokens, H = hidden, Hq/Hkv = heads, D = head_dim, E = experts,
 k = experts per token, I = expert width, S = shared-expert width, V = vocab.
@@ -82,8 +84,11 @@ def _swiglu(x: TensorValue, gate: TensorValue, up: TensorValue, down: TensorValu
 
 class HYV3Graph:
     def __init__(self, cfg: HYV3Config, dtype: DType, kv_params: MHAKVCacheParams, n_positions: int,
-                 kernels: Kernels = Kernels()):
+                 kernels: Kernels = Kernels(), expert_stats: bool = False):
+        if expert_stats and not kernels.custom:
+            raise ValueError("expert stats come from our router op: they need --kernels custom")
         self.cfg, self.dtype, self.kv_params, self.n_positions, self.kernels = cfg, dtype, kv_params, n_positions, kernels
+        self.expert_stats = expert_stats
 
     def _extensions(self) -> list:
         """Our Mojo package only for `custom`: a builtin graph then stays cached when a kernel changes."""
@@ -107,14 +112,20 @@ class HYV3Graph:
             layer_bodies = {kind: self._layer_subgraph(g, kind) for kind in sorted(set(cfg.mlp_layer_types))}
 
             x = ops.gather(Weight("embed_tokens.weight", dt, [V, H], device=CPU), tokens.tensor, axis=0)  # [T, H]
+            counts = []  # [E] per sparse layer, with expert_stats
             for i, kind in enumerate(cfg.mlp_layer_types):
                 layer_idx = ops.constant(i, DType.uint32, device=CPU)
-                x = ops.call(layer_bodies[kind], x, row_offsets, layer_idx, freqs, *kv_inputs, prefix=f"layers.{i}.")[0].tensor
+                x, *stats = ops.call(layer_bodies[kind], x, row_offsets, layer_idx, freqs, *kv_inputs, prefix=f"layers.{i}.")
+                x = x.tensor
+                counts += [c.tensor for c in stats]
 
             last = ops.cast(row_offsets.tensor[1:], DType.int64) - 1  # [B] index of each sequence's last token
             h = _rms_norm(ops.gather(x, last, axis=0), Weight("norm.weight", dt, [H], device=CPU), cfg.rms_norm_eps)  # [B, H]
             logits = _linear(h, Weight("lm_head.weight", dt, [V, H], device=CPU))  # [B, V]
-            g.output(ops.cast(logits, DType.float32))
+            if self.expert_stats and counts:
+                g.output(ops.cast(logits, DType.float32), ops.stack(counts, axis=0))  # [B, V], [n_sparse, E]
+            else:
+                g.output(ops.cast(logits, DType.float32))
         return g
 
     def _layer_subgraph(self, g: Graph, kind: str) -> Graph:
@@ -135,8 +146,11 @@ class HYV3Graph:
                             _w("self_attn.o_proj.weight", dt, [H, cfg.q_dim]))  # [T, H]
 
             h = _rms_norm(x, _w("post_attention_layernorm.weight", dt, [H]), eps)  # [T, H]
-            x = x + (self._moe(h) if kind == "sparse" else self._dense_mlp(h))  # [T, H]
-            sub.output(x)
+            if kind == "dense":
+                sub.output(x + self._dense_mlp(h))  # [T, H]
+            else:
+                mlp, counts = self._moe(h)  # [T, H], [E]
+                sub.output(x + mlp, *([counts] if self.expert_stats else []))
         return sub
 
     def _attention(self, h: TensorValue, row_offsets: TensorValue, layer_idx: TensorValue, freqs: TensorValue,
@@ -159,7 +173,8 @@ class HYV3Graph:
         return _swiglu(h, _w("mlp.gate_proj.weight", dt, [I, H]), _w("mlp.up_proj.weight", dt, [I, H]),
                        _w("mlp.down_proj.weight", dt, [H, I]))
 
-    def _moe(self, h: TensorValue) -> TensorValue:
+    def _moe(self, h: TensorValue) -> tuple[TensorValue, TensorValue | None]:
+        """[T, H] -> ([T, H], tokens per expert [E] int32 with expert_stats, else None)."""
         cfg, dt = self.cfg, self.dtype
         H, E, I, S = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_intermediate_size
         router_logits = _linear(ops.cast(h, DType.float32), _w("mlp.router.weight", DType.float32, [E, H]))  # [T, E]
@@ -169,13 +184,15 @@ class HYV3Graph:
         if self.kernels.custom:
             _, topk_w, offsets, slots = moe_router(router_logits, bias, k, scale, cfg.route_norm)  # [T, k], [E+1], [T*k]
             routed = moe_experts(ops.cast(h, DType.float32), topk_w, offsets, slots, gate_up, down)  # [T, H] float32
+            counts = offsets[1:] - offsets[:-1] if self.expert_stats else None  # [E] tokens per expert
         else:
             topk_ids, topk_w = moe_router_builtin(router_logits, bias, k, scale, cfg.route_norm)  # [T, k]
             routed = experts_builtin(h, topk_ids, topk_w, gate_up, down)  # [T, H] float32
+            counts = None
         if cfg.num_shared_experts:
             shared = _swiglu(h, _w("mlp.shared.gate_proj.weight", dt, [S, H]), _w("mlp.shared.up_proj.weight", dt, [S, H]),
                              _w("mlp.shared.down_proj.weight", dt, [H, S]))  # [T, H]
             if cfg.enable_moe_fp32_combine:
-                return ops.cast(routed + ops.cast(shared, DType.float32), dt)
-            return ops.cast(routed, dt) + shared
-        return ops.cast(routed, dt)
+                return ops.cast(routed + ops.cast(shared, DType.float32), dt), counts
+            return ops.cast(routed, dt) + shared, counts
+        return ops.cast(routed, dt), counts

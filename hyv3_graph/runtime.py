@@ -124,9 +124,10 @@ class HYV3Engine:
     def __init__(self, model_path: str | Path, *, dtype: DType | None = DType.float32, kernels: str = "builtin",
                  max_batch_size: int = 8, max_length: int = 1024, page_size: int = 128,
                  total_pages: int | None = None, progress=None, session: InferenceSession | None = None,
-                 check_memory_first: bool = True, check_finite_weights: bool = False):
+                 check_memory_first: bool = True, check_finite_weights: bool = False, expert_stats: bool = False):
         """`dtype` None = the checkpoint's own (`checkpoint_dtype`). `progress(msg)` receives loading and compiling
-        messages, including a heartbeat every few seconds while MAX compiles."""
+        messages, including a heartbeat every few seconds while MAX compiles. `expert_stats` (custom kernels):
+        each step also records how many tokens each expert of each sparse layer took, in `last_expert_counts`."""
         self.model_path = Path(model_path)
         self.cfg = HYV3Config.from_file(self.model_path)
         for name, v in (("max_batch_size", max_batch_size), ("max_length", max_length), ("page_size", page_size)):
@@ -140,7 +141,13 @@ class HYV3Engine:
             check_memory(self.memory, mem_available())
         self.cache = PagedKVCache(self.cfg, self.dtype, max_batch_size=max_batch_size, max_length=max_length,
                                   page_size=page_size, total_pages=total_pages)
-        self.graph = HYV3Graph(self.cfg, self.dtype, self.cache.params, n_positions=max_length, kernels=self.kernels)
+        if expert_stats and not self.kernels.custom:
+            raise RequestError("expert stats come from our router op: they need --kernels custom")
+        self.expert_stats = expert_stats
+        self.sparse_layers = [i for i in range(self.cfg.num_hidden_layers) if self.cfg.is_sparse(i)]
+        self.last_expert_counts: np.ndarray | None = None  # [n_sparse, E] of the last step, with expert_stats
+        self.graph = HYV3Graph(self.cfg, self.dtype, self.cache.params, n_positions=max_length, kernels=self.kernels,
+                               expert_stats=expert_stats)
         say = progress or (lambda msg: None)
 
         t0 = time.perf_counter()
@@ -207,6 +214,8 @@ class HYV3Engine:
         offsets[1:] = np.cumsum([len(t) for t in toks])
         out = self.model.execute(np.concatenate(toks), offsets, *self.cache.inputs(steps))
         self.cache.commit(steps)
+        if self.expert_stats and len(out) > 1:
+            self.last_expert_counts = out[1].to_numpy()
         return out[0].to_numpy()
 
 

@@ -4,75 +4,50 @@
 # Reference (the spec): hyv3_graph/kernels/attention.py::attention_reference (float64, full history)
 # Wrapper:              hyv3_graph/kernels/attention.py::attention       (MAX peer: attention_builtin)
 # Fuzz test:            tests/test_attention.py        Bench: bench/cases/attention.py (`attention` cases)
+# History (variants measured, kept or not): docs/perf-notes.md, "attention".
 #
-# Inputs: qkv [T, (Hq + 2 Hkv) D] (the raw projection, q heads then k heads then v heads), q_norm and k_norm
-# [D], freqs_cis [P, D] float32 ((cos, sin) interleaved per frequency), input_row_offsets [B + 1], and the
-# cache exactly as MAX lays it out: blocks [pages, 2, layers, page_size, Hkv, D] (written in place),
+# Contract. Inputs: qkv [T, (Hq + 2 Hkv) D] (the raw projection, q heads then k heads then v heads), q_norm and
+# k_norm [D], freqs_cis [P, D] float32 ((cos, sin) interleaved per frequency), input_row_offsets [B + 1], and
+# the cache exactly as MAX lays it out: blocks [pages, 2, layers, page_size, Hkv, D] (written in place),
 # cache_lengths [B], lookup_table [B, cols] (page ids), layer [1]. Output [T, Hq, D]. Parameters: eps (both
 # norms) and scale (0 means 1/sqrt(D)). The cache, qkv and output share one dtype (float32 or bfloat16);
 # norms, softmax and accumulation are float32. New token i of sequence b sits at position
 # cache_lengths[b] + i and attends to keys 0 .. that position. Bad page ids or positions past the pages or
 # the rope table raise before anything is read or written.
 #
-# What is fused, and why:
+# Design, and why:
 #   * Norm + RoPE + K/V store (pass 1, parallel over tokens): only this op knows each token's position
 #     (cache length + index in its ragged sequence), so RoPE and the store belong here; the norms ride
 #     along on the same read of qkv. Q leaves pass 1 normed, rotated and pre-scaled, in float32.
 #   * Attention (pass 2) cuts every sequence into query tiles of QT = ROWS / G queries, so a tile's queries
 #     x the G query heads of one kv head form R = QT * G rows that share each K/V row read (GQA without
-#     repeating K/V). Keys go by in tiles of KT with an online softmax (running max and sum in float32):
-#     no [L, L] matrix exists, keys past a tile's last query are never visited, and only key tiles that
-#     cross the diagonal are masked.
-#   * Wide tiles (R > NR: prefill) are work items (sequence, query tile, kv head), longest first, taken one at a
-#     time by whichever core is free (work_queue.mojo; MAX's parallelize hands each core a fixed half of the
-#     list, so the core with the long items finished last: prefill fp32 189 -> 127 ms, prefill over caches 861
-#     -> 673 ms, same process). Rows are the SIMD lanes: Q is packed transposed, Qp [D][Rp], so S^T = K Q^T is a
-#     register-blocked broadcast-FMA micro-kernel (a K element times a vector of 16 rows), the softmax's max and
-#     sum over keys are lane-wise (no horizontal reductions), and P V accumulates into O^T [D][Rp] the same way.
-#     A float32 cache's full K/V tiles that lie within one page are read in place (rows Hkv * D apart); the others
-#     (bf16, crossing a page, a sequence's last partial tile) are widened once into a dense float32 scratch (page
-#     lookup, bf16 -> f32). Reading in place instead of copying, same process, pages of 128: prefill 167 -> 137-149
-#     ms, prefill over caches 636-644 -> 567-569 ms (minima).
-#   * Narrow tiles (R <= NR: decode, the last queries of a prefill) do few FLOPs per K/V byte. Their work items are
-#     (sequence, query tile, chunk of KCHUNK keys) over all kv heads, so a long sequence still spreads over
-#     every core; K and V are read once, straight from the cache. Within a tile of KTN keys the scores go kv
-#     head by kv head: that head's NR query rows (NR x D floats) stay in L1 while its K rows go by, two keys
-#     per pass, dot products over D reduced by one transpose-add tree (16 sums at once). Each (tile, kv head)
-#     pass prefetches into L2 the rows of the pass PFH = 2 later (the same head two tiles on when Hkv = 1), K
-#     rows during the score pass and V rows during P V, a few lines per key, so prefetches are spread over
-#     the whole tile instead of bursting in the score pass (the burst version: decode16 fp32 about 8% slower,
-#     same process). Tiles of 32 keys with that distance (64 KiB of Hy3's fp32 K and V in flight) against 16
-#     keys prefetched a whole tile ahead (128 KiB): decode16 fp32 10.17 -> 9.89, 10.79 -> 10.22, 11.94 ->
-#     10.38 ms, bf16 5.92 -> 5.73 ms; 32 keys a tile ahead or 16 keys 2 passes ahead gained nothing, 1 pass
-#     ahead lost 40%, 3 passes or 64-key tiles were slower than 2 and 32 (same process, alternating order,
-#     2026-11-30). (Token by token over all heads, the first design, kept Hkv x NR x D floats = 32 KiB of
-#     Q hot, the whole L1: decode16 fp32 took 24.9 ms against 15.4 ms with the head-by-head scores, same
-#     process.) The online softmax keeps the rows in the lanes ([KTN][NR] scores), and each chunk leaves a
-#     partial (max, sum, O); the last of a query tile's chunks to finish combines them per row, while the other
-#     core still streams (a pass of its own after all items: decode16 0.5-1% slower fp32, 2% bf16, same
-#     process, alternating order). The partial O buffer (2.25 MiB for decode16) is allocated uninitialised:
-#     each item's first key tile stores its part instead of accumulating into it (zero-filling it serially
-#     before the items ran cost about 5%). The score pass also masks (only a tile
-#     that holds keys past a row's position) and takes the tile's max, so the softmax reads the scores once:
-#     decode16 bf16 7.64 -> 7.33 ms, fp32 unchanged (10.19 vs 10.18 ms), same process, alternating order.
-#     KCHUNK = 512 keys instead of 256 halves the items, their partial results and the combine: decode16 fp32
-#     9.90 -> 9.39 ms; 1024 keys gave the same as 512 (2026-11-30). P V goes 48 head dims at a time where they
-#     fit (8 rows x 3 vectors = 24 accumulators, each P broadcast feeding 3 FMAs instead of 2), and the
-#     transpose-add tree keeps its first two levels within 128-bit lanes (unpack and shufps instead of
-#     two-source permutes): same process, alternating order, decode16 fp32 10.60 -> 10.00 ms; the wider P V
-#     alone 10.57 -> 10.20 ms, the tree alone 7.98 -> 7.86 ms with all K/V in cache (medians, 2026-11-30).
-#   * Decode is compute bound on this 2-core machine, not memory bound: G = 8 query heads per kv head make 4 FLOPs
-#     per float32 K/V byte, the machine's own balance (~187 GFLOP/s over ~30-48 GB/s). Measured, decode16 fp32 in
-#     one process: 14.0 ms on the real cache, 12.3 ms with every page id pointing at one page (all K/V in cache);
-#     without the P V products 8.0 ms, without the scores 8.9 ms. Again on 2026-11-30 (before the wider P V):
-#     10.6-11.1 ms real, 7.8-8.2 ms all in cache, 5.0 ms without the P V products.
+#     repeating K/V). Keys go by in tiles with an online softmax (running max and sum in float32): no [L, L]
+#     matrix exists, keys past a tile's last query are never visited, and only key tiles that cross the
+#     diagonal are masked.
+#   * Wide tiles (R > NR: prefill) are work items (sequence, query tile, kv head), longest first, taken by
+#     whichever core is free (work_queue.mojo). Rows are the SIMD lanes: Q is packed transposed, Qp [D][Rp], so
+#     S^T = K Q^T is a register-blocked broadcast-FMA micro-kernel (a K element times a vector of 16 rows), the
+#     softmax's max and sum over keys are lane-wise (no horizontal reductions), and P V accumulates into
+#     O^T [D][Rp] the same way. A float32 cache's full K/V tiles that lie within one page are read in place
+#     (rows Hkv * D apart); the others (bf16, crossing a page, a sequence's last partial tile) are widened once
+#     into a dense float32 scratch.
+#   * Narrow tiles (R <= NR: decode, the last queries of a prefill) do few FLOPs per K/V byte. Their work items
+#     are (sequence, query tile, chunk of KCHUNK keys) over all kv heads, so a long sequence still spreads over
+#     every core; K and V are read once, straight from the cache, head by head: that head's NR query rows stay
+#     in L1 while its K rows go by (token by token over all heads would keep all of Hy3's Q, 32 KiB, hot: the
+#     whole L1). Each (tile of KTN keys, kv head) pass prefetches into L2 the rows of the pass PFH later, so
+#     prefetches spread over the whole tile. The online softmax keeps the rows in the lanes ([KTN][NR] scores);
+#     each chunk leaves a partial (max, sum, O) and the last of a query tile's chunks to finish combines them.
 #   * bfloat16 cache on a CPU with AVX512_BF16 (cpuid at run time, cpu_isa.mojo; HYV3_PORTABLE_KERNELS=1 forces
-#     the float32 path): narrow items compute on bf16 pairs with vdpbf16ps, half the multiply instructions. Pass 1
-#     also rounds Q to bf16, paired along D against K as stored; each tile's probabilities are rounded to bf16 and
-#     paired along keys, against V rows interleaved two keys at a time, (V_j[d], V_j+1[d]). Same process: decode16
-#     bf16 12.3 -> 10.0 ms, and 10.1 -> 7.8 ms in another run. Error against the float64 reference, Hy3 heads,
-#     |V| up to ~4: 4.1-5.6e-3 against the float32 path's 3.8-5.0e-3 (the bf16 output rounding dominates both).
-#     Wide items (prefill) stay float32.
+#     the float32 path): narrow items compute on bf16 pairs with vdpbf16ps, half the multiply instructions.
+#     Pass 1 also rounds Q to bf16, paired along D against K as stored; each tile's probabilities are rounded
+#     to bf16 and paired along keys, against V rows interleaved two keys at a time. Wide items stay float32.
+#   * Decode is compute bound on a 2-core machine like ours, not memory bound: G = 8 query heads per kv head
+#     make 4 FLOPs per float32 K/V byte, about the machine's own balance.
+#
+# Today's numbers (`python -m bench`, bench/results/latest.md, 2026-11-30, 2-core AMD EPYC Zen 4): prefill
+# [1, 37, 300, 1024] fp32 139 ms (67% of the fp32 GEMM peak, 3.8x MAX); prefill over caches 580 ms; decode of
+# 16 sequences (caches 100..4000) fp32 9.1 ms = 29.7 GB/s of K/V, bf16 cache 5.8 ms.
 import extensibility
 from extensibility import InputTensor, OutputTensor, _MutableInputTensor
 from max.gpu.host import DeviceContext

@@ -1,35 +1,33 @@
 # Routed MoE experts on the CPU: for every token, sum over its k chosen experts of
-# weight * down(silu(gate(x)) * up(x)); float32 accumulation, float32 or bfloat16 weights. One custom op: MAX's own grouped matmul and MoE
-# kernels are GPU-only, so without this MAX cannot run an MoE layer's experts sparsely on a CPU.
+# weight * down(silu(gate(x)) * up(x)); float32 accumulation, float32 or bfloat16 weights. One custom op: MAX's
+# own grouped matmul and MoE kernels are GPU-only, so without this MAX cannot run an MoE layer's experts
+# sparsely on a CPU.
 #
 # Reference (the spec): hyv3_graph/kernels/moe_experts.py::moe_experts_reference (float64)
 # Wrapper:              hyv3_graph/kernels/moe_experts.py::moe_experts
 # Fuzz test:            tests/test_moe_experts.py     Bench: bench/cases/moe_experts.py (`experts` cases)
+# History (variants measured, kept or not): docs/perf-notes.md, "moe_experts".
 #
-# Inputs: x [T, H], topk_weights [T, k], and the router's dispatch metadata (kernels/moe_router.mojo):
+# Contract. Inputs: x [T, H], topk_weights [T, k], and the router's dispatch metadata (kernels/moe_router.mojo):
 # expert_offsets [E + 1] and sorted_slots [T * k] (slot = t * k + j, grouped by expert, ascending t).
 # Weights in HF's stacked layout, as loaded (hyv3_graph/weights.py): gate_up [E, 2I, H] (rows 0..I-1
 # gate, I..2I-1 up) and down [E, H, I]; both are read row-wise (a weight row is contiguous over the
-# reduction dim), which is what a dot-product micro-kernel and MAX's transpose_b matmul want.
+# reduction dim), which is what a dot-product micro-kernel and MAX's transpose_b matmul want. Output [T, H]
+# float32. Deterministic bit for bit, whatever the thread count.
 #
-# Design:
+# Design, and why:
 #   * An expert with few rows (<= SMALL_ROWS: decode, or a long tail of lightly used experts) is
 #     memory bound: its weights are streamed exactly once, each weight row chunk feeding the FMAs of
 #     all its rows (register accumulators, a tile of 1, 2 or 4 rows so that no FMA is wasted). Four weight
 #     rows share each pass over the activations (gate rows o, o + 1 with up rows I + o, I + o + 1, so SwiGLU
 #     is fused into the gate_up pass; or four adjacent down rows), and they are prefetched 8 KiB ahead.
 #     All such experts' (expert, ~1 MiB of weight rows) tasks share one parallel loop, so both cores stay
-#     busy whether one expert or all of them are active. Measured in one process against the previous
-#     version (2 weight rows per pass, 4-row tile, 96-512 KiB tasks, no prefetch), float32, 8 active experts:
-#     1 row each 35.0 -> 28.4 ms, 4 rows each 34.3 -> 26.1 ms; random routing T = 8: 111 -> 95 ms (the
-#     prefetch another 10%).
+#     busy whether one expert or all of them are active.
 #   * An expert with many rows is compute bound. float32 weights: gathered rows times its weights through
 #     MAX's own CPU matmul (linalg.matmul.cpu, transpose_b), SwiGLU in between. Each expert runs on one core,
 #     experts with the most rows first, whenever that greedy schedule ends within 10% of an even split;
-#     otherwise (a few dominant experts) one expert at a time on all cores. Experts side by side beat MAX's own
-#     threading over one expert's ~100-500 rows: same process, random routing over 32 experts, T 512 942 ->
-#     891 ms and T 2048 3.49 -> 3.34 s; every token to the same 8 experts, T 512 885 -> 827 ms (minima;
-#     outputs bit-identical, a row's sums do not depend on the thread count).
+#     otherwise (a few dominant experts) one expert at a time on all cores: experts side by side beat MAX's
+#     own threading over one expert's ~100-500 rows.
 #   * bfloat16 weights (the real checkpoint's dtype), CPU with AVX512_BF16 (cpuid at run time, see
 #     cpu_isa.mojo): the bf16-dot GEMM. The expert's activations are rounded to bf16 and packed in blocks
 #     of MB rows, [block][K/2][MB] bf16 pairs (vdpbf16ps's layout); the weights are read in place, a bf16
@@ -37,25 +35,19 @@
 #     MR weight rows x MB rows = 24 zmm accumulators; fp32 accumulation. Tasks are (expert, GROUPS micro-
 #     tiles of weight rows), KC pairs at a time so an activation slice stays in L1 for every group. gate_up
 #     pairs gate rows o.. with up rows I+o.., so SwiGLU runs in the epilogue and writes the down GEMM's
-#     packed bf16 input directly. Numerics: x and the SwiGLU output are rounded to bf16 (the reference
-#     models that: moe_experts_reference's bf16_activations). Without the instruction (or with
-#     HYV3_PORTABLE_KERNELS=1), or with odd H or I, bf16 experts take the streaming path instead: exact
-#     float32 activations, slower at large T. Measured (`python -m bench`, 2026-11-29 07:32, 2-core Zen 4,
-#     H 4096, I 1536, E 32, k 8): T 2048 1.92 s, 322 GFLOP/s; T 512 466 ms. The vdpbf16ps micro-kernel
-#     alone peaks at ~430 GFLOP/s on this machine. Phase times at T 2048 (timers in the op, 2026-11-30):
-#     gate_up ~1.07 s (~385 GFLOP/s), down ~0.56 s, packing x ~35 ms, combine 15-25 ms. The down epilogue
-#     stores MR outputs of a row at once (c's lanes are rows), and each tile's first K slice starts from zero
-#     instead of loading a zero-filled c: same process, alternating order, T 2048 1837 -> 1733 ms, T 512 486 ->
-#     457 ms (medians; the one-scalar-per-output epilogue with its index arithmetic had cost down ~10%). Measured
-#     and not kept: weight slices copied contiguous ([KC][MR] per group) before the micro-kernel, T 512 438 ->
-#     520 ms (the copy costs more than the strided broadcasts); MADV_HUGEPAGE on the big scratch buffers and
-#     KC = 64: no change.
+#     packed bf16 input directly; the down epilogue stores MR outputs of a row at once. Numerics: x and the
+#     SwiGLU output are rounded to bf16 (the reference models that: moe_experts_reference's
+#     bf16_activations). Without the instruction (or with HYV3_PORTABLE_KERNELS=1), or with odd H or I, bf16
+#     experts take the streaming path instead: exact float32 activations, slower at large T.
 #   * The streaming and bf16-dot tasks go to whichever core is free (work_queue.mojo): MAX's parallelize
-#     gives each core a fixed half of the task list, which leaves one idle when experts' row counts differ
-#     or a core is descheduled. Same process, random routing: bf16 T 2048 1927 -> 1786 ms, T 512 476 ->
-#     446 ms; fp32 T 1 19.8 -> 18.5 ms, T 8 75.8 -> 72.6 ms (minima).
+#     gives each core a fixed half of the task list, which leaves one idle when experts' row counts differ.
 #   * Combine is deterministic, without atomics: out[t] accumulates its experts in ascending expert
 #     order, whatever the thread count; the shared expert(s) stay in the graph (a dense SwiGLU).
+#
+# Today's numbers (`python -m bench`, bench/results/latest.md, 2026-11-30, 2-core AMD EPYC Zen 4; H 4096,
+# I 1536, E 32, k 8): fp32 T 1 22.2 ms (27 GB/s), T 512 0.89 s (174 GFLOP/s, 87% of the fp32 GEMM peak),
+# T 2048 3.33 s; bf16 T 1 8.9 ms (34 GB/s), T 512 440 ms (351 GFLOP/s), T 2048 1.92 s (322 GFLOP/s) against
+# ~430 GFLOP/s for the vdpbf16ps micro-kernel alone.
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext

@@ -99,16 +99,18 @@ def test_mixed_prefill_and_decode_batch(engines, hf_models, path, kernels):
     np.testing.assert_allclose(logits[1], hf_last_logits(hf, prompts[0] + [3]), rtol=0, atol=LOGITS_ATOL)
 
 
-def test_batch_gives_same_tokens_as_alone(engines, tiny_path):
-    engine = engines.get(tiny_path)
+@pytest.mark.parametrize("kernels", BACKENDS)
+def test_batch_gives_same_tokens_as_alone(engines, tiny_path, kernels):
+    engine = engines.get(tiny_path, kernels)
     prompts = prompts_for(engine)
     batched, _ = generate(engine, prompts, max_new_tokens=12, ignore_eos=True)
     alone = [generate(engine, [p], max_new_tokens=12, ignore_eos=True)[0][0] for p in prompts]
     assert batched == alone
 
 
-def test_request_errors_leave_other_sequences_intact(engines, tiny_path):
-    engine = engines.get(tiny_path)  # max_batch_size 4, max_length 256, page 16, 40 pages
+@pytest.mark.parametrize("kernels", BACKENDS)
+def test_request_errors_leave_other_sequences_intact(engines, tiny_path, kernels):
+    engine = engines.get(tiny_path, kernels)  # max_batch_size 4, max_length 256, page 16, 40 pages
     p = prompts_for(engine)[0]
     engine.add_sequence(0)
     try:

@@ -17,7 +17,7 @@ from max.graph import DeviceRef, Graph, TensorType
 
 from hyv3_graph.dtypes import bf16_rounded, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
-from hyv3_graph.kernels.cpu_isa import bf16_dot_available
+from hyv3_graph.kernels.cpu_isa import PORTABLE_ENV, bf16_dot_available, cpu_has_avx512_bf16
 from hyv3_graph.kernels.moe_experts import bf16_dot_experts, moe_experts, moe_experts_reference
 from hyv3_graph.kernels.moe_router import moe_router
 
@@ -137,11 +137,15 @@ def _heavy_bf16_case(T=70, E=4, H=64, I=48):
             (rng.standard_normal((E, 2 * I, H)) / 8).astype(np.float32), (rng.standard_normal((E, H, I)) / 7).astype(np.float32))
 
 
-@pytest.mark.skipif(not bf16_dot_available(), reason="the CPU has no AVX512_BF16 (or the portable paths are forced)")
-def test_bf16_dot_path_rounds_activations(experts_models):
-    """The bf16-dot path is really taken: it matches the reference that rounds activations to bf16, and not the
-    exact one at float32 accuracy."""
-    case = _heavy_bf16_case()
+@pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the CPU has no AVX512_BF16")
+@pytest.mark.parametrize("shape", ["small", "hy3"])
+def test_bf16_dot_path_rounds_activations(experts_models, monkeypatch, shape):
+    """Where the CPU has AVX512_BF16 the bf16-dot path must be taken (a forced portable setting in the environment
+    does not turn this into a skip): it matches the reference that rounds activations to bf16, and not the exact
+    one at float32 accuracy. `hy3`: Hy3's H 4096 and I 1536, so both GEMMs accumulate over many K slices of
+    KC = 128 pairs (32 and 6), which the fuzzed sizes never reach."""
+    monkeypatch.delenv(PORTABLE_ENV, raising=False)
+    case = _heavy_bf16_case() if shape == "small" else _heavy_bf16_case(T=20, E=3, H=4096, I=1536)
     out, ids, w, gate_up, down = check(experts_models, *case, bf16=True)
     exact = moe_experts_reference(case[1], ids, w, gate_up, down)
     assert np.abs(out - exact).max() > RTOL * max(1.0, float(np.abs(exact).max()))

@@ -33,32 +33,68 @@ def rotated_reference(x, gamma, freqs_cis, positions, eps) -> np.ndarray:
     return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
 
 
-def attention_reference(qkv, q_norm, k_norm, freqs_cis, row_offsets, history, n_kv_heads, eps, scale=None):
+# The op's work split (kernels/attention.mojo: ROWS, NR): a query tile holds max(1, ROWS // G) queries; a tile of
+# at most NR rows (queries x G heads) is a narrow item, which on a bf16 cache with AVX512_BF16 computes on bf16
+# pairs (Q and P rounded to bf16) when D is a multiple of 32.
+OP_ROWS, OP_NR = 64, 8
+
+
+def narrow_queries(row_offsets, G: int) -> np.ndarray:
+    """[T] bool: the new tokens whose query tile the op runs as a narrow item."""
+    qt = max(1, OP_ROWS // G)
+    out = []
+    for b in range(len(row_offsets) - 1):
+        n = int(row_offsets[b + 1]) - int(row_offsets[b])
+        out += [min(qt, n - q0) * G <= OP_NR for q0 in range(0, n, qt) for _ in range(min(qt, n - q0))]
+    return np.array(out, bool)
+
+
+def _bf16(x) -> np.ndarray:
+    """float64 values rounded as float32 -> bf16 (round to nearest even), as the op rounds."""
+    from ..dtypes import bf16_rounded
+
+    return bf16_rounded(np.asarray(x, np.float32)).astype(np.float64)
+
+
+def attention_reference(qkv, q_norm, k_norm, freqs_cis, row_offsets, history, n_kv_heads, eps, scale=None,
+                        bf16_rounding: np.ndarray | None = None):
     """float64 spec over the full concatenated history of each sequence.
 
     qkv [T, (Hq + 2 Hkv) D]; history[b] = (K, V), each [cache_len_b, Hkv, D]: what the cache holds (K already
     normed and rotated). freqs_cis [P, D]: (cos, sin) interleaved per frequency.
     Returns (out [T, Hq, D], new_k [T, Hkv, D], new_v [T, Hkv, D]): new_k/new_v are what the op must store.
+
+    bf16_rounding (a bfloat16 cache): None = exact; else [T] bool, the queries computed on bf16 pairs. Then the
+    reference rounds where the op does: the new K as stored in the cache, the output, and for the flagged
+    queries the scaled Q and the softmax's probabilities (against the row's global max; the op rounds against
+    its running max, the same relative step).
     """
     qkv = np.asarray(qkv, np.float64)
     D, Hkv = np.asarray(q_norm).shape[0], n_kv_heads
     T, Hq = qkv.shape[0], qkv.shape[1] // D - 2 * Hkv
     G, scale = Hq // Hkv, D ** -0.5 if scale is None else scale
     pos = token_positions(row_offsets, [len(k) for k, _ in history])
-    q = rotated_reference(qkv[:, : Hq * D].reshape(T, Hq, D), q_norm, freqs_cis, pos, eps)
+    q = rotated_reference(qkv[:, : Hq * D].reshape(T, Hq, D), q_norm, freqs_cis, pos, eps) * scale
     new_k = rotated_reference(qkv[:, Hq * D: (Hq + Hkv) * D].reshape(T, Hkv, D), k_norm, freqs_cis, pos, eps)
     new_v = qkv[:, (Hq + Hkv) * D:].reshape(T, Hkv, D)
+    rounding = bf16_rounding is not None
+    if rounding and np.any(bf16_rounding):
+        q[bf16_rounding] = _bf16(q[bf16_rounding])
+    stored_k = _bf16(new_k) if rounding else new_k
     out = np.zeros((T, Hq, D))
     for b, (k_hist, v_hist) in enumerate(history):
         t0, t1 = int(row_offsets[b]), int(row_offsets[b + 1])
-        keys = np.concatenate([np.asarray(k_hist, np.float64), new_k[t0:t1]])  # [c + n, Hkv, D]
+        keys = np.concatenate([np.asarray(k_hist, np.float64), stored_k[t0:t1]])  # [c + n, Hkv, D]
         values = np.concatenate([np.asarray(v_hist, np.float64), new_v[t0:t1]])
         for h in range(Hq):
-            s = q[t0:t1, h] @ keys[:, h // G].T * scale  # [n, c + n]
+            s = q[t0:t1, h] @ keys[:, h // G].T  # [n, c + n]
             s[np.arange(len(keys))[None, :] > pos[t0:t1, None]] = -np.inf
             p = np.exp(s - s.max(axis=1, keepdims=True, initial=-np.inf))
+            if rounding:
+                flagged = bf16_rounding[t0:t1]
+                p[flagged] = _bf16(p[flagged])
             out[t0:t1, h] = (p / p.sum(axis=1, keepdims=True)) @ values[:, h // G]
-    return out, new_k, new_v
+    return (_bf16(out) if rounding else out), new_k, new_v
 
 
 def attention(qkv: TensorValue, q_norm: TensorValue, k_norm: TensorValue, freqs_cis: TensorValue,

@@ -12,12 +12,16 @@ import os
 PORTABLE_ENV = "HYV3_PORTABLE_KERNELS"
 
 
-def bf16_dot_available() -> bool:
-    """Whether the ops' vdpbf16ps paths run here: the CPU has AVX512_BF16 (the ops ask cpuid; Linux lists the same
-    bit in /proc/cpuinfo) and the portable paths are not forced."""
+def cpu_has_avx512_bf16() -> bool:
+    """The CPU has AVX512_BF16 (the ops ask cpuid; Linux lists the same bit in /proc/cpuinfo)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split() for line in f if line.startswith("flags")), [])
     except OSError:
         return False
-    return "avx512_bf16" in flags and os.environ.get(PORTABLE_ENV) != "1"
+    return "avx512_bf16" in flags
+
+
+def bf16_dot_available() -> bool:
+    """Whether the ops' vdpbf16ps paths run here: the CPU has AVX512_BF16 and the portable paths are not forced."""
+    return cpu_has_avx512_bf16() and os.environ.get(PORTABLE_ENV) != "1"
