@@ -45,6 +45,11 @@
 #   * Decode is compute bound on a 2-core machine like ours, not memory bound: G = 8 query heads per kv head
 #     make 4 FLOPs per float32 K/V byte, about the machine's own balance.
 #
+# Code map: `Attention.execute` validates the inputs, runs pass 1 (`_prepare_token`, parallel over tokens), plans
+# the work items, then runs pass 2: `_attend_wide` and `_attend_narrow` (whose last chunk per query tile calls
+# `_combine_narrow`). The passes read the call's state from small structs (`_Shape`, `_Ragged`, `_Paged`,
+# `_Queries`, `_Projection`, `_NarrowItems`).
+#
 # Today's numbers (`python -m bench`, bench/results/latest.md, 2026-11-30, 2-core AMD EPYC Zen 4): prefill
 # [1, 37, 300, 1024] fp32 139 ms (67% of the fp32 GEMM peak, 3.8x MAX); prefill over caches 580 ms; decode of
 # 16 sequences (caches 100..4000) fp32 9.1 ms = 29.7 GB/s of K/V, bf16 cache 5.8 ms.
@@ -387,6 +392,495 @@ def _accumulate_rows_bf16(
             o.unsafe_store(r * D + v * W, acc[r * 2 + v])
 
 
+
+# The call's state, grouped by what it describes. Each pass below is a function of the groups it reads, so the
+# parallel loops in `execute` are one-line closures over a few small structs. Pointers are untracked: the
+# buffers they point into (the op's tensors and execute's scratch Lists) outlive every pass.
+@fieldwise_init
+struct _Shape(ImplicitlyCopyable, Movable):
+    """Heads, head dim and the query tiling: T new tokens, Hq = G x Hkv heads of D (D2 bf16 pairs), QT queries
+    per tile."""
+    var T: Int
+    var Hq: Int
+    var Hkv: Int
+    var D: Int
+    var G: Int
+    var QT: Int
+    var D2: Int
+
+
+@fieldwise_init
+struct _Ragged(ImplicitlyCopyable, Movable):
+    """The ragged batch: row offsets [B + 1], cache lengths [B], page table [B, lut_s] and each new token's
+    sequence [T]."""
+    var offp: Pointer[mut=True, UInt32, MutUntrackedOrigin]
+    var clp: Pointer[mut=True, UInt32, MutUntrackedOrigin]
+    var lutp: Pointer[mut=True, UInt32, MutUntrackedOrigin]
+    var lut_s: Int
+    var tsp: Pointer[mut=True, Int, MutUntrackedOrigin]
+
+
+@fieldwise_init
+struct _Paged[dt: DType](ImplicitlyCopyable, Movable):
+    """This layer's view of MAX's paged blocks [pages, 2, layers, page, Hkv, D]: base and strides."""
+    var bp: Pointer[mut=True, Scalar[Self.dt], MutUntrackedOrigin]
+    var page: Int
+    var s_page: Int
+    var s_kind: Int
+    var kv_base: Int
+    var s_tok: Int
+    var s_head: Int
+
+
+@fieldwise_init
+struct _Queries(ImplicitlyCopyable, Movable):
+    """Q as pass 1 leaves it: normed, rotated and pre-scaled float32 [T, Hq, D]; with `dot` also as bf16 pairs
+    [T, Hq, D2] for the narrow items' vdpbf16ps path."""
+    var qsp: Pointer[mut=True, Float32, MutUntrackedOrigin]
+    var qbp: Pointer[mut=True, Int32, MutUntrackedOrigin]
+    var dot: Bool
+
+
+@fieldwise_init
+struct _Projection[dt: DType](ImplicitlyCopyable, Movable):
+    """Pass 1's inputs: the qkv rows, the q/k norm weights, the rope table, the Q scale, per-token scratch."""
+    var qkvp: Pointer[mut=True, Scalar[Self.dt], MutUntrackedOrigin]
+    var qkv_s: Int
+    var qnp: Pointer[mut=True, Scalar[Self.dt], MutUntrackedOrigin]
+    var knp: Pointer[mut=True, Scalar[Self.dt], MutUntrackedOrigin]
+    var fp: Pointer[mut=True, Float32, MutUntrackedOrigin]
+    var fs: Int
+    var xsp: Pointer[mut=True, Float32, MutUntrackedOrigin]
+    var ksp: Pointer[mut=True, Float32, MutUntrackedOrigin]
+    var q_mul: Float32
+
+
+@fieldwise_init
+struct _NarrowItems(ImplicitlyCopyable, Movable):
+    """The narrow items (sequence nbp, first query nqp, first key nkp; nop: the order they run in), their query
+    tiles (tfp: a tile's first item, ntp: an item's tile, tdp: chunks finished), and each item's partial
+    softmax: O [Hkv][NR][D] at pop, max and sum [Hkv][2][NR] at pmp."""
+    var nbp: Pointer[mut=True, Int, MutUntrackedOrigin]
+    var nqp: Pointer[mut=True, Int, MutUntrackedOrigin]
+    var nkp: Pointer[mut=True, Int, MutUntrackedOrigin]
+    var nop: Pointer[mut=True, Int, MutUntrackedOrigin]
+    var tfp: Pointer[mut=True, Int, MutUntrackedOrigin]
+    var ntp: Pointer[mut=True, Int, MutUntrackedOrigin]
+    var tdp: Pointer[mut=True, Int, MutUntrackedOrigin]
+    var pop: Pointer[mut=True, Float32, MutUntrackedOrigin]
+    var pmp: Pointer[mut=True, Float32, MutUntrackedOrigin]
+
+
+@always_inline
+def _untracked[T: AnyType](p: Pointer[mut=True, T, _]) -> Pointer[mut=True, T, MutUntrackedOrigin]:
+    return p.unsafe_origin_cast[MutUntrackedOrigin]()
+
+
+@always_inline
+def _prepare_token[dt: DType, eps: Float32](
+    sh: _Shape, rg: _Ragged, pc: _Paged[dt], qr: _Queries, pj: _Projection[dt], t: Int
+):
+    """Pass 1 for new token t: q -> Q (normed, rotated, times scale; as bf16 pairs too with `dot`);
+    k (normed, rotated) and v -> the cache."""
+    var Hq = sh.Hq
+    var Hkv = sh.Hkv
+    var D = sh.D
+    var D2 = sh.D2
+    var offp = rg.offp
+    var clp = rg.clp
+    var lutp = rg.lutp
+    var lut_s = rg.lut_s
+    var tsp = rg.tsp
+    var bp = pc.bp
+    var page = pc.page
+    var s_page = pc.s_page
+    var s_kind = pc.s_kind
+    var kv_base = pc.kv_base
+    var s_tok = pc.s_tok
+    var s_head = pc.s_head
+    var qsp = qr.qsp
+    var qbp = qr.qbp
+    var dot = qr.dot
+    var qkvp = pj.qkvp
+    var qkv_s = pj.qkv_s
+    var qnp = pj.qnp
+    var knp = pj.knp
+    var fp = pj.fp
+    var fs = pj.fs
+    var xsp = pj.xsp
+    var ksp = pj.ksp
+    var q_mul = pj.q_mul
+    var b = tsp[unsafe_offset=t]
+    var pos = Int(clp[unsafe_offset=b]) + t - Int(offp[unsafe_offset=b])
+    var cs = fp.unsafe_offset(pos * fs)
+    var row = qkvp.unsafe_offset(t * qkv_s)
+    var x = xsp.unsafe_offset(t * D)
+    var kr = ksp.unsafe_offset(t * D)
+    for h in range(Hq):
+        var q = qsp.unsafe_offset((t * Hq + h) * D)
+        _norm_rope(q, row.unsafe_offset(h * D), qnp, cs, x, D, eps, q_mul)
+        if dot:
+            var qb = qbp.unsafe_offset((t * Hq + h) * D2)
+            for i in range(0, D2, W):
+                qb.unsafe_store(i, adjacent_bf16_pairs[W](q.unsafe_load[width=2 * W](2 * i)))
+    var slot = bp.unsafe_offset(_cache_offset(lutp.unsafe_offset(b * lut_s), pos, page, s_page, s_tok) + kv_base)
+    for h in range(Hkv):
+        _norm_rope(kr, row.unsafe_offset((Hq + h) * D), knp, cs, x, D, eps, 1.0)
+        _narrow(slot.unsafe_offset(h * s_head), kr, D)
+        var v = row.unsafe_offset((Hq + Hkv + h) * D)
+        var vdst = slot.unsafe_offset(s_kind + h * s_head)
+        for d in range(D):
+            vdst[unsafe_offset=d] = v[unsafe_offset=d]
+
+
+@always_inline
+def _combine_narrow[dt: DType](
+    sh: _Shape, rg: _Ragged, nw: _NarrowItems, outp: Pointer[mut=True, Scalar[dt], MutUntrackedOrigin], tile: Int
+):
+    """Combines a narrow query tile's chunks: out = sum_c e^(m_c - M) O_c / sum_c e^(m_c - M) l_c."""
+    var Hq = sh.Hq
+    var Hkv = sh.Hkv
+    var D = sh.D
+    var G = sh.G
+    var QT = sh.QT
+    var offp = rg.offp
+    var nbp = nw.nbp
+    var nqp = nw.nqp
+    var tfp = nw.tfp
+    var pop = nw.pop
+    var pmp = nw.pmp
+    var first = tfp[unsafe_offset=tile]
+    var last = tfp[unsafe_offset=tile + 1]
+    var b = nbp[unsafe_offset=first]
+    var tok0 = Int(offp[unsafe_offset=b]) + nqp[unsafe_offset=first]
+    var R = min(QT, Int(offp[unsafe_offset=b + 1]) - tok0) * G
+    var w_buf = List[Float32](length=last - first, fill=0)  # e^(m_c - M) per chunk
+    var o_buf = List[Float32](length=D, fill=0)
+    var wp = w_buf.unsafe_ptr()
+    var acc = o_buf.unsafe_ptr()
+    for g in range(Hkv):
+        for r in range(R):
+            var M = Float32.MIN
+            for c in range(first, last):
+                M = max(M, pmp[unsafe_offset=(c * Hkv + g) * 2 * NR + r])
+            var total = Float32(0)
+            for c in range(first, last):
+                var w = exp(pmp[unsafe_offset=(c * Hkv + g) * 2 * NR + r] - M)
+                wp[unsafe_offset=c - first] = w
+                total += w * pmp[unsafe_offset=(c * Hkv + g) * 2 * NR + NR + r]
+            for dd in range(D):
+                acc[unsafe_offset=dd] = 0
+            for c in range(first, last):
+                _axpy(acc, wp[unsafe_offset=c - first] / total, pop.unsafe_offset(((c * Hkv + g) * NR + r) * D), D)
+            _narrow(outp.unsafe_offset(((tok0 + r // G) * Hq + g * G + r % G) * D), acc, D)
+
+
+@always_inline
+def _attend_narrow[dt: DType](
+    sh: _Shape, rg: _Ragged, pc: _Paged[dt], qr: _Queries, nw: _NarrowItems,
+    outp: Pointer[mut=True, Scalar[dt], MutUntrackedOrigin], slot: Int,
+):
+    """Pass 2, the narrow item run `slot`-th: its chunk of KCHUNK keys for all kv heads, leaving a partial
+    softmax; the last of its query tile's chunks to finish combines them."""
+    var Hq = sh.Hq
+    var Hkv = sh.Hkv
+    var D = sh.D
+    var G = sh.G
+    var QT = sh.QT
+    var D2 = sh.D2
+    var offp = rg.offp
+    var clp = rg.clp
+    var lutp = rg.lutp
+    var lut_s = rg.lut_s
+    var bp = pc.bp
+    var page = pc.page
+    var s_page = pc.s_page
+    var s_kind = pc.s_kind
+    var kv_base = pc.kv_base
+    var s_tok = pc.s_tok
+    var s_head = pc.s_head
+    var qsp = qr.qsp
+    var qbp = qr.qbp
+    var dot = qr.dot
+    var nbp = nw.nbp
+    var nqp = nw.nqp
+    var nkp = nw.nkp
+    var nop = nw.nop
+    var tfp = nw.tfp
+    var ntp = nw.ntp
+    var tdp = nw.tdp
+    var pop = nw.pop
+    var pmp = nw.pmp
+    var item = nop[unsafe_offset=slot]
+    var b = nbp[unsafe_offset=item]
+    var q0 = nqp[unsafe_offset=item]
+    var k_lo = nkp[unsafe_offset=item]
+    var tok0 = Int(offp[unsafe_offset=b]) + q0
+    var n_q = min(QT, Int(offp[unsafe_offset=b + 1]) - tok0)
+    var R = n_q * G
+    var first_pos = Int(clp[unsafe_offset=b]) + q0
+    var k_hi = min(first_pos + n_q, k_lo + KCHUNK)
+    var rows = StaticTuple[Int, NR](fill=0)  # kv head 0's rows; rows past R repeat the last one
+    var qpos = SIMD[DType.float32, NR](0)
+    for r in range(NR):
+        var rr = min(r, R - 1)
+        rows[r] = ((tok0 + rr // G) * Hq + rr % G) * D
+        qpos[r] = Float32(first_pos + rr // G)
+    var s_buf = List[Float32](length=Hkv * KTN * NR, fill=0)  # scores, then probabilities [Hkv][KTN][NR]
+    var p_pairs = List[Int32](length=KTN // 2 * NR, fill=0)  # dot: one head's probabilities as bf16 key pairs
+    var ppp = p_pairs.unsafe_ptr()
+    var off_buf = List[Int](length=KCHUNK, fill=0)  # cache offset of each key's token (layer included)
+    var sp = s_buf.unsafe_ptr()
+    var tile_max = List[Float32](length=Hkv * W, fill=0)  # per kv head: the score pass's max per row
+    var tmp = tile_max.unsafe_ptr()
+    var o_all = pop.unsafe_offset(item * Hkv * NR * D)  # this item's O [Hkv][NR][D]
+    var ml = pmp.unsafe_offset(item * Hkv * NR * 2)  # per kv head: max [NR], then sum [NR]
+    for g in range(Hkv):
+        ml.unsafe_store(g * 2 * NR, SIMD[DType.float32, NR](Float32.MIN))
+    _tile_offsets(off_buf.unsafe_ptr(), lutp.unsafe_offset(b * lut_s), k_lo, k_hi - k_lo, page, s_page, s_tok,
+                  kv_base)
+    for p in range(PFH):  # the first PFH (tile, kv head) passes; each pass prefetches the one PFH later
+        var t_at = p // Hkv * KTN
+        for j in range(t_at, min(t_at + KTN, k_hi - k_lo)):
+            _prefetch_rows(bp, off_buf[j] + p % Hkv * s_head, D)
+            _prefetch_rows(bp, off_buf[j] + s_kind + p % Hkv * s_head, D)
+    for k0 in range(k_lo, k_hi, KTN):
+        var nk = min(KTN, k_hi - k0)
+        var tof = off_buf.unsafe_ptr().unsafe_offset(k0 - k_lo)
+        var first = k0 == k_lo  # the item's first tile stores its O instead of accumulating into it
+        # Scores, kv head by kv head, so that the head's NR query rows (NR x D floats) stay in L1 while
+        # the tile's K rows of that head go by; meanwhile the K rows of the pass PFH later are
+        # prefetched (its V rows during P V).
+        # Keys past a row's position, and the alias of an odd tile's last pair, score -inf; only a tile
+        # that holds such keys is masked.
+        var masked = nk % 2 == 1 or k0 + nk - 1 > first_pos
+        var kpos = SIMD[DType.float32, NR](Float32(k0)).join(SIMD[DType.float32, NR](Float32(k0 + 1)))
+        var qpos2 = qpos.join(qpos)
+        for g in range(Hkv):
+            var pf = _later_pass(g, Hkv, s_head, k_hi - k0)
+            var qrows = StaticTuple[Int, NR](fill=0)
+            comptime for r in range(NR):
+                qrows[r] = rows[r] + g * G * D
+            var kg = bp.unsafe_offset(g * s_head)
+            var mx2 = F32x(Float32.MIN)  # the tile's max per row, two keys' halves
+            for j in range(0, nk, 2):  # key pairs; past nk the second key aliases the first (masked)
+                comptime for t in range(2):
+                    if j + t < pf[2]:
+                        _prefetch_rows(kg, tof[unsafe_offset=pf[0] + j + t] + pf[1], D)
+                var k0 = kg.unsafe_offset(tof[unsafe_offset=j])
+                var k1 = kg.unsafe_offset(tof[unsafe_offset=min(j + 1, nk - 1)])
+                var sc: F32x
+                if dot:
+                    sc = _dots_rows2_bf16(
+                        qbp, qrows, k0.unsafe_bitcast[Int32](), k1.unsafe_bitcast[Int32](), D2)
+                else:
+                    sc = _dots_rows2(qsp, qrows, k0, k1, D)
+                if masked:
+                    var key = kpos + F32x(Float32(j))
+                    sc = (key.le(qpos2) & key.lt(F32x(Float32(k_hi)))).select(sc, F32x(Float32.MIN))
+                sp.unsafe_store((g * KTN + j) * NR, sc)
+                mx2 = max(mx2, sc)
+            tmp.unsafe_store(g * W, mx2)
+        # Online softmax with the rows in the lanes ([KTN][NR] per kv head, two keys per vector): the
+        # max and sum over keys are lane-wise.
+        for g in range(Hkv):
+            var sg = sp.unsafe_offset(g * KTN * NR)
+            var m = ml.unsafe_load[width=NR](g * 2 * NR)
+            var l = ml.unsafe_load[width=NR](g * 2 * NR + NR)
+            var mx2 = tmp.unsafe_load[width=W](g * W)
+            var mx = max(m, max(mx2.slice[NR](), mx2.slice[NR, offset=NR]()))
+            var shift = mx.gt(SIMD[DType.float32, NR](Float32.MIN)).select(mx, 0)  # no key yet: p = 0
+            var shift2 = shift.join(shift)
+            var total2 = F32x(0)
+            for j in range(0, nk, 2):
+                var pv = exp(sg.unsafe_load[width=W](j * NR) - shift2)
+                sg.unsafe_store(j * NR, pv)
+                total2 += pv
+            var alpha = exp(m - shift)
+            ml.unsafe_store(g * 2 * NR, mx)
+            ml.unsafe_store(g * 2 * NR + NR, l * alpha + total2.slice[NR]() + total2.slice[NR, offset=NR]())
+            var og = o_all.unsafe_offset(g * NR * D)
+            var vrow = bp.unsafe_offset(s_kind + g * s_head)
+            var pf = _later_pass(g, Hkv, s_head, k_hi - k0)
+            if dot:
+                for j in range(0, nk, 2):  # lane r: (P[j][r], P[j + 1][r]) as one bf16 pair
+                    var p16 = round_to_bf16[W](sg.unsafe_load[width=W](j * NR))
+                    ppp.unsafe_store(j // 2 * NR, bitcast[DType.int32, NR](
+                        p16.slice[NR]().interleave(p16.slice[NR, offset=NR]())))
+                for d in range(0, D, 2 * W):
+                    _accumulate_rows_bf16(og.unsafe_offset(d), ppp, alpha,
+                                          vrow.unsafe_bitcast[UInt16]().unsafe_offset(d), tof, nk, D,
+                                          pf[0], pf[1], pf[2], first)
+                continue
+            var d = 0
+            while d + 3 * W <= D:
+                _accumulate_rows[nv=3](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D,
+                                       pf[0], pf[1], pf[2], first)
+                d += 3 * W
+            while d + 2 * W <= D:
+                _accumulate_rows[nv=2](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D,
+                                       pf[0], pf[1], pf[2], first)
+                d += 2 * W
+            while d + W <= D:
+                _accumulate_rows[nv=1](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D,
+                                       pf[0], pf[1], pf[2], first)
+                d += W
+            for dd in range(d, D):  # head dims past the last full vector
+                for r in range(NR):
+                    var acc = Float32(0) if first else og[unsafe_offset=r * D + dd] * alpha[r]
+                    for j in range(nk):
+                        acc += sg[unsafe_offset=j * NR + r] * vrow[unsafe_offset=tof[unsafe_offset=j] + dd].cast[DType.float32]()
+                    og[unsafe_offset=r * D + dd] = acc
+    # The last of the tile's chunks to finish combines them (the atomic add orders the other chunks'
+    # writes before it).
+    var tile = ntp[unsafe_offset=item]
+    var n_chunks = tfp[unsafe_offset=tile + 1] - tfp[unsafe_offset=tile]
+    if Atomic.fetch_add(tdp.unsafe_offset(tile), 1) == n_chunks - 1:
+        _combine_narrow(sh, rg, nw, outp, tile)
+
+
+@always_inline
+def _attend_wide[dt: DType](
+    sh: _Shape, rg: _Ragged, pc: _Paged[dt], qr: _Queries, itp: Pointer[mut=True, Int, MutUntrackedOrigin],
+    outp: Pointer[mut=True, Scalar[dt], MutUntrackedOrigin], item: Int,
+):
+    """Pass 2, wide item `item` (coded (sequence, query tile, kv head)): flash attention over its keys, the
+    rows in the SIMD lanes."""
+    var T = sh.T
+    var Hq = sh.Hq
+    var Hkv = sh.Hkv
+    var D = sh.D
+    var G = sh.G
+    var QT = sh.QT
+    var offp = rg.offp
+    var clp = rg.clp
+    var lutp = rg.lutp
+    var lut_s = rg.lut_s
+    var bp = pc.bp
+    var page = pc.page
+    var s_page = pc.s_page
+    var s_kind = pc.s_kind
+    var kv_base = pc.kv_base
+    var s_tok = pc.s_tok
+    var s_head = pc.s_head
+    var qsp = qr.qsp
+    var code = itp[unsafe_offset=item]
+    var g = code % Hkv
+    var q0 = (code // Hkv) % T
+    var b = code // (Hkv * T)
+    var c = Int(clp[unsafe_offset=b])
+    var tok0 = Int(offp[unsafe_offset=b]) + q0
+    var n_q = min(QT, Int(offp[unsafe_offset=b + 1]) - tok0)
+    var R = n_q * G
+    var Rp = (R + W - 1) // W * W
+    var first_pos = c + q0
+    var kend = first_pos + n_q  # keys 0 .. kend-1 are visible to some row of this item
+
+    # Scratch per item, one List per role: the micro-kernels take them as distinct (non-aliasing) pointers.
+    var q_buf = List[Float32](length=D * Rp, fill=0)
+    var o_buf = List[Float32](length=D * Rp, fill=0)
+    var s_buf = List[Float32](length=KT * Rp, fill=0)
+    var k_buf = List[Float32](length=KT * D, fill=0)
+    var v_buf = List[Float32](length=KT * D, fill=0)
+    var row_buf = List[Float32](length=3 * Rp, fill=0)
+    var a_buf = List[Float32](length=Rp, fill=0)
+    var qp = q_buf.unsafe_ptr()  # Qp  [D][Rp]
+    var op = o_buf.unsafe_ptr()  # O^T [D][Rp]
+    var sp = s_buf.unsafe_ptr()  # S^T, then P^T [KT][Rp]
+    var kp = k_buf.unsafe_ptr()  # K tile [KT][D]
+    var vp = v_buf.unsafe_ptr()  # V tile [KT][D]
+    var mp = row_buf.unsafe_ptr()  # running max [Rp]
+    var lp = mp.unsafe_offset(Rp)  # running sum [Rp]
+    var pp = lp.unsafe_offset(Rp)  # query position per row [Rp]
+    var ap = a_buf.unsafe_ptr()  # this tile's rescale factor [Rp]
+    for r in range(Rp):
+        var rr = min(r, R - 1)  # padded rows repeat the last real row's position (their Q is zero)
+        pp[unsafe_offset=r] = Float32(first_pos + rr // G)
+        mp[unsafe_offset=r] = Float32.MIN
+    for r in range(R):
+        var src = qsp.unsafe_offset(((tok0 + r // G) * Hq + g * G + r % G) * D)
+        for d in range(D):
+            qp[unsafe_offset=d * Rp + r] = src[unsafe_offset=d]
+
+    var nvec = Rp // W
+    for k0 in range(0, kend, KT):
+        var nk = min(KT, kend - k0)
+        # The tile's K and V rows, ks apart: in place where the cache is float32 and the tile in one page.
+        var kt = kp.unsafe_origin_cast[MutUntrackedOrigin]()
+        var vt = vp.unsafe_origin_cast[MutUntrackedOrigin]()
+        var ks = D
+        if dt == DType.float32 and nk == KT and k0 % page + KT <= page:
+            var at = bp.unsafe_offset(_cache_offset(lutp.unsafe_offset(b * lut_s), k0, page, s_page, s_tok)
+                                      + kv_base + g * s_head)
+            kt = at.unsafe_bitcast[Float32]()
+            vt = at.unsafe_offset(s_kind).unsafe_bitcast[Float32]()
+            ks = s_tok
+        else:
+            for j in range(nk):  # rows past nk keep stale values: their scores are never read
+                var at = bp.unsafe_offset(_cache_offset(lutp.unsafe_offset(b * lut_s), k0 + j, page, s_page, s_tok)
+                                          + kv_base + g * s_head)
+                _widen(kp.unsafe_offset(j * D), at, D)
+                _widen(vp.unsafe_offset(j * D), at.unsafe_offset(s_kind), D)
+        # S^T = K Qp
+        var v0 = 0
+        while v0 + NV <= nvec:
+            for j0 in range(0, KT, NJ):
+                _scores[NV](sp.unsafe_offset(j0 * Rp + v0 * W), qp.unsafe_offset(v0 * W), kt.unsafe_offset(j0 * ks), D, Rp, ks)
+            v0 += NV
+        while v0 < nvec:
+            for j0 in range(0, KT, NJ):
+                _scores[1](sp.unsafe_offset(j0 * Rp + v0 * W), qp.unsafe_offset(v0 * W), kt.unsafe_offset(j0 * ks), D, Rp, ks)
+            v0 += 1
+        # Online softmax, lane-wise over rows; mask only where the tile crosses the diagonal.
+        var masked = k0 + KT - 1 > first_pos
+        for v in range(nvec):
+            var qpos = pp.unsafe_load[width=W](v * W)
+            var m_old = mp.unsafe_load[width=W](v * W)
+            var m_new = m_old
+            for j in range(nk):
+                var s = sp.unsafe_load[width=W](j * Rp + v * W)
+                if masked:
+                    s = F32x(Float32(k0 + j)).le(qpos).select(s, F32x(Float32.MIN))
+                    sp.unsafe_store(j * Rp + v * W, s)
+                m_new = max(m_new, s)
+            var total = F32x(0)
+            for j in range(KT):
+                var p = F32x(0)
+                if j < nk:
+                    p = exp(sp.unsafe_load[width=W](j * Rp + v * W) - m_new)
+                sp.unsafe_store(j * Rp + v * W, p)
+                total += p
+            var alpha = exp(m_old - m_new)
+            ap.unsafe_store(v * W, alpha)
+            mp.unsafe_store(v * W, m_new)
+            lp.unsafe_store(v * W, lp.unsafe_load[width=W](v * W) * alpha + total)
+        # O^T = O^T * alpha + V^T P^T
+        var d0 = 0
+        while d0 < D:
+            var v1 = 0
+            while v1 < nvec:
+                var o = op.unsafe_offset(d0 * Rp + v1 * W)
+                var p = sp.unsafe_offset(v1 * W)
+                var a = ap.unsafe_offset(v1 * W)
+                if d0 + ND <= D and v1 + NV <= nvec:
+                    _accumulate_pv[ND, NV](o, p, vt.unsafe_offset(d0), a, D, Rp, nk, ks)
+                    v1 += NV
+                elif d0 + ND <= D:
+                    _accumulate_pv[ND, 1](o, p, vt.unsafe_offset(d0), a, D, Rp, nk, ks)
+                    v1 += 1
+                else:
+                    for dd in range(d0, D):
+                        _accumulate_pv[1, 1](op.unsafe_offset(dd * Rp + v1 * W), p, vt.unsafe_offset(dd), a, D, Rp, nk, ks)
+                    v1 += 1
+            d0 += ND
+
+    for r in range(R):
+        var inv = 1.0 / lp[unsafe_offset=r]
+        var dst = outp.unsafe_offset(((tok0 + r // G) * Hq + g * G + r % G) * D)
+        for d in range(D):
+            dst[unsafe_offset=d] = _from_f32[dt, 1](op[unsafe_offset=d * Rp + r] * inv)
+
+
 @extensibility.register("attention")
 struct Attention:
     @staticmethod
@@ -487,30 +981,16 @@ struct Attention:
         var xsp = x_scratch.unsafe_ptr()
         var ksp = k_scratch.unsafe_ptr()
 
-        def prepare(t: Int) {var tsp, var offp, var clp, var lutp, var lut_s, var page, var bp, var s_page, var s_kind,
-                             var kv_base, var s_tok, var s_head, var qkvp, var qkv_s, var qnp, var knp, var fp, var fs,
-                             var qsp, var xsp, var ksp, var Hq, var Hkv, var D, var q_mul, var dot, var qbp, var D2}:
-            var b = tsp[unsafe_offset=t]
-            var pos = Int(clp[unsafe_offset=b]) + t - Int(offp[unsafe_offset=b])
-            var cs = fp.unsafe_offset(pos * fs)
-            var row = qkvp.unsafe_offset(t * qkv_s)
-            var x = xsp.unsafe_offset(t * D)
-            var kr = ksp.unsafe_offset(t * D)
-            for h in range(Hq):
-                var q = qsp.unsafe_offset((t * Hq + h) * D)
-                _norm_rope(q, row.unsafe_offset(h * D), qnp, cs, x, D, eps, q_mul)
-                if dot:
-                    var qb = qbp.unsafe_offset((t * Hq + h) * D2)
-                    for i in range(0, D2, W):
-                        qb.unsafe_store(i, adjacent_bf16_pairs[W](q.unsafe_load[width=2 * W](2 * i)))
-            var slot = bp.unsafe_offset(_cache_offset(lutp.unsafe_offset(b * lut_s), pos, page, s_page, s_tok) + kv_base)
-            for h in range(Hkv):
-                _norm_rope(kr, row.unsafe_offset((Hq + h) * D), knp, cs, x, D, eps, 1.0)
-                _narrow(slot.unsafe_offset(h * s_head), kr, D)
-                var v = row.unsafe_offset((Hq + Hkv + h) * D)
-                var vdst = slot.unsafe_offset(s_kind + h * s_head)
-                for d in range(D):
-                    vdst[unsafe_offset=d] = v[unsafe_offset=d]
+        var shape = _Shape(T, Hq, Hkv, D, G, max(1, ROWS // G), D2)
+        var ragged = _Ragged(_untracked(offp), _untracked(clp), _untracked(lutp), lut_s, _untracked(tsp))
+        var paged = _Paged[dt](_untracked(bp), page, s_page, s_kind, kv_base, s_tok, s_head)
+        var queries = _Queries(_untracked(qsp), _untracked(qbp), dot)
+        var proj = _Projection[dt](_untracked(qkvp), qkv_s, _untracked(qnp), _untracked(knp), _untracked(fp), fs,
+                                   _untracked(xsp), _untracked(ksp), q_mul)
+
+        def prepare(t: Int) {var shape, var ragged, var paged, var queries, var proj}:
+            _prepare_token[dt, eps](shape, ragged, paged, queries, proj, t)
+
 
         parallelize(prepare, T)
 
@@ -567,283 +1047,33 @@ struct Attention:
         var pop = part_o.unsafe_ptr()
         var pmp = part_ml.unsafe_ptr()
 
-        # Combine each narrow tile's chunks: out = sum_c e^(m_c - M) O_c / sum_c e^(m_c - M) l_c.
-        def combine_narrow(tile: Int) {var tfp, var nbp, var nqp, var pop, var pmp, var offp, var outp, var Hq,
-                                       var Hkv, var D, var G, var QT}:
-            var first = tfp[unsafe_offset=tile]
-            var last = tfp[unsafe_offset=tile + 1]
-            var b = nbp[unsafe_offset=first]
-            var tok0 = Int(offp[unsafe_offset=b]) + nqp[unsafe_offset=first]
-            var R = min(QT, Int(offp[unsafe_offset=b + 1]) - tok0) * G
-            var w_buf = List[Float32](length=last - first, fill=0)  # e^(m_c - M) per chunk
-            var o_buf = List[Float32](length=D, fill=0)
-            var wp = w_buf.unsafe_ptr()
-            var acc = o_buf.unsafe_ptr()
-            for g in range(Hkv):
-                for r in range(R):
-                    var M = Float32.MIN
-                    for c in range(first, last):
-                        M = max(M, pmp[unsafe_offset=(c * Hkv + g) * 2 * NR + r])
-                    var total = Float32(0)
-                    for c in range(first, last):
-                        var w = exp(pmp[unsafe_offset=(c * Hkv + g) * 2 * NR + r] - M)
-                        wp[unsafe_offset=c - first] = w
-                        total += w * pmp[unsafe_offset=(c * Hkv + g) * 2 * NR + NR + r]
-                    for dd in range(D):
-                        acc[unsafe_offset=dd] = 0
-                    for c in range(first, last):
-                        _axpy(acc, wp[unsafe_offset=c - first] / total, pop.unsafe_offset(((c * Hkv + g) * NR + r) * D), D)
-                    _narrow(outp.unsafe_offset(((tok0 + r // G) * Hq + g * G + r % G) * D), acc, D)
+        var narrow = _NarrowItems(_untracked(nbp), _untracked(nqp), _untracked(nkp), _untracked(nop), _untracked(tfp),
+                                  _untracked(ntp), _untracked(tdp), _untracked(pop), _untracked(pmp))
+        var out_ptr = _untracked(outp)
+        var items_ptr = _untracked(itp)
 
-        def attend_narrow(slot: Int) {ref combine_narrow, var tfp, var ntp, var tdp, var nop, var nbp, var nqp, var nkp,
-                                      var pop, var pmp, var offp, var clp, var lutp, var lut_s, var page, var bp,
-                                      var s_page, var s_kind, var kv_base, var s_tok, var s_head, var qsp, var Hq,
-                                      var Hkv, var D, var G, var QT, var dot, var qbp, var D2}:
-            var item = nop[unsafe_offset=slot]
-            var b = nbp[unsafe_offset=item]
-            var q0 = nqp[unsafe_offset=item]
-            var k_lo = nkp[unsafe_offset=item]
-            var tok0 = Int(offp[unsafe_offset=b]) + q0
-            var n_q = min(QT, Int(offp[unsafe_offset=b + 1]) - tok0)
-            var R = n_q * G
-            var first_pos = Int(clp[unsafe_offset=b]) + q0
-            var k_hi = min(first_pos + n_q, k_lo + KCHUNK)
-            var rows = StaticTuple[Int, NR](fill=0)  # kv head 0's rows; rows past R repeat the last one
-            var qpos = SIMD[DType.float32, NR](0)
-            for r in range(NR):
-                var rr = min(r, R - 1)
-                rows[r] = ((tok0 + rr // G) * Hq + rr % G) * D
-                qpos[r] = Float32(first_pos + rr // G)
-            var s_buf = List[Float32](length=Hkv * KTN * NR, fill=0)  # scores, then probabilities [Hkv][KTN][NR]
-            var p_pairs = List[Int32](length=KTN // 2 * NR, fill=0)  # dot: one head's probabilities as bf16 key pairs
-            var ppp = p_pairs.unsafe_ptr()
-            var off_buf = List[Int](length=KCHUNK, fill=0)  # cache offset of each key's token (layer included)
-            var sp = s_buf.unsafe_ptr()
-            var tile_max = List[Float32](length=Hkv * W, fill=0)  # per kv head: the score pass's max per row
-            var tmp = tile_max.unsafe_ptr()
-            var o_all = pop.unsafe_offset(item * Hkv * NR * D)  # this item's O [Hkv][NR][D]
-            var ml = pmp.unsafe_offset(item * Hkv * NR * 2)  # per kv head: max [NR], then sum [NR]
-            for g in range(Hkv):
-                ml.unsafe_store(g * 2 * NR, SIMD[DType.float32, NR](Float32.MIN))
-            _tile_offsets(off_buf.unsafe_ptr(), lutp.unsafe_offset(b * lut_s), k_lo, k_hi - k_lo, page, s_page, s_tok,
-                          kv_base)
-            for p in range(PFH):  # the first PFH (tile, kv head) passes; each pass prefetches the one PFH later
-                var t_at = p // Hkv * KTN
-                for j in range(t_at, min(t_at + KTN, k_hi - k_lo)):
-                    _prefetch_rows(bp, off_buf[j] + p % Hkv * s_head, D)
-                    _prefetch_rows(bp, off_buf[j] + s_kind + p % Hkv * s_head, D)
-            for k0 in range(k_lo, k_hi, KTN):
-                var nk = min(KTN, k_hi - k0)
-                var tof = off_buf.unsafe_ptr().unsafe_offset(k0 - k_lo)
-                var first = k0 == k_lo  # the item's first tile stores its O instead of accumulating into it
-                # Scores, kv head by kv head, so that the head's NR query rows (NR x D floats) stay in L1 while
-                # the tile's K rows of that head go by; meanwhile the K rows of the pass PFH later are
-                # prefetched (its V rows during P V).
-                # Keys past a row's position, and the alias of an odd tile's last pair, score -inf; only a tile
-                # that holds such keys is masked.
-                var masked = nk % 2 == 1 or k0 + nk - 1 > first_pos
-                var kpos = SIMD[DType.float32, NR](Float32(k0)).join(SIMD[DType.float32, NR](Float32(k0 + 1)))
-                var qpos2 = qpos.join(qpos)
-                for g in range(Hkv):
-                    var pf = _later_pass(g, Hkv, s_head, k_hi - k0)
-                    var qrows = StaticTuple[Int, NR](fill=0)
-                    comptime for r in range(NR):
-                        qrows[r] = rows[r] + g * G * D
-                    var kg = bp.unsafe_offset(g * s_head)
-                    var mx2 = F32x(Float32.MIN)  # the tile's max per row, two keys' halves
-                    for j in range(0, nk, 2):  # key pairs; past nk the second key aliases the first (masked)
-                        comptime for t in range(2):
-                            if j + t < pf[2]:
-                                _prefetch_rows(kg, tof[unsafe_offset=pf[0] + j + t] + pf[1], D)
-                        var k0 = kg.unsafe_offset(tof[unsafe_offset=j])
-                        var k1 = kg.unsafe_offset(tof[unsafe_offset=min(j + 1, nk - 1)])
-                        var sc: F32x
-                        if dot:
-                            sc = _dots_rows2_bf16(
-                                qbp, qrows, k0.unsafe_bitcast[Int32](), k1.unsafe_bitcast[Int32](), D2)
-                        else:
-                            sc = _dots_rows2(qsp, qrows, k0, k1, D)
-                        if masked:
-                            var key = kpos + F32x(Float32(j))
-                            sc = (key.le(qpos2) & key.lt(F32x(Float32(k_hi)))).select(sc, F32x(Float32.MIN))
-                        sp.unsafe_store((g * KTN + j) * NR, sc)
-                        mx2 = max(mx2, sc)
-                    tmp.unsafe_store(g * W, mx2)
-                # Online softmax with the rows in the lanes ([KTN][NR] per kv head, two keys per vector): the
-                # max and sum over keys are lane-wise.
-                for g in range(Hkv):
-                    var sg = sp.unsafe_offset(g * KTN * NR)
-                    var m = ml.unsafe_load[width=NR](g * 2 * NR)
-                    var l = ml.unsafe_load[width=NR](g * 2 * NR + NR)
-                    var mx2 = tmp.unsafe_load[width=W](g * W)
-                    var mx = max(m, max(mx2.slice[NR](), mx2.slice[NR, offset=NR]()))
-                    var shift = mx.gt(SIMD[DType.float32, NR](Float32.MIN)).select(mx, 0)  # no key yet: p = 0
-                    var shift2 = shift.join(shift)
-                    var total2 = F32x(0)
-                    for j in range(0, nk, 2):
-                        var pv = exp(sg.unsafe_load[width=W](j * NR) - shift2)
-                        sg.unsafe_store(j * NR, pv)
-                        total2 += pv
-                    var alpha = exp(m - shift)
-                    ml.unsafe_store(g * 2 * NR, mx)
-                    ml.unsafe_store(g * 2 * NR + NR, l * alpha + total2.slice[NR]() + total2.slice[NR, offset=NR]())
-                    var og = o_all.unsafe_offset(g * NR * D)
-                    var vrow = bp.unsafe_offset(s_kind + g * s_head)
-                    var pf = _later_pass(g, Hkv, s_head, k_hi - k0)
-                    if dot:
-                        for j in range(0, nk, 2):  # lane r: (P[j][r], P[j + 1][r]) as one bf16 pair
-                            var p16 = round_to_bf16[W](sg.unsafe_load[width=W](j * NR))
-                            ppp.unsafe_store(j // 2 * NR, bitcast[DType.int32, NR](
-                                p16.slice[NR]().interleave(p16.slice[NR, offset=NR]())))
-                        for d in range(0, D, 2 * W):
-                            _accumulate_rows_bf16(og.unsafe_offset(d), ppp, alpha,
-                                                  vrow.unsafe_bitcast[UInt16]().unsafe_offset(d), tof, nk, D,
-                                                  pf[0], pf[1], pf[2], first)
-                        continue
-                    var d = 0
-                    while d + 3 * W <= D:
-                        _accumulate_rows[nv=3](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D,
-                                               pf[0], pf[1], pf[2], first)
-                        d += 3 * W
-                    while d + 2 * W <= D:
-                        _accumulate_rows[nv=2](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D,
-                                               pf[0], pf[1], pf[2], first)
-                        d += 2 * W
-                    while d + W <= D:
-                        _accumulate_rows[nv=1](og.unsafe_offset(d), sg, alpha, vrow.unsafe_offset(d), tof, nk, D,
-                                               pf[0], pf[1], pf[2], first)
-                        d += W
-                    for dd in range(d, D):  # head dims past the last full vector
-                        for r in range(NR):
-                            var acc = Float32(0) if first else og[unsafe_offset=r * D + dd] * alpha[r]
-                            for j in range(nk):
-                                acc += sg[unsafe_offset=j * NR + r] * vrow[unsafe_offset=tof[unsafe_offset=j] + dd].cast[DType.float32]()
-                            og[unsafe_offset=r * D + dd] = acc
-            # The last of the tile's chunks to finish combines them (the atomic add orders the other chunks'
-            # writes before it).
-            var tile = ntp[unsafe_offset=item]
-            var n_chunks = tfp[unsafe_offset=tile + 1] - tfp[unsafe_offset=tile]
-            if Atomic.fetch_add(tdp.unsafe_offset(tile), 1) == n_chunks - 1:
-                combine_narrow(tile)
+        def attend_narrow(slot: Int) {var shape, var ragged, var paged, var queries, var narrow, var out_ptr}:
+            _attend_narrow[dt](shape, ragged, paged, queries, narrow, out_ptr, slot)
 
-        def attend(item: Int) {var itp, var offp, var clp, var lutp, var lut_s, var page, var bp, var s_page,
-                               var s_kind, var kv_base, var s_tok, var s_head, var qsp, var outp, var Hq, var Hkv,
-                               var D, var G, var QT, var T}:
-            var code = itp[unsafe_offset=item]
-            var g = code % Hkv
-            var q0 = (code // Hkv) % T
-            var b = code // (Hkv * T)
-            var c = Int(clp[unsafe_offset=b])
-            var tok0 = Int(offp[unsafe_offset=b]) + q0
-            var n_q = min(QT, Int(offp[unsafe_offset=b + 1]) - tok0)
-            var R = n_q * G
-            var Rp = (R + W - 1) // W * W
-            var first_pos = c + q0
-            var kend = first_pos + n_q  # keys 0 .. kend-1 are visible to some row of this item
-
-            # Scratch per item, one List per role: the micro-kernels take them as distinct (non-aliasing) pointers.
-            var q_buf = List[Float32](length=D * Rp, fill=0)
-            var o_buf = List[Float32](length=D * Rp, fill=0)
-            var s_buf = List[Float32](length=KT * Rp, fill=0)
-            var k_buf = List[Float32](length=KT * D, fill=0)
-            var v_buf = List[Float32](length=KT * D, fill=0)
-            var row_buf = List[Float32](length=3 * Rp, fill=0)
-            var a_buf = List[Float32](length=Rp, fill=0)
-            var qp = q_buf.unsafe_ptr()  # Qp  [D][Rp]
-            var op = o_buf.unsafe_ptr()  # O^T [D][Rp]
-            var sp = s_buf.unsafe_ptr()  # S^T, then P^T [KT][Rp]
-            var kp = k_buf.unsafe_ptr()  # K tile [KT][D]
-            var vp = v_buf.unsafe_ptr()  # V tile [KT][D]
-            var mp = row_buf.unsafe_ptr()  # running max [Rp]
-            var lp = mp.unsafe_offset(Rp)  # running sum [Rp]
-            var pp = lp.unsafe_offset(Rp)  # query position per row [Rp]
-            var ap = a_buf.unsafe_ptr()  # this tile's rescale factor [Rp]
-            for r in range(Rp):
-                var rr = min(r, R - 1)  # padded rows repeat the last real row's position (their Q is zero)
-                pp[unsafe_offset=r] = Float32(first_pos + rr // G)
-                mp[unsafe_offset=r] = Float32.MIN
-            for r in range(R):
-                var src = qsp.unsafe_offset(((tok0 + r // G) * Hq + g * G + r % G) * D)
-                for d in range(D):
-                    qp[unsafe_offset=d * Rp + r] = src[unsafe_offset=d]
-
-            var nvec = Rp // W
-            for k0 in range(0, kend, KT):
-                var nk = min(KT, kend - k0)
-                # The tile's K and V rows, ks apart: in place where the cache is float32 and the tile in one page.
-                var kt = kp.unsafe_origin_cast[MutAnyOrigin]()
-                var vt = vp.unsafe_origin_cast[MutAnyOrigin]()
-                var ks = D
-                if dt == DType.float32 and nk == KT and k0 % page + KT <= page:
-                    var at = bp.unsafe_offset(_cache_offset(lutp.unsafe_offset(b * lut_s), k0, page, s_page, s_tok)
-                                              + kv_base + g * s_head)
-                    kt = at.unsafe_bitcast[Float32]()
-                    vt = at.unsafe_offset(s_kind).unsafe_bitcast[Float32]()
-                    ks = s_tok
-                else:
-                    for j in range(nk):  # rows past nk keep stale values: their scores are never read
-                        var at = bp.unsafe_offset(_cache_offset(lutp.unsafe_offset(b * lut_s), k0 + j, page, s_page, s_tok)
-                                                  + kv_base + g * s_head)
-                        _widen(kp.unsafe_offset(j * D), at, D)
-                        _widen(vp.unsafe_offset(j * D), at.unsafe_offset(s_kind), D)
-                # S^T = K Qp
-                var v0 = 0
-                while v0 + NV <= nvec:
-                    for j0 in range(0, KT, NJ):
-                        _scores[NV](sp.unsafe_offset(j0 * Rp + v0 * W), qp.unsafe_offset(v0 * W), kt.unsafe_offset(j0 * ks), D, Rp, ks)
-                    v0 += NV
-                while v0 < nvec:
-                    for j0 in range(0, KT, NJ):
-                        _scores[1](sp.unsafe_offset(j0 * Rp + v0 * W), qp.unsafe_offset(v0 * W), kt.unsafe_offset(j0 * ks), D, Rp, ks)
-                    v0 += 1
-                # Online softmax, lane-wise over rows; mask only where the tile crosses the diagonal.
-                var masked = k0 + KT - 1 > first_pos
-                for v in range(nvec):
-                    var qpos = pp.unsafe_load[width=W](v * W)
-                    var m_old = mp.unsafe_load[width=W](v * W)
-                    var m_new = m_old
-                    for j in range(nk):
-                        var s = sp.unsafe_load[width=W](j * Rp + v * W)
-                        if masked:
-                            s = F32x(Float32(k0 + j)).le(qpos).select(s, F32x(Float32.MIN))
-                            sp.unsafe_store(j * Rp + v * W, s)
-                        m_new = max(m_new, s)
-                    var total = F32x(0)
-                    for j in range(KT):
-                        var p = F32x(0)
-                        if j < nk:
-                            p = exp(sp.unsafe_load[width=W](j * Rp + v * W) - m_new)
-                        sp.unsafe_store(j * Rp + v * W, p)
-                        total += p
-                    var alpha = exp(m_old - m_new)
-                    ap.unsafe_store(v * W, alpha)
-                    mp.unsafe_store(v * W, m_new)
-                    lp.unsafe_store(v * W, lp.unsafe_load[width=W](v * W) * alpha + total)
-                # O^T = O^T * alpha + V^T P^T
-                var d0 = 0
-                while d0 < D:
-                    var v1 = 0
-                    while v1 < nvec:
-                        var o = op.unsafe_offset(d0 * Rp + v1 * W)
-                        var p = sp.unsafe_offset(v1 * W)
-                        var a = ap.unsafe_offset(v1 * W)
-                        if d0 + ND <= D and v1 + NV <= nvec:
-                            _accumulate_pv[ND, NV](o, p, vt.unsafe_offset(d0), a, D, Rp, nk, ks)
-                            v1 += NV
-                        elif d0 + ND <= D:
-                            _accumulate_pv[ND, 1](o, p, vt.unsafe_offset(d0), a, D, Rp, nk, ks)
-                            v1 += 1
-                        else:
-                            for dd in range(d0, D):
-                                _accumulate_pv[1, 1](op.unsafe_offset(dd * Rp + v1 * W), p, vt.unsafe_offset(dd), a, D, Rp, nk, ks)
-                            v1 += 1
-                    d0 += ND
-
-            for r in range(R):
-                var inv = 1.0 / lp[unsafe_offset=r]
-                var dst = outp.unsafe_offset(((tok0 + r // G) * Hq + g * G + r % G) * D)
-                for d in range(D):
-                    dst[unsafe_offset=d] = _from_f32[dt, 1](op[unsafe_offset=d * Rp + r] * inv)
+        def attend(item: Int) {var shape, var ragged, var paged, var queries, var items_ptr, var out_ptr}:
+            _attend_wide[dt](shape, ragged, paged, queries, items_ptr, out_ptr, item)
 
         parallelize_dynamic(attend, n_items)
         parallelize_dynamic(attend_narrow, n_narrow)
+
+        # The structs hold untracked pointers into these Lists: they must live until every pass has run.
+        _ = tok_seq^
+        _ = qs^
+        _ = q_pairs^
+        _ = x_scratch^
+        _ = k_scratch^
+        _ = items^
+        _ = n_b^
+        _ = n_q0^
+        _ = n_k0^
+        _ = n_order^
+        _ = tile_first^
+        _ = n_tile^
+        _ = tile_done^
+        _ = part_o^
+        _ = part_ml^

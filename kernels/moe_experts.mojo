@@ -44,6 +44,11 @@
 #   * Combine is deterministic, without atomics: out[t] accumulates its experts in ascending expert
 #     order, whatever the thread count; the shared expert(s) stay in the graph (a dense SwiGLU).
 #
+# Code map: `MoeExperts.execute` validates the routing, picks each expert's path, then runs the passes: `_gather_row`;
+# streaming `_stream_gate_up`, `_stream_down`; bf16-dot `_dot_pack_x`, `_dot_gate_up`, `_dot_down`; float32 matmul
+# `_matmul_expert`; and `_combine_token`. They read the op's state from small structs (`_Routing`, `_Weights`,
+# `_Rows`, `_Stream`, `_Dot`, `_Matmul`).
+#
 # Today's numbers (`python -m bench`, bench/results/latest.md, 2026-11-30, 2-core AMD EPYC Zen 4; H 4096,
 # I 1536, E 32, k 8): fp32 T 1 22.2 ms (27 GB/s), T 512 0.89 s (174 GFLOP/s, 87% of the fp32 GEMM peak),
 # T 2048 3.33 s; bf16 T 1 8.9 ms (34 GB/s), T 512 440 ms (351 GFLOP/s), T 2048 1.92 s (322 GFLOP/s) against
@@ -76,6 +81,9 @@ comptime MR = 8  # bf16-dot path: weight rows per micro-kernel call (MR x NVMAX 
 comptime GU_ROWS = MR // 2  # gate_up: gate rows o0..o0+3 with up rows I+o0..I+o0+3, so SwiGLU fuses
 comptime KC = 128  # bf16-dot path: pairs per L1 slice (KC x MB x 4 bytes = 24 KiB)
 comptime GROUPS = 8  # bf16-dot path: micro-tiles of MR weight rows per task (share each activation slice)
+comptime STREAM = 1  # an expert's path: streaming
+comptime MATMUL = 2  # MAX's matmul (float32 weights)
+comptime DOT = 3  # the bf16-dot GEMM
 
 
 @always_inline
@@ -245,6 +253,352 @@ def _swiglu_ffn(
                                  TileTensor(down, row_major(H, I)), 0, num_threads=num_threads)
 
 
+# The op's state, grouped by what it describes. Each pass below is a function of the groups it reads, so the
+# parallel loops in `execute` are one-line closures over a few small structs. Pointers are untracked: the
+# buffers they point into (the op's tensors and execute's scratch Lists) outlive every pass.
+@fieldwise_init
+struct _Routing(ImplicitlyCopyable, Movable):
+    """The dispatch: H, I, k; expert offsets [E + 1] and sorted slots [T k] from the router, the top-k weights
+    [T, k], each expert's path and each grouped row's expert."""
+    var H: Int
+    var I: Int
+    var k: Int
+    var offp: Pointer[mut=True, Int32, MutUntrackedOrigin]
+    var slotp: Pointer[mut=True, Int32, MutUntrackedOrigin]
+    var wp: Pointer[mut=True, Float32, MutUntrackedOrigin]
+    var pathp: Pointer[mut=True, Int, MutUntrackedOrigin]
+    var rep: Pointer[mut=True, Int, MutUntrackedOrigin]
+
+
+@fieldwise_init
+struct _Weights[wdt: DType](ImplicitlyCopyable, Movable):
+    """The stacked expert weights gate_up [E, 2I, H] and down [E, H, I] and their expert strides."""
+    var gup: Pointer[mut=True, Scalar[Self.wdt], MutUntrackedOrigin]
+    var dnp: Pointer[mut=True, Scalar[Self.wdt], MutUntrackedOrigin]
+    var gu_es: Int
+    var dn_es: Int
+
+
+@fieldwise_init
+struct _Rows(ImplicitlyCopyable, Movable):
+    """x [T, H], its rows gathered in grouped order (float32 paths), the SwiGLU activations and expert outputs
+    per grouped row, and the output [T, H]."""
+    var xp: Pointer[mut=True, Float32, MutUntrackedOrigin]
+    var rp: Pointer[mut=True, Float32, MutUntrackedOrigin]
+    var ap: Pointer[mut=True, Float32, MutUntrackedOrigin]
+    var yp: Pointer[mut=True, Float32, MutUntrackedOrigin]
+    var op: Pointer[mut=True, Float32, MutUntrackedOrigin]
+
+
+@fieldwise_init
+struct _Stream(ImplicitlyCopyable, Movable):
+    """The streaming experts (few rows each) and their task tiling: weight rows per task and tasks per expert."""
+    var sp: Pointer[mut=True, Int, MutUntrackedOrigin]
+    var gu_rows: Int
+    var gu_tiles: Int
+    var dn_rows: Int
+    var dn_tiles: Int
+
+
+@fieldwise_init
+struct _Dot(ImplicitlyCopyable, Movable):
+    """The bf16-dot experts: packed bf16-pair activations for gate_up (xkp) and down (akp), the weights as bf16
+    pairs, each expert's first block and each block's expert, and the task counts per expert."""
+    var xkp: Pointer[mut=True, Int32, MutUntrackedOrigin]
+    var akp: Pointer[mut=True, Int32, MutUntrackedOrigin]
+    var gu32: Pointer[mut=True, Int32, MutUntrackedOrigin]
+    var dn32: Pointer[mut=True, Int32, MutUntrackedOrigin]
+    var dp: Pointer[mut=True, Int, MutUntrackedOrigin]
+    var dbp: Pointer[mut=True, Int, MutUntrackedOrigin]
+    var bep: Pointer[mut=True, Int, MutUntrackedOrigin]
+    var H2: Int
+    var I2: Int
+    var gu_tasks: Int
+    var dn_tasks: Int
+
+
+@fieldwise_init
+struct _Matmul(ImplicitlyCopyable, Movable):
+    """The float32 matmul experts, most rows first; the gate_up outputs per grouped row; the weights as float32."""
+    var mmp: Pointer[mut=True, Int, MutUntrackedOrigin]
+    var gp: Pointer[mut=True, Float32, MutUntrackedOrigin]
+    var gu_f32: Pointer[mut=True, Float32, MutUntrackedOrigin]
+    var dn_f32: Pointer[mut=True, Float32, MutUntrackedOrigin]
+
+
+@always_inline
+def _untracked[T: AnyType](p: Pointer[mut=True, T, _]) -> Pointer[mut=True, T, MutUntrackedOrigin]:
+    return p.unsafe_origin_cast[MutUntrackedOrigin]()
+
+
+@always_inline
+def _gather_row(
+    rt: _Routing, rw: _Rows, r: Int,
+):
+    """Copies x row slots[r] // k to grouped row r (float32 paths only)."""
+    var H = rt.H
+    var k = rt.k
+    var slotp = rt.slotp
+    var pathp = rt.pathp
+    var rep = rt.rep
+    var xp = rw.xp
+    var rp = rw.rp
+    if pathp[unsafe_offset=rep[unsafe_offset=r]] == DOT:
+        return
+    var src = xp.unsafe_offset((Int(slotp[unsafe_offset=r]) // k) * H)
+    var dst = rp.unsafe_offset(r * H)
+    for h in range(H):
+        dst[unsafe_offset=h] = src[unsafe_offset=h]
+
+
+@always_inline
+def _stream_gate_up[wdt: DType](
+    rt: _Routing, wt: _Weights[wdt], rw: _Rows, st: _Stream, task: Int,
+):
+    """Streaming path, gate_up task: STREAM_GATES gate rows with their up rows per pass over
+    the expert's rows; SwiGLU on the way out."""
+    var H = rt.H
+    var I = rt.I
+    var offp = rt.offp
+    var gup = wt.gup
+    var gu_es = wt.gu_es
+    var rp = rw.rp
+    var ap = rw.ap
+    var sp = st.sp
+    var gu_rows = st.gu_rows
+    var gu_tiles = st.gu_tiles
+    var e = sp[unsafe_offset=task // gu_tiles]
+    var r0 = Int(offp[unsafe_offset=e])
+    var n = Int(offp[unsafe_offset=e + 1]) - r0
+    var w = gup.unsafe_offset(e * gu_es)
+    var o0 = (task % gu_tiles) * gu_rows
+    for o in range(o0, min(I, o0 + gu_rows), STREAM_GATES):  # gate rows o.. with up rows I + o..
+        var w_rows = StaticTuple[Int, STREAM_ROWS](fill=0)
+        comptime for v in range(STREAM_GATES):  # rows past I alias I - 1 (same value stored)
+            w_rows[v] = min(o + v, I - 1) * H
+            w_rows[STREAM_GATES + v] = (I + min(o + v, I - 1)) * H
+        for g0 in range(0, n, SMALL_ROWS):
+            var gn = min(SMALL_ROWS, n - g0)
+            var gu = _dots(w, w_rows, rp.unsafe_offset((r0 + g0) * H), H, gn, H)
+            for r in range(gn):
+                comptime for v in range(STREAM_GATES):
+                    ap[unsafe_offset=(r0 + g0 + r) * I + min(o + v, I - 1)] = (
+                        _silu[1](gu[v][r]) * gu[STREAM_GATES + v][r])
+
+
+@always_inline
+def _stream_down[wdt: DType](
+    rt: _Routing, wt: _Weights[wdt], rw: _Rows, st: _Stream, task: Int,
+):
+    """Streaming path, down task: STREAM_ROWS down rows per pass over the activations."""
+    var H = rt.H
+    var I = rt.I
+    var offp = rt.offp
+    var dnp = wt.dnp
+    var dn_es = wt.dn_es
+    var ap = rw.ap
+    var yp = rw.yp
+    var sp = st.sp
+    var dn_rows = st.dn_rows
+    var dn_tiles = st.dn_tiles
+    var e = sp[unsafe_offset=task // dn_tiles]
+    var r0 = Int(offp[unsafe_offset=e])
+    var n = Int(offp[unsafe_offset=e + 1]) - r0
+    var w = dnp.unsafe_offset(e * dn_es)
+    var h0 = (task % dn_tiles) * dn_rows
+    for h in range(h0, min(H, h0 + dn_rows), STREAM_ROWS):  # rows past H alias H - 1 (same value stored)
+        var w_rows = StaticTuple[Int, STREAM_ROWS](fill=0)
+        comptime for v in range(STREAM_ROWS):
+            w_rows[v] = min(h + v, H - 1) * I
+        for g0 in range(0, n, SMALL_ROWS):
+            var gn = min(SMALL_ROWS, n - g0)
+            var y = _dots(w, w_rows, ap.unsafe_offset((r0 + g0) * I), I, gn, I)
+            for r in range(gn):
+                comptime for v in range(STREAM_ROWS):
+                    yp[unsafe_offset=(r0 + g0 + r) * H + min(h + v, H - 1)] = y[v][r]
+
+
+@always_inline
+def _dot_pack_x(
+    rt: _Routing, rw: _Rows, dt_: _Dot, blk: Int,
+):
+    """bf16-dot path: rounds block `blk` of an expert's rows of x to bf16 pairs, [K/2][MB]."""
+    var H = rt.H
+    var k = rt.k
+    var offp = rt.offp
+    var slotp = rt.slotp
+    var xp = rw.xp
+    var xkp = dt_.xkp
+    var dp = dt_.dp
+    var dbp = dt_.dbp
+    var bep = dt_.bep
+    var H2 = dt_.H2
+    var e = dp[unsafe_offset=bep[unsafe_offset=blk]]
+    var r_first = Int(offp[unsafe_offset=e]) + (blk - dbp[unsafe_offset=bep[unsafe_offset=blk]]) * MB
+    var r_end = Int(offp[unsafe_offset=e + 1])
+    var dst = xkp.unsafe_offset(blk * H2 * MB)
+    var n_real = min(MB, r_end - r_first)
+    for m in range(n_real, (n_real + W - 1) // W * W):  # padding rows of the last vector read
+        for p in range(H2):
+            dst[unsafe_offset=p * MB + m] = 0
+    for m in range(n_real):
+        var src = xp.unsafe_offset((Int(slotp[unsafe_offset=r_first + m]) // k) * H)
+        var p = 0
+        while p + W <= H2:
+            var pairs = adjacent_bf16_pairs[W](src.unsafe_load[width=2 * W](2 * p))
+            comptime for l in range(W):
+                dst[unsafe_offset=(p + l) * MB + m] = pairs[l]
+            p += W
+        while p < H2:
+            dst[unsafe_offset=p * MB + m] = adjacent_bf16_pairs[1](src.unsafe_load[width=2](2 * p))
+            p += 1
+
+
+@always_inline
+def _dot_gate_up[wdt: DType](
+    rt: _Routing, wt: _Weights[wdt], rw: _Rows, dt_: _Dot, task: Int,
+):
+    """bf16-dot path, gate_up task: GROUPS micro-tiles of gate/up rows; SwiGLU in the
+    epilogue writes the down GEMM's packed bf16 input."""
+    var I = rt.I
+    var offp = rt.offp
+    var gu_es = wt.gu_es
+    var xkp = dt_.xkp
+    var akp = dt_.akp
+    var gu32 = dt_.gu32
+    var dp = dt_.dp
+    var dbp = dt_.dbp
+    var H2 = dt_.H2
+    var I2 = dt_.I2
+    var gu_tasks = dt_.gu_tasks
+    var d = task // gu_tasks
+    var e = dp[unsafe_offset=d]
+    var n = Int(offp[unsafe_offset=e + 1]) - Int(offp[unsafe_offset=e])
+    var n_blocks = _n_blocks(n)
+    var o_first = (task % gu_tasks) * GU_ROWS * GROUPS
+    var groups = min(GROUPS, (I - o_first + GU_ROWS - 1) // GU_ROWS)
+    var offsets = List[Int](length=groups * MR, fill=0)
+    for g in range(groups):
+        for i in range(GU_ROWS):  # rows past I alias the last one; never stored
+            var o = min(o_first + g * GU_ROWS + i, I - 1)
+            offsets[g * MR + i] = o * H2
+            offsets[g * MR + GU_ROWS + i] = (I + o) * H2
+    var c = List[Float32](unsafe_uninit_length=groups * n_blocks * MR * MB)  # the first K slice stores, never loads
+    var cp = c.unsafe_ptr()
+    var blk0 = dbp[unsafe_offset=d]
+    _dot_panel(gu32.unsafe_offset(e * (gu_es // 2)), offsets.unsafe_ptr(), groups,
+               xkp.unsafe_offset(blk0 * H2 * MB), n, H2, cp)
+    for g in range(groups):
+        for b in range(n_blocks):
+            var n_vec = _n_vec(n, b)
+            var cb = cp.unsafe_offset((g * n_blocks + b) * MR * MB)
+            var dst = akp.unsafe_offset((blk0 + b) * I2 * MB)
+            comptime for q in range(GU_ROWS // 2):  # outputs o, o + 1 -> one bf16 pair
+                var o = o_first + g * GU_ROWS + 2 * q
+                if o < I:
+                    for j in range(n_vec):
+                        dst.unsafe_store((o // 2) * MB + j * W, bf16_pairs(_swiglu_lanes(cb, 2 * q, j),
+                                                                           _swiglu_lanes(cb, 2 * q + 1, j)))
+
+
+@always_inline
+def _dot_down[wdt: DType](
+    rt: _Routing, wt: _Weights[wdt], rw: _Rows, dt_: _Dot, task: Int,
+):
+    """bf16-dot path, down task: GROUPS micro-tiles of down rows; a transposed store of y."""
+    var H = rt.H
+    var offp = rt.offp
+    var dn_es = wt.dn_es
+    var yp = rw.yp
+    var akp = dt_.akp
+    var dn32 = dt_.dn32
+    var dp = dt_.dp
+    var dbp = dt_.dbp
+    var I2 = dt_.I2
+    var dn_tasks = dt_.dn_tasks
+    var d = task // dn_tasks
+    var e = dp[unsafe_offset=d]
+    var r0 = Int(offp[unsafe_offset=e])
+    var n = Int(offp[unsafe_offset=e + 1]) - r0
+    var n_blocks = _n_blocks(n)
+    var h_first = (task % dn_tasks) * MR * GROUPS
+    var groups = min(GROUPS, (H - h_first + MR - 1) // MR)
+    var offsets = List[Int](length=groups * MR, fill=0)
+    for i in range(groups * MR):
+        offsets[i] = min(h_first + i, H - 1) * I2
+    var c = List[Float32](unsafe_uninit_length=groups * n_blocks * MR * MB)  # the first K slice stores, never loads
+    var cp = c.unsafe_ptr()
+    _dot_panel(dn32.unsafe_offset(e * (dn_es // 2)), offsets.unsafe_ptr(), groups,
+               akp.unsafe_offset(dbp[unsafe_offset=d] * I2 * MB), n, I2, cp)
+    for b in range(n_blocks):  # transposed store: c's lanes are rows of y, MR outputs per row at a time
+        for g in range(groups):
+            var cb = cp.unsafe_offset((g * n_blocks + b) * MR * MB)
+            var h0 = h_first + g * MR
+            var full = h0 + MR <= H
+            for m in range(min(MB, n - b * MB)):
+                var y = yp.unsafe_offset((r0 + b * MB + m) * H + h0)
+                if full:
+                    var v = SIMD[DType.float32, MR](0)
+                    comptime for i in range(MR):
+                        v[i] = cb[unsafe_offset=i * MB + m]
+                    y.unsafe_store(0, v)
+                else:
+                    for i in range(H - h0):
+                        y[unsafe_offset=i] = cb[unsafe_offset=i * MB + m]
+
+
+@always_inline
+def _matmul_expert[wdt: DType](
+    rt: _Routing, wt: _Weights[wdt], rw: _Rows, mm: _Matmul, num_threads: Int, i: Int,
+) raises:
+    """Matmul path: expert number i of the by-rows order through MAX's matmul on
+    `num_threads` threads (-1: all)."""
+    var H = rt.H
+    var I = rt.I
+    var offp = rt.offp
+    var gu_es = wt.gu_es
+    var dn_es = wt.dn_es
+    var rp = rw.rp
+    var ap = rw.ap
+    var yp = rw.yp
+    var mmp = mm.mmp
+    var gp = mm.gp
+    var gu_f32 = mm.gu_f32
+    var dn_f32 = mm.dn_f32
+    var e = mmp[unsafe_offset=i]
+    var r0 = Int(offp[unsafe_offset=e])
+    var n = Int(offp[unsafe_offset=e + 1]) - r0
+    _swiglu_ffn(rp.unsafe_offset(r0 * H), n, H, I, gu_f32.unsafe_offset(e * gu_es), dn_f32.unsafe_offset(e * dn_es),
+                gp.unsafe_offset(r0 * 2 * I), ap.unsafe_offset(r0 * I), yp.unsafe_offset(r0 * H), num_threads)
+
+
+@always_inline
+def _combine_token(
+    rt: _Routing, rw: _Rows, trp: Pointer[mut=True, Int, MutUntrackedOrigin], t: Int,
+):
+    """Combine: out[t] = sum of w * y over t's rows in ascending row = expert order."""
+    var H = rt.H
+    var k = rt.k
+    var slotp = rt.slotp
+    var wp = rt.wp
+    var yp = rw.yp
+    var op = rw.op
+    var dst = op.unsafe_offset(t * H)
+    for h in range(H):
+        dst[unsafe_offset=h] = 0
+    for j in range(k):
+        var row = trp[unsafe_offset=t * k + j]
+        var weight = wp[unsafe_offset=Int(slotp[unsafe_offset=row])]
+        var src = yp.unsafe_offset(row * H)
+        var h = 0
+        while h + W <= H:
+            dst.unsafe_store(h, dst.unsafe_load[width=W](h) + weight * src.unsafe_load[width=W](h))
+            h += W
+        while h < H:
+            dst[unsafe_offset=h] = dst[unsafe_offset=h] + weight * src[unsafe_offset=h]
+            h += 1
+
+
 @extensibility.register("moe_experts")
 struct MoeExperts:
     @staticmethod
@@ -297,10 +651,7 @@ struct MoeExperts:
             if s < 0 or s >= T * k:
                 raise Error("moe_experts: slot out of range: ", s)
 
-        # Each expert's path (see the header): streaming, MAX's matmul (float32) or the bf16-dot GEMM.
-        comptime STREAM = 1
-        comptime MATMUL = 2
-        comptime DOT = 3
+        # Each expert's path (see the header): STREAM, MATMUL (float32) or DOT (the bf16-dot GEMM).
         var dot = wdt == DType.bfloat16 and H > 0 and I > 0 and H % 2 == 0 and I % 2 == 0 and use_bf16_dot()
         var path = List[Int](length=E, fill=0)
         var small = List[Int]()  # streaming experts
@@ -335,21 +686,19 @@ struct MoeExperts:
         var f32_rows = T * k if dot_rows < T * k else 0  # no float32 copies when every expert is DOT
         var rows = List[Float32](unsafe_uninit_length=f32_rows * H)
         var rp = rows.unsafe_ptr()
-
-        def gather(r: Int) {var rp, var xp, var slotp, var pathp, var rep, var H, var k}:
-            if pathp[unsafe_offset=rep[unsafe_offset=r]] == DOT:
-                return
-            var src = xp.unsafe_offset((Int(slotp[unsafe_offset=r]) // k) * H)
-            var dst = rp.unsafe_offset(r * H)
-            for h in range(H):
-                dst[unsafe_offset=h] = src[unsafe_offset=h]
-
-        parallelize(gather, T * k)
-
         var act = List[Float32](unsafe_uninit_length=f32_rows * I)  # SwiGLU activations per grouped row
         var ys = List[Float32](unsafe_uninit_length=T * k * H)  # expert outputs per grouped row, all written
         var ap = act.unsafe_ptr()
         var yp = ys.unsafe_ptr()
+        var rt = _Routing(H, I, k, _untracked(offp), _untracked(slotp), _untracked(wp), _untracked(pathp),
+                          _untracked(rep))
+        var wt = _Weights[wdt](_untracked(gup), _untracked(dnp), gu_es, dn_es)
+        var rw = _Rows(_untracked(xp), _untracked(rp), _untracked(ap), _untracked(yp), _untracked(op))
+
+        def gather(r: Int) {var rt, var rw}:
+            _gather_row(rt, rw, r)
+
+        parallelize(gather, T * k)
 
         # Streaming path: tasks over (expert, tile of weight rows), STREAM_ROWS weight rows per pass over the
         # expert's rows in groups of SMALL_ROWS (the weight rows stay in L1 meanwhile).
@@ -359,42 +708,13 @@ struct MoeExperts:
         var dn_rows = _stream_rows_per_task(I * size_of[wdt]())
         var gu_tiles = (I + gu_rows - 1) // gu_rows
         var dn_tiles = (H + dn_rows - 1) // dn_rows
+        var st = _Stream(_untracked(sp), gu_rows, gu_tiles, dn_rows, dn_tiles)
 
-        def gate_up_task(task: Int) {var sp, var offp, var rp, var ap, var gup, var gu_es, var H, var I, var gu_rows, var gu_tiles}:
-            var e = sp[unsafe_offset=task // gu_tiles]
-            var r0 = Int(offp[unsafe_offset=e])
-            var n = Int(offp[unsafe_offset=e + 1]) - r0
-            var w = gup.unsafe_offset(e * gu_es)
-            var o0 = (task % gu_tiles) * gu_rows
-            for o in range(o0, min(I, o0 + gu_rows), STREAM_GATES):  # gate rows o.. with up rows I + o..
-                var w_rows = StaticTuple[Int, STREAM_ROWS](fill=0)
-                comptime for v in range(STREAM_GATES):  # rows past I alias I - 1 (same value stored)
-                    w_rows[v] = min(o + v, I - 1) * H
-                    w_rows[STREAM_GATES + v] = (I + min(o + v, I - 1)) * H
-                for g0 in range(0, n, SMALL_ROWS):
-                    var gn = min(SMALL_ROWS, n - g0)
-                    var gu = _dots(w, w_rows, rp.unsafe_offset((r0 + g0) * H), H, gn, H)
-                    for r in range(gn):
-                        comptime for v in range(STREAM_GATES):
-                            ap[unsafe_offset=(r0 + g0 + r) * I + min(o + v, I - 1)] = (
-                                _silu[1](gu[v][r]) * gu[STREAM_GATES + v][r])
+        def gate_up_task(task: Int) {var rt, var wt, var rw, var st}:
+            _stream_gate_up[wdt](rt, wt, rw, st, task)
 
-        def down_task(task: Int) {var sp, var offp, var ap, var yp, var dnp, var dn_es, var H, var I, var dn_rows, var dn_tiles}:
-            var e = sp[unsafe_offset=task // dn_tiles]
-            var r0 = Int(offp[unsafe_offset=e])
-            var n = Int(offp[unsafe_offset=e + 1]) - r0
-            var w = dnp.unsafe_offset(e * dn_es)
-            var h0 = (task % dn_tiles) * dn_rows
-            for h in range(h0, min(H, h0 + dn_rows), STREAM_ROWS):  # rows past H alias H - 1 (same value stored)
-                var w_rows = StaticTuple[Int, STREAM_ROWS](fill=0)
-                comptime for v in range(STREAM_ROWS):
-                    w_rows[v] = min(h + v, H - 1) * I
-                for g0 in range(0, n, SMALL_ROWS):
-                    var gn = min(SMALL_ROWS, n - g0)
-                    var y = _dots(w, w_rows, ap.unsafe_offset((r0 + g0) * I), I, gn, I)
-                    for r in range(gn):
-                        comptime for v in range(STREAM_ROWS):
-                            yp[unsafe_offset=(r0 + g0 + r) * H + min(h + v, H - 1)] = y[v][r]
+        def down_task(task: Int) {var rt, var wt, var rw, var st}:
+            _stream_down[wdt](rt, wt, rw, st, task)
 
         if n_small > 0:
             parallelize_dynamic(gate_up_task, n_small * gu_tiles)
@@ -421,96 +741,28 @@ struct MoeExperts:
             var bep = blk_expert.unsafe_ptr()
             var gu32 = gup.unsafe_bitcast[Int32]()
             var dn32 = dnp.unsafe_bitcast[Int32]()
+            var gu_tasks = (I + GU_ROWS * GROUPS - 1) // (GU_ROWS * GROUPS)
+            var dn_tasks = (H + MR * GROUPS - 1) // (MR * GROUPS)
+            var dt_ = _Dot(_untracked(xkp), _untracked(akp), _untracked(gu32), _untracked(dn32), _untracked(dp),
+                           _untracked(dbp), _untracked(bep), H2, I2, gu_tasks, dn_tasks)
 
-            def pack_x(blk: Int) {var xkp, var xp, var slotp, var offp, var dp, var dbp, var bep, var H, var H2, var k}:
-                var e = dp[unsafe_offset=bep[unsafe_offset=blk]]
-                var r_first = Int(offp[unsafe_offset=e]) + (blk - dbp[unsafe_offset=bep[unsafe_offset=blk]]) * MB
-                var r_end = Int(offp[unsafe_offset=e + 1])
-                var dst = xkp.unsafe_offset(blk * H2 * MB)
-                var n_real = min(MB, r_end - r_first)
-                for m in range(n_real, (n_real + W - 1) // W * W):  # padding rows of the last vector read
-                    for p in range(H2):
-                        dst[unsafe_offset=p * MB + m] = 0
-                for m in range(n_real):
-                    var src = xp.unsafe_offset((Int(slotp[unsafe_offset=r_first + m]) // k) * H)
-                    var p = 0
-                    while p + W <= H2:
-                        var pairs = adjacent_bf16_pairs[W](src.unsafe_load[width=2 * W](2 * p))
-                        comptime for l in range(W):
-                            dst[unsafe_offset=(p + l) * MB + m] = pairs[l]
-                        p += W
-                    while p < H2:
-                        dst[unsafe_offset=p * MB + m] = adjacent_bf16_pairs[1](src.unsafe_load[width=2](2 * p))
-                        p += 1
+            def pack_x(blk: Int) {var rt, var rw, var dt_}:
+                _dot_pack_x(rt, rw, dt_, blk)
 
             parallelize_dynamic(pack_x, n_blk)
-            var gu_tasks = (I + GU_ROWS * GROUPS - 1) // (GU_ROWS * GROUPS)
 
-            def gate_up_dot(task: Int) {var akp, var xkp, var gu32, var gu_es, var offp, var dp, var dbp, var H2, var I, var I2, var gu_tasks}:
-                var d = task // gu_tasks
-                var e = dp[unsafe_offset=d]
-                var n = Int(offp[unsafe_offset=e + 1]) - Int(offp[unsafe_offset=e])
-                var n_blocks = _n_blocks(n)
-                var o_first = (task % gu_tasks) * GU_ROWS * GROUPS
-                var groups = min(GROUPS, (I - o_first + GU_ROWS - 1) // GU_ROWS)
-                var offsets = List[Int](length=groups * MR, fill=0)
-                for g in range(groups):
-                    for i in range(GU_ROWS):  # rows past I alias the last one; never stored
-                        var o = min(o_first + g * GU_ROWS + i, I - 1)
-                        offsets[g * MR + i] = o * H2
-                        offsets[g * MR + GU_ROWS + i] = (I + o) * H2
-                var c = List[Float32](unsafe_uninit_length=groups * n_blocks * MR * MB)  # the first K slice stores, never loads
-                var cp = c.unsafe_ptr()
-                var blk0 = dbp[unsafe_offset=d]
-                _dot_panel(gu32.unsafe_offset(e * (gu_es // 2)), offsets.unsafe_ptr(), groups,
-                           xkp.unsafe_offset(blk0 * H2 * MB), n, H2, cp)
-                for g in range(groups):
-                    for b in range(n_blocks):
-                        var n_vec = _n_vec(n, b)
-                        var cb = cp.unsafe_offset((g * n_blocks + b) * MR * MB)
-                        var dst = akp.unsafe_offset((blk0 + b) * I2 * MB)
-                        comptime for q in range(GU_ROWS // 2):  # outputs o, o + 1 -> one bf16 pair
-                            var o = o_first + g * GU_ROWS + 2 * q
-                            if o < I:
-                                for j in range(n_vec):
-                                    dst.unsafe_store((o // 2) * MB + j * W, bf16_pairs(_swiglu_lanes(cb, 2 * q, j),
-                                                                                       _swiglu_lanes(cb, 2 * q + 1, j)))
+            def gate_up_dot(task: Int) {var rt, var wt, var rw, var dt_}:
+                _dot_gate_up[wdt](rt, wt, rw, dt_, task)
 
-            var dn_tasks = (H + MR * GROUPS - 1) // (MR * GROUPS)
-
-            def down_dot(task: Int) {var akp, var yp, var dn32, var dn_es, var offp, var dp, var dbp, var H, var I2, var dn_tasks}:
-                var d = task // dn_tasks
-                var e = dp[unsafe_offset=d]
-                var r0 = Int(offp[unsafe_offset=e])
-                var n = Int(offp[unsafe_offset=e + 1]) - r0
-                var n_blocks = _n_blocks(n)
-                var h_first = (task % dn_tasks) * MR * GROUPS
-                var groups = min(GROUPS, (H - h_first + MR - 1) // MR)
-                var offsets = List[Int](length=groups * MR, fill=0)
-                for i in range(groups * MR):
-                    offsets[i] = min(h_first + i, H - 1) * I2
-                var c = List[Float32](unsafe_uninit_length=groups * n_blocks * MR * MB)  # the first K slice stores, never loads
-                var cp = c.unsafe_ptr()
-                _dot_panel(dn32.unsafe_offset(e * (dn_es // 2)), offsets.unsafe_ptr(), groups,
-                           akp.unsafe_offset(dbp[unsafe_offset=d] * I2 * MB), n, I2, cp)
-                for b in range(n_blocks):  # transposed store: c's lanes are rows of y, MR outputs per row at a time
-                    for g in range(groups):
-                        var cb = cp.unsafe_offset((g * n_blocks + b) * MR * MB)
-                        var h0 = h_first + g * MR
-                        var full = h0 + MR <= H
-                        for m in range(min(MB, n - b * MB)):
-                            var y = yp.unsafe_offset((r0 + b * MB + m) * H + h0)
-                            if full:
-                                var v = SIMD[DType.float32, MR](0)
-                                comptime for i in range(MR):
-                                    v[i] = cb[unsafe_offset=i * MB + m]
-                                y.unsafe_store(0, v)
-                            else:
-                                for i in range(H - h0):
-                                    y[unsafe_offset=i] = cb[unsafe_offset=i * MB + m]
+            def down_dot(task: Int) {var rt, var wt, var rw, var dt_}:
+                _dot_down[wdt](rt, wt, rw, dt_, task)
 
             parallelize_dynamic(gate_up_dot, n_dots * gu_tasks)
             parallelize_dynamic(down_dot, n_dots * dn_tasks)
+            # The structs hold untracked pointers into these Lists: they must live until the passes have run.
+            _ = blk_expert^
+            _ = xpk^
+            _ = apk^
 
         # Matmul path (float32 weights): most rows first, each expert on one core when that balances (see the
         # header), else one expert at a time on all cores.
@@ -540,18 +792,11 @@ struct MoeExperts:
             var mmp = by_rows.unsafe_ptr()
             var gu_f32 = gup.unsafe_bitcast[Float32]()  # wdt is float32 here
             var dn_f32 = dnp.unsafe_bitcast[Float32]()
+            var mm = _Matmul(_untracked(mmp), _untracked(gp), _untracked(gu_f32), _untracked(dn_f32))
 
-            def matmul_expert(i: Int, num_threads: Int) raises {var mmp, var offp, var gp, var rp, var ap, var yp,
-                                                                var gu_f32, var dn_f32, var gu_es, var dn_es, var H, var I}:
-                var e = mmp[unsafe_offset=i]
-                var r0 = Int(offp[unsafe_offset=e])
-                var n = Int(offp[unsafe_offset=e + 1]) - r0
-                _swiglu_ffn(rp.unsafe_offset(r0 * H), n, H, I, gu_f32.unsafe_offset(e * gu_es), dn_f32.unsafe_offset(e * dn_es),
-                            gp.unsafe_offset(r0 * 2 * I), ap.unsafe_offset(r0 * I), yp.unsafe_offset(r0 * H), num_threads)
-
-            def matmul_expert_one_core(i: Int) {var matmul_expert}:
+            def matmul_expert_one_core(i: Int) {var rt, var wt, var rw, var mm}:
                 try:
-                    matmul_expert(i, 1)
+                    _matmul_expert[wdt](rt, wt, rw, mm, 1, i)
                 except err:
                     abort(String("moe_experts: ", err))  # a raise cannot leave a parallel loop
 
@@ -559,7 +804,9 @@ struct MoeExperts:
                 parallelize_dynamic(matmul_expert_one_core, len(by_rows))
             else:
                 for i in range(len(by_rows)):
-                    matmul_expert(i, -1)
+                    _matmul_expert[wdt](rt, wt, rw, mm, -1, i)
+            _ = by_rows^  # `mm` holds untracked pointers into both
+            _ = g_buf^
 
         # Combine: out[t] += w * y over t's rows in ascending row = ascending expert order (deterministic).
         var token_rows = List[Int](length=T * k, fill=0)
@@ -568,22 +815,19 @@ struct MoeExperts:
             var t = Int(slotp[unsafe_offset=r]) // k
             token_rows[t * k + filled[t]] = r
             filled[t] += 1
-        var trp = token_rows.unsafe_ptr()
+        var trp = _untracked(token_rows.unsafe_ptr())
 
-        def combine_token(t: Int) {var op, var yp, var wp, var trp, var slotp, var H, var k}:
-            var dst = op.unsafe_offset(t * H)
-            for h in range(H):
-                dst[unsafe_offset=h] = 0
-            for j in range(k):
-                var row = trp[unsafe_offset=t * k + j]
-                var weight = wp[unsafe_offset=Int(slotp[unsafe_offset=row])]
-                var src = yp.unsafe_offset(row * H)
-                var h = 0
-                while h + W <= H:
-                    dst.unsafe_store(h, dst.unsafe_load[width=W](h) + weight * src.unsafe_load[width=W](h))
-                    h += W
-                while h < H:
-                    dst[unsafe_offset=h] = dst[unsafe_offset=h] + weight * src[unsafe_offset=h]
-                    h += 1
+        def combine_token(t: Int) {var rt, var rw, var trp}:
+            _combine_token(rt, rw, trp, t)
 
         parallelize(combine_token, T)
+        # The structs hold untracked pointers into these Lists: they must live until every pass has run.
+        _ = path^
+        _ = small^
+        _ = dots^
+        _ = dot_blk0^
+        _ = row_expert^
+        _ = rows^
+        _ = act^
+        _ = ys^
+        _ = token_rows^
