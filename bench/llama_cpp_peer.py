@@ -18,6 +18,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 
+from hyv3_graph.kernels.cpu_isa import cpu_flags
+
 INSTALL_HINT = "make bench-peers (builds llama-cpp-python==0.3.36 from source: ~4-6 minutes on 2 cores, once)"
 GGML_TYPE_F32, GGML_TYPE_BF16 = 0, 30
 KV_TYPE = {"f32": GGML_TYPE_F32, "bf16": GGML_TYPE_BF16, "q8_0": GGML_TYPE_BF16}
@@ -33,12 +35,7 @@ def available() -> tuple[bool, str]:
 
 
 def cpu_has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "amx_tile" in flags
+    return "amx_tile" in cpu_flags()
 
 
 _QUIET = None

@@ -187,24 +187,21 @@ def _int_in(lo: int, hi: int | None = None):
     return parse
 
 
-def _temperature(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0 = greedy), got {text!r}")
-    return v
+def _float_where(accept, what: str):
+    """A float flag's parser: `accept(v)` must hold (it is False for NaN, and for text that is not a number)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = math.nan
+        if not accept(v):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+    return parse
 
 
-def _top_p(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not 0 < v <= 1:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return v
+_temperature = _float_where(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 = greedy)")
+_top_p = _float_where(lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def _parse_ids(text: str) -> list[int]:

@@ -12,14 +12,18 @@ import os
 PORTABLE_ENV = "HYV3_PORTABLE_KERNELS"
 
 
-def cpu_has_avx512_bf16() -> bool:
-    """The CPU has AVX512_BF16 (the ops ask cpuid; Linux lists the same bit in /proc/cpuinfo)."""
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them in /proc/cpuinfo (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split() for line in f if line.startswith("flags")), [])
+            return set(next((line.split() for line in f if line.startswith("flags")), []))
     except OSError:
-        return False
-    return "avx512_bf16" in flags
+        return set()
+
+
+def cpu_has_avx512_bf16() -> bool:
+    """The CPU has AVX512_BF16 (the ops ask cpuid; Linux lists the same bit in /proc/cpuinfo)."""
+    return "avx512_bf16" in cpu_flags()
 
 
 def bf16_dot_available() -> bool:
