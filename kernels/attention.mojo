@@ -50,9 +50,10 @@
 # `_combine_narrow`). The passes read the call's state from small structs (`_Shape`, `_Ragged`, `_Paged`,
 # `_Queries`, `_Projection`, `_NarrowItems`).
 #
-# Today's numbers (`python -m bench`, bench/results/latest.md, 2026-11-30, 2-core AMD EPYC Zen 4): prefill
-# [1, 37, 300, 1024] fp32 139 ms (67% of the fp32 GEMM peak, 3.8x MAX); prefill over caches 580 ms; decode of
-# 16 sequences (caches 100..4000) fp32 9.1 ms = 29.7 GB/s of K/V, bf16 cache 5.8 ms.
+# Today's numbers (`python -m bench`, bench/results/latest.md, 2026-12-02, 2-core AMD EPYC family 26 (Zen 5)):
+# prefill [1, 37, 300, 1024] fp32 103 ms (181 GFLOP/s, 89% of the fp32 GEMM probe, 3.4x MAX); prefill over
+# caches 427 ms (3.0x MAX); decode of 16 sequences (caches 100..4000) fp32 10.7 ms = 25 GB/s of K/V (5.9x MAX),
+# bf16 cache 7.4 ms (69x MAX).
 import extensibility
 from extensibility import InputTensor, OutputTensor, _MutableInputTensor
 from max.gpu.host import DeviceContext

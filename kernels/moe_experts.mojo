@@ -49,10 +49,9 @@
 # `_matmul_expert`; and `_combine_token`. They read the op's state from small structs (`_Routing`, `_Weights`,
 # `_Rows`, `_Stream`, `_Dot`, `_Matmul`).
 #
-# Today's numbers (`python -m bench`, bench/results/latest.md, 2026-11-30, 2-core AMD EPYC Zen 4; H 4096,
-# I 1536, E 32, k 8): fp32 T 1 22.2 ms (27 GB/s), T 512 0.89 s (174 GFLOP/s, 87% of the fp32 GEMM peak),
-# T 2048 3.33 s; bf16 T 1 8.9 ms (34 GB/s), T 512 440 ms (351 GFLOP/s), T 2048 1.92 s (322 GFLOP/s) against
-# ~430 GFLOP/s for the vdpbf16ps micro-kernel alone.
+# Today's numbers (`python -m bench`, bench/results/latest.md, 2026-12-02, 2-core AMD EPYC family 26 (Zen 5); H 4096,
+# I 1536, E 32, k 8): fp32 T 1 17.1 ms (35 GB/s, 2.4x torch's eager loop), T 512 561 ms (275 GFLOP/s), T 2048
+# 1.90 s (326 GFLOP/s); bf16 T 1 10.9 ms (28 GB/s), T 512 323 ms (478 GFLOP/s), T 2048 1.31 s (472 GFLOP/s).
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext

@@ -28,9 +28,8 @@
 # The metadata is a counting sort: counted per block once it is routed, one serial prefix, scattered per
 # block. History (variants measured, kept or not): docs/perf-notes.md, "moe_router".
 #
-# Today's numbers (`python -m bench`, bench/results/latest.md, 2026-11-30, 2-core AMD EPYC Zen 4; E 192,
-# k 8): T 1 40 us, T 128 48 us (8.9x MAX's op chain), T 4096 0.52 ms (47x MAX, 9.9x torch); ~147 ns a token
-# on one core.
+# Today's numbers (`python -m bench`, bench/results/latest.md, 2026-12-02, 2-core AMD EPYC family 26 (Zen 5); E 192,
+# k 8): T 1 83 us (min 23), T 128 97 us (10x MAX's op chain), T 4096 0.56 ms (48x MAX, 11x torch).
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
