@@ -73,14 +73,14 @@ class LlamaCpp:
             raise RuntimeError(f"llama.cpp could not create a context for {gguf_path}")
         self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
         self.n_batch, self.n_seq_max = n_batch, n_seq_max
-        self.batch = L.llama_batch_init(n_batch, 0, n_seq_max)
+        self.tokens = L.llama_batch_init(n_batch, 0, n_seq_max)  # the llama_batch every decode call fills
         self.settings = (f"llama.cpp (llama-cpp-python {_version()}) {weight_type} weights, "
                          f"KV {'f32' if KV_TYPE[weight_type] == GGML_TYPE_F32 else 'bf16'}, flash attention off, "
                          f"repack {'on' if self.repack else 'off'}, {n_threads} threads")
 
     def close(self) -> None:
         L = self.L
-        L.llama_batch_free(self.batch)
+        L.llama_batch_free(self.tokens)
         L.llama_free(self.ctx)
         L.llama_model_free(self.model)
 
@@ -89,7 +89,7 @@ class LlamaCpp:
 
     def _decode(self, items: list[tuple[int, int, int, bool]]) -> None:
         """items: (token, position, sequence, wants logits), at most n_batch of them."""
-        b = self.batch
+        b = self.tokens
         for i, (tok, pos, seq, logits) in enumerate(items):
             b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, logits
             b.seq_id[i][0] = seq
@@ -123,7 +123,7 @@ class LlamaCpp:
             tokens.append(int(np.argmax(self._logits(0))))
         return tokens, time.perf_counter() - t0
 
-    def batch_generate(self, prompts: list[list[int]], n: int) -> list[list[int]]:
+    def batch(self, prompts: list[list[int]], n: int) -> list[list[int]]:
         """All prompts as sequences of one batch (prefill together, then decode all together), greedy."""
         assert len(prompts) <= self.n_seq_max and sum(map(len, prompts)) <= self.n_batch
         self._clear()

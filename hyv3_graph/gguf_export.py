@@ -34,7 +34,7 @@ import numpy as np
 
 from .config import ConfigError, HYV3Config
 from .dtypes import bf16_bits_to_f32, f32_to_bf16_bits
-from .weights import _RENAMES, CheckpointReader, WeightError, detect_naming, expected_shapes
+from .weights import _RENAMES, CheckpointReader, WeightError, validate_checkpoint
 
 ARCH = "hy_v3"
 FORMAT_VERSION = 1  # bump when what is written changes: cached GGUFs are keyed by it
@@ -63,7 +63,7 @@ _LAYER_TENSORS = {
 _EXPERTS = {"gate": "ffn_gate_exps.weight", "up": "ffn_up_exps.weight", "down": "ffn_down_exps.weight"}
 _GLOBAL_TENSORS = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                    "lm_head.weight": "output.weight"}
-_KEEP_F32 = ("_norm.weight", "ffn_gate_inp.weight", "exp_probs_b")
+_ROUTER = "ffn_gate_inp.weight"  # stays F32, like every 1-D tensor (norms, exp_probs_b)
 
 
 class GGUFExportError(ValueError):
@@ -79,7 +79,7 @@ class _Planned:
 
 
 def _ggml_type(gguf_name: str, shape: tuple[int, ...], out_type: str) -> str:
-    if len(shape) == 1 or gguf_name.endswith(_KEEP_F32) or out_type == "f32":
+    if len(shape) == 1 or gguf_name.endswith(_ROUTER) or out_type == "f32":
         return "F32"
     if out_type == "bf16":
         return "BF16"
@@ -185,14 +185,7 @@ def export_gguf(model_path: str | Path, out_path: str | Path, out_type: str = "f
     model_path, out_path = Path(model_path), Path(out_path)
     cfg = HYV3Config.from_file(model_path)
     reader = CheckpointReader(model_path)
-    mtp = {n for n in reader.names() if n.startswith("model.layers.") and int(n.split(".")[2]) >= cfg.num_hidden_layers}
-    names = reader.names() - mtp
-    naming = detect_naming(names)
-    for name, shape in expected_shapes(cfg, naming).items():
-        if name not in names:
-            raise WeightError(f"{model_path}: missing tensor '{name}' (expected shape {list(shape)})")
-        if reader.meta(name)[1] != shape:
-            raise WeightError(f"{model_path}: tensor '{name}': expected shape {list(shape)}, found {list(reader.meta(name)[1])}")
+    naming = validate_checkpoint(reader, cfg)  # the loader's own checks; the MTP layer is left out there too
     planned = _plan(reader, cfg, naming, out_type)
 
     tmp = out_path.with_name(out_path.name + ".partial")

@@ -27,7 +27,7 @@ from .config import HYV3Config
 from .dtypes import to_buffer
 from .kv_cache import KVCacheError, PagedKVCache
 from .model import HYV3Graph, Kernels
-from .weights import CheckpointReader, LoadedWeights, detect_naming, expected_shapes, load_weights
+from .weights import CheckpointReader, LoadedWeights, expected_shapes, load_weights
 
 
 class RequestError(ValueError):

@@ -162,9 +162,6 @@ class CheckpointReader:
         t = self.tensors[name]
         return t.dtype, t.shape
 
-    def nbytes(self, names) -> int:
-        return sum(self.tensors[n].nbytes for n in names)
-
     def read(self, name: str) -> np.ndarray:
         """A read-only view of the mapped tensor: float32/float16, or bf16 bits as uint16."""
         t = self.tensors[name]
@@ -246,21 +243,19 @@ def expected_shapes(cfg: HYV3Config, naming: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def load_weights(path: str | Path, cfg: HYV3Config, dtype: DType = DType.float32, progress=None,
-                 check_finite: bool = False) -> LoadedWeights:
-    """Reads and validates every tensor, returning them under our names in `dtype`. With `check_finite`, every
-    tensor the model reads is first scanned for NaN/inf (one pass over all the bytes)."""
-    reader = CheckpointReader(path)
+def validate_checkpoint(reader: CheckpointReader, cfg: HYV3Config, check_finite: bool = False) -> str:
+    """Every tensor the model reads is there, with a float dtype and its expected shape, and nothing unexpected
+    (the MTP layer aside); with `check_finite`, none holds NaN/inf. Returns the checkpoint's naming."""
     names = {n for n in reader.names() if not _is_mtp(n, cfg)}
     naming = detect_naming(names)
     shapes = expected_shapes(cfg, naming)
     missing = sorted(set(shapes) - names)
     if missing:
-        raise WeightError(f"{path}: missing tensor '{missing[0]}' (expected shape {list(shapes[missing[0]])})"
+        raise WeightError(f"{reader.path}: missing tensor '{missing[0]}' (expected shape {list(shapes[missing[0]])})"
                           + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
     extra = sorted(names - set(shapes) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
     if extra:
-        raise WeightError(f"{path}: unexpected tensor '{extra[0]}' (shape {list(reader.meta(extra[0])[1])})"
+        raise WeightError(f"{reader.path}: unexpected tensor '{extra[0]}' (shape {list(reader.meta(extra[0])[1])})"
                           + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
     for name, shape in shapes.items():
         dt, found = reader.meta(name)
@@ -268,11 +263,20 @@ def load_weights(path: str | Path, cfg: HYV3Config, dtype: DType = DType.float32
             raise WeightError(f"{reader.tensors[name].file}: tensor '{name}': expected a float dtype (F32/F16/BF16), "
                               f"found {dt}")
         if found != shape:
-            raise WeightError(f"{path}: tensor '{name}': expected shape {list(shape)}, found {list(found)}")
+            raise WeightError(f"{reader.path}: tensor '{name}': expected shape {list(shape)}, found {list(found)}")
     if check_finite and (bad := reader.first_non_finite(sorted(shapes))):
         name, at = bad
         raise WeightError(f"{reader.tensors[name].file}: tensor '{name}': non-finite value (NaN/inf) at flat index "
                           f"{at} (index {list(np.unravel_index(at, reader.meta(name)[1]))})")
+    return naming
+
+
+def load_weights(path: str | Path, cfg: HYV3Config, dtype: DType = DType.float32, progress=None,
+                 check_finite: bool = False) -> LoadedWeights:
+    """Reads and validates every tensor, returning them under our names in `dtype`. With `check_finite`, every
+    tensor the model reads is first scanned for NaN/inf (one pass over all the bytes)."""
+    reader = CheckpointReader(path)
+    naming = validate_checkpoint(reader, cfg, check_finite)
 
     def get(name: str, as_dtype: DType = dtype) -> np.ndarray:
         return to_dtype(reader.read(name), as_dtype)

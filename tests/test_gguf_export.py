@@ -166,7 +166,7 @@ def test_llama_cpp_f32_matches_hf_and_a_wrong_gguf_fails_the_check(llama_peer, t
     prompt = np.random.default_rng(0).integers(2, 1024, 64).tolist()
 
     def peer(gguf_path, wt):
-        return e2e._LlamaCpp(llama_peer.LlamaCpp(gguf_path, wt, n_threads=2, n_ctx=256, n_seq_max=1, n_batch=64))
+        return llama_peer.LlamaCpp(gguf_path, wt, n_threads=2, n_ctx=256, n_seq_max=1, n_batch=64)
 
     good = peer(gguf_export.export_gguf(path, tmp_path / "good.gguf", "f32"), "f32")
     checks = e2e._check(impls | {("llama.cpp", "f32"): good}, prompt, prompt[:16], 16)
@@ -176,5 +176,5 @@ def test_llama_cpp_f32_matches_hf_and_a_wrong_gguf_fails_the_check(llama_peer, t
     bad = peer(gguf_export.export_gguf(path, tmp_path / "bad.gguf", "f32"), "f32")
     with pytest.raises(Disagreement, match="llama.cpp f32"):
         e2e._check(impls | {("llama.cpp", "f32"): bad}, prompt, prompt[:16], 16)
-    good.peer.close()
-    bad.peer.close()
+    good.close()
+    bad.close()

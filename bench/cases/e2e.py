@@ -136,20 +136,6 @@ class _HF:
         return [row[width:].tolist() for row in out]
 
 
-class _LlamaCpp:
-    def __init__(self, peer: llama_cpp_peer.LlamaCpp):
-        self.peer = peer
-
-    def prefill_logits(self, prompt):
-        return self.peer.prefill_logits(prompt)
-
-    def decode(self, prompt, n):
-        return self.peer.decode(prompt, n)
-
-    def batch(self, prompts, n):
-        return self.peer.batch_generate(prompts, n)
-
-
 def gguf_for(path, weight_type: str):
     """The checkpoint's GGUF at `weight_type`, written once next to it (keyed by the converter's version)."""
     out = path / "gguf" / f"{weight_type}-v{gguf_export.FORMAT_VERSION}.gguf"
@@ -186,7 +172,7 @@ def _impls(s: dict, path, cfg, machine) -> tuple[dict, dict]:
     for wt in ("f32", "bf16", "q8_0"):
         peer = llama_cpp_peer.LlamaCpp(gguf_for(path, wt), wt, n_threads=machine["cores"], n_batch=n_batch,
                                        n_seq_max=len(s["ragged"]), n_ctx=len(s["ragged"]) * s["max_length"])
-        impls[("llama.cpp", wt)] = _LlamaCpp(peer)
+        impls[("llama.cpp", wt)] = peer  # the same prefill_logits / decode / batch as _Ours and _HF
         versions[("llama.cpp", wt)] = peer.settings
     return impls, versions
 
@@ -270,8 +256,8 @@ def results(quick: bool, machine: dict) -> list[dict]:
                             "median_s": med, "min_s": mn, "tok_s": n_tok / med, "gflops": None, "gbs": None,
                             "roofline_frac": None})
     for impl in impls.values():
-        if isinstance(impl, _LlamaCpp):
-            impl.peer.close()
+        if isinstance(impl, llama_cpp_peer.LlamaCpp):
+            impl.close()
     ours = {r["case"]: r["median_s"] for r in rows if r["impl"] == "mojo"}
     for r in rows:
         r["speedup_of_mojo"] = r["median_s"] / ours[r["case"]] if r["case"] in ours else None

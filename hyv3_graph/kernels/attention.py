@@ -15,6 +15,8 @@ from max.nn.attention import MHAMaskVariant
 from max.nn.kernels import flash_attention_ragged, fused_qk_ragged_rope, fused_qkv_ragged_matmul, rms_norm_key_cache
 from max.nn.kv_cache import MHAKVCacheParams
 
+from ..dtypes import bf16_rounded
+
 
 def token_positions(row_offsets, cache_lengths) -> np.ndarray:
     """[T] position of every new token: its sequence's cache length plus its index among the new tokens."""
@@ -51,8 +53,6 @@ def narrow_queries(row_offsets, G: int) -> np.ndarray:
 
 def _bf16(x) -> np.ndarray:
     """float64 values rounded as float32 -> bf16 (round to nearest even), as the op rounds."""
-    from ..dtypes import bf16_rounded
-
     return bf16_rounded(np.asarray(x, np.float32)).astype(np.float64)
 
 
