@@ -20,7 +20,7 @@
 #     memory bound: its weights are streamed exactly once, each weight row chunk feeding the FMAs of
 #     all its rows (register accumulators, a tile of 1, 2 or 4 rows so that no FMA is wasted). Four weight
 #     rows share each pass over the activations (gate rows o, o + 1 with up rows I + o, I + o + 1, so SwiGLU
-#     is fused into the gate_up pass; or four adjacent down rows), and they are prefetched 8 KiB ahead.
+#     is fused into the gate_up pass; or four adjacent down rows), and they are prefetched 2048 elements ahead.
 #     All such experts' (expert, ~1 MiB of weight rows) tasks share one parallel loop, so both cores stay
 #     busy whether one expert or all of them are active.
 #   * An expert with many rows is compute bound. float32 weights: gathered rows times its weights through
@@ -47,7 +47,8 @@
 # Code map: `MoeExperts.execute` validates the routing, picks each expert's path, then runs the passes: `_gather_row`;
 # streaming `_stream_gate_up`, `_stream_down`; bf16-dot `_dot_pack_x`, `_dot_gate_up`, `_dot_down`; float32 matmul
 # `_matmul_expert`; and `_combine_token`. They read the op's state from small structs (`_Routing`, `_Weights`,
-# `_Rows`, `_Stream`, `_Dot`, `_Matmul`).
+# `_Rows`, `_Stream`, `_Dot`, `_Matmul`). The streaming dots and the bf16-dot micro-kernel are microkernels.mojo's
+# (shared with linear.mojo).
 #
 # Today's numbers (`python -m bench`, bench/results/latest.md, 2026-12-02, 2-core AMD EPYC family 26 (Zen 5); H 4096,
 # I 1536, E 32, k 8): fp32 T 1 17.1 ms (35 GB/s, 2.4x torch's eager loop), T 512 561 ms (275 GFLOP/s), T 2048
@@ -65,20 +66,15 @@ from layout.tile_layout import row_major
 from linalg.matmul.cpu import matmul as cpu_matmul
 from std.utils import StaticTuple
 from std.sys import size_of
-from std.sys.intrinsics import prefetch, PrefetchOptions
-from .cpu_isa import I32x, F32x, adjacent_bf16_pairs, bf16_pairs, dot_bf16_pairs, use_bf16_dot
+from .cpu_isa import F32x, adjacent_bf16_pairs, bf16_pairs, use_bf16_dot
+from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, align64, dot_panel, n_blocks, n_vec, stream_dots,
+                           untracked)
 
-comptime W = 16  # SIMD width
-comptime SMALL_ROWS = 4  # experts with at most this many rows take the streaming path (_dots)
-comptime STREAM_ROWS = 4  # streaming path: weight rows per pass over the activations (_dots' NW)
+comptime SMALL_ROWS = MAX_STREAM_ROWS  # experts with at most this many rows take the streaming path
+comptime STREAM_ROWS = 4  # streaming path: weight rows per pass over the activations (stream_dots' NW)
 comptime STREAM_GATES = STREAM_ROWS // 2  # gate_up: that many gate rows, each with its up row
 comptime STREAM_TASK_BYTES = 1 << 20  # streaming path: weight bytes per task
-comptime PREFETCH_AHEAD = 2048  # streaming path: weight elements prefetched ahead of use (~10% at T = 4..8)
-comptime MB = 48  # bf16-dot path: activation rows per packed block (NVMAX vectors)
-comptime NVMAX = MB // W
-comptime MR = 8  # bf16-dot path: weight rows per micro-kernel call (MR x NVMAX accumulators)
 comptime GU_ROWS = MR // 2  # gate_up: gate rows o0..o0+3 with up rows I+o0..I+o0+3, so SwiGLU fuses
-comptime KC = 128  # bf16-dot path: pairs per L1 slice (KC x MB x 4 bytes = 24 KiB)
 comptime GROUPS = 8  # bf16-dot path: micro-tiles of MR weight rows per task (share each activation slice)
 comptime STREAM = 1  # an expert's path: streaming
 comptime MATMUL = 2  # MAX's matmul (float32 weights)
@@ -90,69 +86,6 @@ def _silu[n: Int](g: SIMD[DType.float32, n]) -> SIMD[DType.float32, n]:
     return g / (1.0 + exp(-g))
 
 
-@always_inline
-def _n_blocks(n: Int) -> Int:
-    """Packed blocks of MB rows holding an expert's n rows (bf16-dot path)."""
-    return (n + MB - 1) // MB
-
-
-@always_inline
-def _n_vec(n: Int, b: Int) -> Int:
-    """Vectors of W rows that block b of an expert's n rows actually uses (the rest is padding)."""
-    return (min(MB, n - b * MB) + W - 1) // W
-
-
-@always_inline
-def _dots[R: Int, NW: Int, wdt: DType](
-    w: Pointer[Scalar[wdt], _], w_rows: StaticTuple[Int, NW], x: Pointer[Float32, _], x_stride: Int, n_rows: Int,
-    K: Int,
-) -> StaticTuple[SIMD[DType.float32, 4], NW]:
-    """Dot products of NW weight rows (at element offsets w_rows in w, each [K]: float32, or bfloat16 widened
-    exactly) with n_rows <= R <= 4 activation rows (x, x + x_stride, ...). Each weight row is streamed once and
-    each activation chunk is loaded once for all NW of them. R is the register tile: no FMA is spent on rows
-    that are not there (rows n_rows..R-1 alias the last real one)."""
-    var r = StaticTuple[Int, R](fill=0)  # activation row offsets
-    comptime for j in range(1, R):
-        r[j] = min(j, n_rows - 1) * x_stride
-    var acc = StaticTuple[F32x, NW * R](fill=F32x(0))
-    var i = 0
-    while i + W <= K:
-        var xv = StaticTuple[F32x, R](fill=F32x(0))
-        comptime for j in range(R):
-            xv[j] = x.unsafe_load[width=W](r[j] + i)
-        comptime for v in range(NW):
-            prefetch[PrefetchOptions().for_read().low_locality()](w.unsafe_offset(w_rows[v] + i + PREFETCH_AHEAD))
-            var a = w.unsafe_load[width=W](w_rows[v] + i).cast[DType.float32]()
-            comptime for j in range(R):
-                acc[v * R + j] = a.fma(xv[j], acc[v * R + j])
-        i += W
-    var out = StaticTuple[SIMD[DType.float32, 4], NW](fill=SIMD[DType.float32, 4](0))
-    comptime for v in range(NW):
-        comptime for j in range(R):
-            out[v][j] = acc[v * R + j].reduce_add()
-    while i < K:
-        var xs = SIMD[DType.float32, 4](0)
-        comptime for j in range(R):
-            xs[j] = x[unsafe_offset=r[j] + i]
-        comptime for v in range(NW):
-            out[v] += w[unsafe_offset=w_rows[v] + i].cast[DType.float32]() * xs
-        i += 1
-    return out
-
-
-@always_inline
-def _dots[NW: Int, wdt: DType](
-    w: Pointer[Scalar[wdt], _], w_rows: StaticTuple[Int, NW], x: Pointer[Float32, _], x_stride: Int, n_rows: Int,
-    K: Int,
-) -> StaticTuple[SIMD[DType.float32, 4], NW]:
-    """_dots with the smallest register tile that holds n_rows (1..SMALL_ROWS)."""
-    if n_rows == 1:
-        return _dots[1](w, w_rows, x, x_stride, n_rows, K)
-    if n_rows == 2:
-        return _dots[2](w, w_rows, x, x_stride, n_rows, K)
-    return _dots[SMALL_ROWS](w, w_rows, x, x_stride, n_rows, K)
-
-
 def _stream_rows_per_task(row_bytes: Int) -> Int:
     """Weight rows per streaming task: about STREAM_TASK_BYTES of weights (so that the pool's per-task cost is
     noise), a multiple of STREAM_ROWS."""
@@ -160,67 +93,9 @@ def _stream_rows_per_task(row_bytes: Int) -> Int:
 
 
 @always_inline
-def _dot_tile[NV: Int](
-    w: Pointer[Int32, _], rows: StaticTuple[Int, MR], xb: Pointer[Int32, _], kc: Int, c: Pointer[mut=True, Float32, _],
-    first: Bool,
-):
-    """c [MR][MB] += MR weight rows (bf16 pairs at offsets rows[i]) . kc pairs of a packed activation block
-    xb [kc][MB] (VNNI layout), for the block's first NV vectors of rows. The weight pair is broadcast and the
-    activation rows are the lanes, so weights are read in their stored layout, never packed. first: the first K
-    slice, so c holds nothing yet and the sums start from zero."""
-    var acc = StaticTuple[F32x, MR * NV](fill=F32x(0))
-    if not first:
-        comptime for i in range(MR):
-            comptime for j in range(NV):
-                acc[i * NV + j] = c.unsafe_load[width=W](i * MB + j * W)
-    for p in range(kc):
-        var bv = StaticTuple[I32x, NV](fill=I32x(0))
-        comptime for j in range(NV):
-            bv[j] = xb.unsafe_load[width=W](p * MB + j * W)
-        comptime for i in range(MR):
-            var av = I32x(w[unsafe_offset=rows[i] + p])
-            comptime for j in range(NV):
-                acc[i * NV + j] = dot_bf16_pairs(acc[i * NV + j], av, bv[j])
-    comptime for i in range(MR):
-        comptime for j in range(NV):
-            c.unsafe_store(i * MB + j * W, acc[i * NV + j])
-
-
-def _dot_panel(
-    w: Pointer[Int32, _], row_offsets: Pointer[Int, _], groups: Int, xk: Pointer[Int32, _], n: Int, K2: Int,
-    c: Pointer[mut=True, Float32, _],
-):
-    """c [groups][blocks][MR][MB] = (groups x MR weight rows) . (an expert's n packed activation rows), over K2
-    pairs. Blocked over KC pairs so that one activation block's slice (KC x MB pairs) stays in L1 while every
-    group's weight rows (from L2) pass over it; c is re-read once per KC slice, which is cheap."""
-    var n_blocks = _n_blocks(n)
-    for p0 in range(0, K2, KC):
-        var kc = min(KC, K2 - p0)
-        for b in range(n_blocks):
-            var n_vec = _n_vec(n, b)
-            var xb = xk.unsafe_offset((b * K2 + p0) * MB)
-            for g in range(groups):
-                var rows = StaticTuple[Int, MR](fill=0)
-                comptime for i in range(MR):
-                    rows[i] = row_offsets[unsafe_offset=g * MR + i] + p0
-                var cb = c.unsafe_offset((g * n_blocks + b) * MR * MB)
-                if n_vec == 1:
-                    _dot_tile[1](w, rows, xb, kc, cb, p0 == 0)
-                elif n_vec == 2:
-                    _dot_tile[2](w, rows, xb, kc, cb, p0 == 0)
-                else:
-                    _dot_tile[NVMAX](w, rows, xb, kc, cb, p0 == 0)
-
-
-@always_inline
 def _swiglu_lanes(c: Pointer[Float32, _], i: Int, j: Int) -> F32x:
     """silu(gate) * up of gate_up micro-tile c [MR][MB]: gate row i, up row GU_ROWS + i, lanes of vector j."""
     return _silu[W](c.unsafe_load[width=W](i * MB + j * W)) * c.unsafe_load[width=W]((GU_ROWS + i) * MB + j * W)
-
-
-def _align64(address: Int) -> Int:
-    """int32 elements to skip from address to the next 64-byte boundary: packed blocks load whole cache lines."""
-    return ((64 - address % 64) % 64) // 4
 
 
 def _swiglu_ffn(
@@ -326,11 +201,6 @@ struct _Matmul(ImplicitlyCopyable, Movable):
 
 
 @always_inline
-def _untracked[T: AnyType](p: Pointer[mut=True, T, _]) -> Pointer[mut=True, T, MutUntrackedOrigin]:
-    return p.unsafe_origin_cast[MutUntrackedOrigin]()
-
-
-@always_inline
 def _gather_row(
     rt: _Routing, rw: _Rows, r: Int,
 ):
@@ -378,7 +248,7 @@ def _stream_gate_up[wdt: DType](
             w_rows[STREAM_GATES + v] = (I + min(o + v, I - 1)) * H
         for g0 in range(0, n, SMALL_ROWS):
             var gn = min(SMALL_ROWS, n - g0)
-            var gu = _dots(w, w_rows, rp.unsafe_offset((r0 + g0) * H), H, gn, H)
+            var gu = stream_dots(w, w_rows, rp.unsafe_offset((r0 + g0) * H), H, gn, H)
             for r in range(gn):
                 comptime for v in range(STREAM_GATES):
                     ap[unsafe_offset=(r0 + g0 + r) * I + min(o + v, I - 1)] = (
@@ -411,7 +281,7 @@ def _stream_down[wdt: DType](
             w_rows[v] = min(h + v, H - 1) * I
         for g0 in range(0, n, SMALL_ROWS):
             var gn = min(SMALL_ROWS, n - g0)
-            var y = _dots(w, w_rows, ap.unsafe_offset((r0 + g0) * I), I, gn, I)
+            var y = stream_dots(w, w_rows, ap.unsafe_offset((r0 + g0) * I), I, gn, I)
             for r in range(gn):
                 comptime for v in range(STREAM_ROWS):
                     yp[unsafe_offset=(r0 + g0 + r) * H + min(h + v, H - 1)] = y[v][r]
@@ -473,7 +343,7 @@ def _dot_gate_up[wdt: DType](
     var d = task // gu_tasks
     var e = dp[unsafe_offset=d]
     var n = Int(offp[unsafe_offset=e + 1]) - Int(offp[unsafe_offset=e])
-    var n_blocks = _n_blocks(n)
+    var blocks = n_blocks(n)
     var o_first = (task % gu_tasks) * GU_ROWS * GROUPS
     var groups = min(GROUPS, (I - o_first + GU_ROWS - 1) // GU_ROWS)
     var offsets = List[Int](length=groups * MR, fill=0)
@@ -482,20 +352,20 @@ def _dot_gate_up[wdt: DType](
             var o = min(o_first + g * GU_ROWS + i, I - 1)
             offsets[g * MR + i] = o * H2
             offsets[g * MR + GU_ROWS + i] = (I + o) * H2
-    var c = List[Float32](unsafe_uninit_length=groups * n_blocks * MR * MB)  # the first K slice stores, never loads
+    var c = List[Float32](unsafe_uninit_length=groups * blocks * MR * MB)  # the first K slice stores, never loads
     var cp = c.unsafe_ptr()
     var blk0 = dbp[unsafe_offset=d]
-    _dot_panel(gu32.unsafe_offset(e * (gu_es // 2)), offsets.unsafe_ptr(), groups,
+    dot_panel(gu32.unsafe_offset(e * (gu_es // 2)), offsets.unsafe_ptr(), groups,
                xkp.unsafe_offset(blk0 * H2 * MB), n, H2, cp)
     for g in range(groups):
-        for b in range(n_blocks):
-            var n_vec = _n_vec(n, b)
-            var cb = cp.unsafe_offset((g * n_blocks + b) * MR * MB)
+        for b in range(blocks):
+            var nv = n_vec(n, b)
+            var cb = cp.unsafe_offset((g * blocks + b) * MR * MB)
             var dst = akp.unsafe_offset((blk0 + b) * I2 * MB)
             comptime for q in range(GU_ROWS // 2):  # outputs o, o + 1 -> one bf16 pair
                 var o = o_first + g * GU_ROWS + 2 * q
                 if o < I:
-                    for j in range(n_vec):
+                    for j in range(nv):
                         dst.unsafe_store((o // 2) * MB + j * W, bf16_pairs(_swiglu_lanes(cb, 2 * q, j),
                                                                            _swiglu_lanes(cb, 2 * q + 1, j)))
 
@@ -519,19 +389,19 @@ def _dot_down[wdt: DType](
     var e = dp[unsafe_offset=d]
     var r0 = Int(offp[unsafe_offset=e])
     var n = Int(offp[unsafe_offset=e + 1]) - r0
-    var n_blocks = _n_blocks(n)
+    var blocks = n_blocks(n)
     var h_first = (task % dn_tasks) * MR * GROUPS
     var groups = min(GROUPS, (H - h_first + MR - 1) // MR)
     var offsets = List[Int](length=groups * MR, fill=0)
     for i in range(groups * MR):
         offsets[i] = min(h_first + i, H - 1) * I2
-    var c = List[Float32](unsafe_uninit_length=groups * n_blocks * MR * MB)  # the first K slice stores, never loads
+    var c = List[Float32](unsafe_uninit_length=groups * blocks * MR * MB)  # the first K slice stores, never loads
     var cp = c.unsafe_ptr()
-    _dot_panel(dn32.unsafe_offset(e * (dn_es // 2)), offsets.unsafe_ptr(), groups,
+    dot_panel(dn32.unsafe_offset(e * (dn_es // 2)), offsets.unsafe_ptr(), groups,
                akp.unsafe_offset(dbp[unsafe_offset=d] * I2 * MB), n, I2, cp)
-    for b in range(n_blocks):  # transposed store: c's lanes are rows of y, MR outputs per row at a time
+    for b in range(blocks):  # transposed store: c's lanes are rows of y, MR outputs per row at a time
         for g in range(groups):
-            var cb = cp.unsafe_offset((g * n_blocks + b) * MR * MB)
+            var cb = cp.unsafe_offset((g * blocks + b) * MR * MB)
             var h0 = h_first + g * MR
             var full = h0 + MR <= H
             for m in range(min(MB, n - b * MB)):
@@ -672,7 +542,7 @@ struct MoeExperts:
                 dots.append(e)
                 dot_blk0.append(n_blk)
                 dot_rows += n
-                n_blk += _n_blocks(n)
+                n_blk += n_blocks(n)
         var pathp = path.unsafe_ptr()
         var row_expert = List[Int](length=T * k, fill=0)
         for e in range(E):
@@ -689,10 +559,10 @@ struct MoeExperts:
         var ys = List[Float32](unsafe_uninit_length=T * k * H)  # expert outputs per grouped row, all written
         var ap = act.unsafe_ptr()
         var yp = ys.unsafe_ptr()
-        var rt = _Routing(H, I, k, _untracked(offp), _untracked(slotp), _untracked(wp), _untracked(pathp),
-                          _untracked(rep))
-        var wt = _Weights[wdt](_untracked(gup), _untracked(dnp), gu_es, dn_es)
-        var rw = _Rows(_untracked(xp), _untracked(rp), _untracked(ap), _untracked(yp), _untracked(op))
+        var rt = _Routing(H, I, k, untracked(offp), untracked(slotp), untracked(wp), untracked(pathp),
+                          untracked(rep))
+        var wt = _Weights[wdt](untracked(gup), untracked(dnp), gu_es, dn_es)
+        var rw = _Rows(untracked(xp), untracked(rp), untracked(ap), untracked(yp), untracked(op))
 
         def gather(r: Int) {var rt, var rw}:
             _gather_row(rt, rw, r)
@@ -707,7 +577,7 @@ struct MoeExperts:
         var dn_rows = _stream_rows_per_task(I * size_of[wdt]())
         var gu_tiles = (I + gu_rows - 1) // gu_rows
         var dn_tiles = (H + dn_rows - 1) // dn_rows
-        var st = _Stream(_untracked(sp), gu_rows, gu_tiles, dn_rows, dn_tiles)
+        var st = _Stream(untracked(sp), gu_rows, gu_tiles, dn_rows, dn_tiles)
 
         def gate_up_task(task: Int) {var rt, var wt, var rw, var st}:
             _stream_gate_up[wdt](rt, wt, rw, st, task)
@@ -727,14 +597,14 @@ struct MoeExperts:
             var I2 = I // 2
             var blk_expert = List[Int](length=n_blk, fill=0)  # block -> index into dots
             for d in range(n_dots):
-                for b in range(_n_blocks(Int(offp[unsafe_offset=dots[d] + 1]) - Int(offp[unsafe_offset=dots[d]]))):
+                for b in range(n_blocks(Int(offp[unsafe_offset=dots[d] + 1]) - Int(offp[unsafe_offset=dots[d]]))):
                     blk_expert[dot_blk0[d] + b] = d
             var xpk = List[Int32](unsafe_uninit_length=n_blk * H2 * MB + 16)  # pack_x writes every row read
             var apk = List[Int32](unsafe_uninit_length=n_blk * I2 * MB + 16)  # every pair read is written first
             var xkp = xpk.unsafe_ptr()
-            xkp = xkp.unsafe_offset(_align64(Int(xkp)))
+            xkp = xkp.unsafe_offset(align64(Int(xkp)))
             var akp = apk.unsafe_ptr()
-            akp = akp.unsafe_offset(_align64(Int(akp)))
+            akp = akp.unsafe_offset(align64(Int(akp)))
             var dp = dots.unsafe_ptr()
             var dbp = dot_blk0.unsafe_ptr()
             var bep = blk_expert.unsafe_ptr()
@@ -742,8 +612,8 @@ struct MoeExperts:
             var dn32 = dnp.unsafe_bitcast[Int32]()
             var gu_tasks = (I + GU_ROWS * GROUPS - 1) // (GU_ROWS * GROUPS)
             var dn_tasks = (H + MR * GROUPS - 1) // (MR * GROUPS)
-            var dt_ = _Dot(_untracked(xkp), _untracked(akp), _untracked(gu32), _untracked(dn32), _untracked(dp),
-                           _untracked(dbp), _untracked(bep), H2, I2, gu_tasks, dn_tasks)
+            var dt_ = _Dot(untracked(xkp), untracked(akp), untracked(gu32), untracked(dn32), untracked(dp),
+                           untracked(dbp), untracked(bep), H2, I2, gu_tasks, dn_tasks)
 
             def pack_x(blk: Int) {var rt, var rw, var dt_}:
                 _dot_pack_x(rt, rw, dt_, blk)
@@ -791,7 +661,7 @@ struct MoeExperts:
             var mmp = by_rows.unsafe_ptr()
             var gu_f32 = gup.unsafe_bitcast[Float32]()  # wdt is float32 here
             var dn_f32 = dnp.unsafe_bitcast[Float32]()
-            var mm = _Matmul(_untracked(mmp), _untracked(gp), _untracked(gu_f32), _untracked(dn_f32))
+            var mm = _Matmul(untracked(mmp), untracked(gp), untracked(gu_f32), untracked(dn_f32))
 
             def matmul_expert_one_core(i: Int) {var rt, var wt, var rw, var mm}:
                 try:
@@ -814,7 +684,7 @@ struct MoeExperts:
             var t = Int(slotp[unsafe_offset=r]) // k
             token_rows[t * k + filled[t]] = r
             filled[t] += 1
-        var trp = _untracked(token_rows.unsafe_ptr())
+        var trp = untracked(token_rows.unsafe_ptr())
 
         def combine_token(t: Int) {var rt, var rw, var trp}:
             _combine_token(rt, rw, trp, t)

@@ -1,0 +1,125 @@
+"""`linear` cases: kernels/linear.mojo vs MAX's matmul vs torch `F.linear` vs numpy, at the model's shapes.
+
+Shapes (W [N, K]): Hy3's qkv 4096 -> 10240, o_proj 8192 -> 4096, the dense MLP's gate_up 4096 -> 2 x 13312 with
+SwiGLU (`linear_swiglu`: gate and up as two [13312, 4096] tensors), its down 13312 -> 4096 and lm_head
+4096 -> 120832; and the same five for the `small` preset (the e2e cases' model). M (rows of x) in {1, 8, 512}:
+decode, a small batch, a prefill chunk; lm_head only at M = 1 and 8 (it runs on each sequence's last token).
+float32 and bfloat16 (x, W and y in one dtype, as in the model). Peers at the same dtype: MAX's graph matmul
+(`x @ transpose(W)`, what `--kernels builtin` runs), torch's F.linear (oneDNN; for SwiGLU two calls and
+silu * up), numpy (float32 only).
+Check: every output within a tolerance of the float32 numpy result on the same values (bf16: widened), relative
+to max |y|. Rooflines: M <= 8 against the weight bytes (each read once) over the measured bandwidth; M = 512
+against 2 M N K FLOPs (two GEMMs for SwiGLU) over the measured fp32 GEMM peak.
+`--quick`: `tiny`'s shapes at M in {1, 64}.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+import numpy as np
+from max.driver import CPU, Buffer
+from max.dtype import DType
+from max.engine import InferenceSession
+from max.graph import DeviceRef, Graph, TensorType
+
+from hyv3_graph.dtypes import bf16_bits_to_f32, buffer_numpy, f32_to_bf16_bits, to_buffer, to_dtype
+from hyv3_graph.kernels import MOJO_KERNELS
+from hyv3_graph.kernels.linear import linear, linear_builtin, linear_path, linear_swiglu, linear_swiglu_builtin
+
+from ..harness import Case, assert_close, run_case
+
+BENCH = "linear"
+
+
+def _shapes(H, q, kv, I, V):
+    """name -> (N, K, swiglu, Ms) for a model with hidden H, q/kv projection widths, dense width I, vocab V."""
+    return {"qkv": (q + 2 * kv, H, False, (1, 8, 512)), "o_proj": (H, q, False, (1, 8, 512)),
+            "gate_up": (I, H, True, (1, 8, 512)), "down": (H, I, False, (1, 8, 512)), "lm_head": (V, H, False, (1, 8))}
+
+
+FULL = {"hy3": _shapes(4096, 8192, 1024, 13312, 120832), "small": _shapes(1024, 1024, 256, 2048, 32000)}
+QUICK = {"tiny": {name: (N, K, sw, (1, 64)) for name, (N, K, sw, _) in _shapes(256, 256, 64, 512, 1024).items()}}
+TOL = {DType.float32: 1e-4, DType.bfloat16: 8e-3}  # x max|y|; bf16: one output rounding (2^-9) plus float32 sums
+
+
+def _graph(session, dt, swiglu: bool, ours: bool):
+    cpu = DeviceRef.CPU()
+    types = [TensorType(dt, ["M", "K"], device=cpu), TensorType(dt, ["N", "K"], device=cpu)]
+    if swiglu:
+        types.append(TensorType(dt, ["N", "K"], device=cpu))
+    with Graph(f"bench_linear_{'mojo' if ours else 'max'}_{'swiglu' if swiglu else 'plain'}_{dt}", input_types=types,
+               custom_extensions=[MOJO_KERNELS] if ours else []) as g:
+        args = [v.tensor for v in g.inputs]
+        if swiglu:
+            g.output((linear_swiglu if ours else linear_swiglu_builtin)(*args))
+        else:
+            g.output((linear if ours else linear_builtin)(*args))
+    return session.load(g)
+
+
+def _case(torch, models, rng, model, name, N, K, swiglu, M, dt) -> Case:
+    bf16 = dt == DType.bfloat16
+    wname = "bf16" if bf16 else "f32"
+    weights = [(rng.standard_normal((N, K), dtype=np.float32) / np.float32(np.sqrt(K))) for _ in range(2 if swiglu else 1)]
+    x = rng.standard_normal((M, K), dtype=np.float32)
+    if bf16:  # the values each implementation sees; float32 copies for numpy and the check
+        x16, w16 = f32_to_bf16_bits(x), [f32_to_bf16_bits(w) for w in weights]
+        x, weights = bf16_bits_to_f32(x16), [bf16_bits_to_f32(w) for w in w16]
+        bufs = [to_buffer(a, dt) for a in (x16, *w16)]
+        tx = torch.from_numpy(x16.view(np.int16)).view(torch.bfloat16)
+        tw = [torch.from_numpy(w.view(np.int16)).view(torch.bfloat16) for w in w16]
+    else:
+        bufs = [Buffer.from_numpy(a) for a in (x, *weights)]
+        tx, tw = torch.from_numpy(x), [torch.from_numpy(w) for w in weights]
+    F = torch.nn.functional
+
+    def run(model_):
+        return lambda: to_dtype(buffer_numpy(model_.execute(*bufs)[0]), DType.float32)
+
+    def run_torch():
+        with torch.no_grad():
+            y = F.silu(F.linear(tx, tw[0])) * F.linear(tx, tw[1]) if swiglu else F.linear(tx, tw[0])
+            return y.float().numpy()
+
+    def run_numpy():
+        y = x @ weights[0].T
+        return y / (1 + np.exp(-y)) * (x @ weights[1].T) if swiglu else y
+
+    impls = {"mojo": run(models["mojo", swiglu, dt]), "max": run(models["max", swiglu, dt]), "torch": run_torch}
+    if not bf16:
+        impls["numpy"] = run_numpy
+    ref = run_numpy()
+    tol = TOL[dt]
+
+    def check(outputs):
+        for impl, y in outputs.items():
+            assert_close(f"linear ({impl} vs numpy float32)", y, ref, rtol=0, atol=tol * max(1.0, float(np.abs(ref).max())))
+    check.__doc__ = f"every implementation within {tol:g} x max(1, max|y|) of numpy float32 on the same values"
+
+    n_w = len(weights)
+    path = linear_path(M, K, bf16)
+    return Case(bench=BENCH, name=f"{model}_{name}_M{M}_{'N%dx2' % N if swiglu else 'N%d' % N}_K{K}_{wname}",
+                impls=impls, check=check, flops=2.0 * M * N * K * n_w if M > 8 else None,
+                bytes=n_w * N * K * (2 if bf16 else 4) if M <= 8 else None,
+                versions={"mojo": f"kernels/linear.mojo ({path} path)", "max": f"max {version('max')} matmul",
+                          "torch": f"torch {torch.__version__} F.linear", "numpy": f"numpy {np.__version__}"})
+
+
+def cases(quick: bool):
+    """Yields the cases one at a time, so only one case's inputs are alive (Hy3's lm_head is 2 GB in float32)."""
+    import torch
+
+    session = InferenceSession(devices=[CPU()])
+    models = {(impl, swiglu, dt): _graph(session, dt, swiglu, impl == "mojo")
+              for impl in ("mojo", "max") for swiglu in (False, True) for dt in (DType.float32, DType.bfloat16)}
+    rng = np.random.default_rng(0)
+    for model, shapes in (QUICK if quick else FULL).items():
+        for name, (N, K, swiglu, Ms) in shapes.items():
+            for dt in (DType.float32, DType.bfloat16):
+                for M in Ms:
+                    yield _case(torch, models, rng, model, name, N, K, swiglu, M, dt)
+
+
+def results(quick: bool, machine: dict) -> list[dict]:
+    return [row for case in cases(quick) for row in run_case(case, machine)]

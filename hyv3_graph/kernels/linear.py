@@ -1,0 +1,65 @@
+"""Dense linear layers: y = x @ w^T, and the fused SwiGLU silu(x @ gate^T) * (x @ up^T).
+
+Our Mojo ops: `kernels/linear.mojo` (`linear`, `linear_swiglu`; its header explains the three paths). Here: their
+graph wrappers, the MAX built-in peer (`linear_builtin`), which path a call takes (`linear_path`), and the float64
+numpy reference. Fuzz test: tests/test_linear.py; bench: bench/cases/linear.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from max.dtype import DType
+from max.graph import DeviceRef, TensorType, TensorValue, ops
+
+from .cpu_isa import bf16_dot_available
+
+STREAM_MAX_M = 16  # kernels/linear.mojo: at most this many rows stream the weights
+
+
+def linear_path(M: int, K: int, bf16: bool) -> str:
+    """The path kernels/linear.mojo takes for an [M, K] input: "stream", "dot" (bf16-dot GEMM) or "matmul"
+    (MAX's float32 matmul). Mirrors `_path` there; the tests use it to cover every path."""
+    if M <= STREAM_MAX_M:
+        return "stream"
+    if not bf16:
+        return "matmul"
+    return "dot" if K % 2 == 0 and bf16_dot_available() else "stream"
+
+
+def linear_reference(x, w, up=None) -> np.ndarray:
+    """float64 spec: x [M, K] @ w[N, K]^T -> [M, N]; with `up` (w is then the gate), silu(x @ w^T) * (x @ up^T).
+    The op's inputs are float32 or bf16 values (exact in float64); it sums in float32 and rounds a bf16 output
+    once, which the tests' tolerances allow for."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    y = x @ w.T
+    if up is None:
+        return y
+    return y / (1.0 + np.exp(-y)) * (x @ np.asarray(up, np.float64).T)
+
+
+def linear(x: TensorValue, w: TensorValue) -> TensorValue:
+    """Our op: x [M, K] @ w[N, K]^T -> [M, N], all in x's dtype (float32 or bfloat16)."""
+    return ops.custom("linear", device=DeviceRef.CPU(), values=[x, w],
+                      out_types=[TensorType(x.dtype, [x.shape[0], w.shape[0]], device=DeviceRef.CPU())])[0].tensor
+
+
+def linear_swiglu(x: TensorValue, gate: TensorValue, up: TensorValue) -> TensorValue:
+    """Our op: silu(x @ gate^T) * (x @ up^T) -> [M, I], gate and up [I, K] (no concatenated copy)."""
+    return ops.custom("linear_swiglu", device=DeviceRef.CPU(), values=[x, gate, up],
+                      out_types=[TensorType(x.dtype, [x.shape[0], gate.shape[0]], device=DeviceRef.CPU())])[0].tensor
+
+
+def linear_builtin(x: TensorValue, w: TensorValue) -> TensorValue:
+    """MAX built-in peer: x @ transpose(w) (HF's nn.Linear layout), MAX's CPU matmul."""
+    return x @ ops.transpose(w, 0, 1)
+
+
+def linear_swiglu_builtin(x: TensorValue, gate: TensorValue, up: TensorValue) -> TensorValue:
+    return ops.silu(linear_builtin(x, gate)) * linear_builtin(x, up)
+
+
+def swiglu_mlp(x: TensorValue, gate: TensorValue, up: TensorValue, down: TensorValue, custom: bool) -> TensorValue:
+    """A SwiGLU MLP, down(silu(gate(x)) * up(x)): two calls of our ops, or MAX's matmuls."""
+    if custom:
+        return linear(linear_swiglu(x, gate, up), down)
+    return linear_builtin(linear_swiglu_builtin(x, gate, up), down)

@@ -1,0 +1,358 @@
+# Dense linear layers on the CPU: y [M, N] = x [M, K] . w[N, K]^T (op `linear`) and the fused SwiGLU
+# y [M, I] = silu(x . gate^T) * (x . up^T) (op `linear_swiglu`, gate and up [I, K] as two tensors, as the
+# checkpoint stores them: no concatenated copy). x, w and y share one dtype, float32 or bfloat16 (the model's);
+# float32 accumulation; a bf16 y is rounded once, to nearest even. Deterministic bit for bit, whatever the thread
+# count. Every dense projection of the model goes through it with --kernels custom: qkv, o_proj, layer 0's MLP,
+# the shared expert, lm_head and the router. MAX's own CPU matmul reads bf16 weights at ~2 GB/s.
+#
+# Reference (the spec): hyv3_graph/kernels/linear.py::linear_reference (float64)
+# Wrapper:              hyv3_graph/kernels/linear.py::linear, linear_swiglu
+# Fuzz test:            tests/test_linear.py     Bench: bench/cases/linear.py (`linear` cases)
+# History (variants measured, kept or not): docs/perf-notes.md, "linear".
+#
+# Design, and why (one path per call, chosen from M, the dtype and cpuid; `linear_path` in the wrapper mirrors it):
+#   * STREAM (M <= STREAM_MAX_M: decode, small batches): memory bound. Each weight row is read exactly once and
+#     each of its chunks feeds the FMAs of up to 4 activation rows (microkernels.stream_dots*: register tiles of 1,
+#     2 or 4 rows); larger M loops over the rows in fours while the weight rows are in L1/L2. Tasks are ~1 MiB of
+#     weight rows, taken by whichever core is free (work_queue.mojo). bf16 on a CPU with AVX512_BF16:
+#     vdpbf16ps straight on the stored bf16 x and w (no conversion: bf16 products are exact in float32);
+#     otherwise the weights are widened exactly and x is float32 (a bf16 x is widened once per call).
+#   * DOT (bf16, M > STREAM_MAX_M, even K, AVX512_BF16): compute bound, the bf16-dot GEMM shared with moe_experts
+#     (microkernels.dot_panel: MR = 8 weight rows read in place x MB = 48 packed activation rows, 24 zmm
+#     accumulators). x is packed once per call into blocks [K/2][MB] of bf16 pairs; tasks are (chunk of
+#     CHUNK_BLOCKS blocks, GROUPS x MR weight rows), so a task's accumulators stay in L2. SwiGLU runs the panel on
+#     the gate rows and on the up rows and combines them in the epilogue.
+#   * MATMUL (float32, M > STREAM_MAX_M): MAX's own linalg matmul on the raw pointers (it is fast in float32:
+#     ~300 GFLOP/s here); SwiGLU writes gate into y and up into a scratch, then combines.
+#   * Portable (bf16 without AVX512_BF16, HYV3_PORTABLE_KERNELS=1, or odd K at large M): STREAM at every M.
+#
+# Code map: `Linear.execute` / `LinearSwiglu.execute` check shapes, then `_run` picks the path and runs its passes:
+# `_stream_task`; `_pack_block`, `_dot_task`; `_matmul`. State lives in `_Problem`.
+#
+# Today's numbers: see `python -m bench --only linear` (bench/results/latest-linear.md); measured figures are in
+# docs/perf-notes.md, "linear", until a full bench run writes them here.
+import extensibility
+from extensibility import InputTensor, OutputTensor
+from max.gpu.host import DeviceContext
+from max.algorithm import parallelize
+from layout import TileTensor
+from layout.tile_layout import row_major
+from linalg.matmul.cpu import matmul as cpu_matmul
+from std.math import exp
+from std.runtime import parallelism_level
+from std.sys import size_of
+from std.utils import StaticTuple
+from .cpu_isa import F32x, round_to_bf16, use_bf16_dot
+from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, align64, dot_panel, n_blocks, stream_dots, stream_dots_bf16,
+                           untracked)
+from .work_queue import parallelize_dynamic
+
+comptime STREAM_MAX_M = 16  # at most this many rows stream the weights (see the header)
+comptime STREAM_NW = 4  # streaming: weight rows per pass over the activations
+comptime STREAM_TASK_BYTES = 1 << 20  # streaming: weight bytes per task
+comptime GROUPS = 8  # GEMM: micro-tiles of MR weight rows per task (they share each activation slice in L1)
+comptime CHUNK_BLOCKS = 8  # GEMM: packed blocks of MB rows per task (its accumulators: 8 x 8 x MR x MB x 4 = 96 KiB)
+comptime STREAM = 1
+comptime DOT = 2
+comptime MATMUL = 3
+
+
+@always_inline
+def _silu[n: Int](g: SIMD[DType.float32, n]) -> SIMD[DType.float32, n]:
+    return g / (1.0 + exp(-g))
+
+
+@fieldwise_init
+struct _Problem[dt: DType](ImplicitlyCopyable, Movable):
+    """One call: x [M, K], wa [N, K] (the weight, or SwiGLU's gate), wb [N, K] (SwiGLU's up; wa otherwise),
+    y [M, N]; xf: x as float32 for the portable streaming path (x itself when dt is float32)."""
+    var M: Int
+    var N: Int
+    var K: Int
+    var xp: Pointer[mut=True, Scalar[Self.dt], MutUntrackedOrigin]
+    var wa: Pointer[mut=True, Scalar[Self.dt], MutUntrackedOrigin]
+    var wb: Pointer[mut=True, Scalar[Self.dt], MutUntrackedOrigin]
+    var yp: Pointer[mut=True, Scalar[Self.dt], MutUntrackedOrigin]
+    var xf: Pointer[mut=True, Float32, MutUntrackedOrigin]
+
+
+@always_inline
+def _store[dt: DType, n: Int](y: Pointer[mut=True, Scalar[dt], MutUntrackedOrigin], i: Int, v: SIMD[DType.float32, n]):
+    """y[i .. i + n) = v in y's dtype (bf16: rounded to nearest even, without the compiler's per-element libcall)."""
+    comptime if dt == DType.bfloat16:
+        y.unsafe_bitcast[UInt16]().unsafe_store(i, round_to_bf16[n](v))
+    else:
+        y.unsafe_bitcast[Float32]().unsafe_store(i, v)
+
+
+def _stream_cols_per_task(N: Int, K: Int, row_bytes: Int) -> Int:
+    """Output columns per streaming task: ~STREAM_TASK_BYTES of weight rows, but at least 4 tasks per core when N
+    allows it (so the cores finish together); a multiple of STREAM_NW."""
+    var by_bytes = max(1, STREAM_TASK_BYTES // max(1, row_bytes * STREAM_NW))
+    var by_balance = max(1, (N + 4 * parallelism_level() * STREAM_NW - 1) // (4 * parallelism_level() * STREAM_NW))
+    return min(by_bytes, by_balance) * STREAM_NW
+
+
+@always_inline
+def _stream_dots[dt: DType, PAIRS: Bool](
+    pb: _Problem[dt], w: Pointer[mut=True, Scalar[dt], MutUntrackedOrigin], w_rows: StaticTuple[Int, STREAM_NW],
+    m0: Int, rows: Int,
+) -> StaticTuple[SIMD[DType.float32, 4], STREAM_NW]:
+    """STREAM_NW weight rows of w . activation rows m0 .. m0 + rows (<= MAX_STREAM_ROWS)."""
+    comptime if PAIRS:
+        return stream_dots_bf16(w.unsafe_bitcast[UInt16](), w_rows, pb.xp.unsafe_bitcast[UInt16]().unsafe_offset(m0 * pb.K),
+                                pb.K, rows, pb.K)
+    else:
+        return stream_dots(w, w_rows, pb.xf.unsafe_offset(m0 * pb.K), pb.K, rows, pb.K)
+
+
+@always_inline
+def _stream_task[dt: DType, SWIGLU: Bool, PAIRS: Bool](pb: _Problem[dt], cols_per_task: Int, task: Int):
+    """STREAM: output columns task * cols_per_task .. (their weight rows, each read from memory once), STREAM_NW at a
+    time, for every row of x in fours. Columns past N alias N - 1 (the same value is stored twice)."""
+    var N = pb.N
+    var o0 = task * cols_per_task
+    for o in range(o0, min(N, o0 + cols_per_task), STREAM_NW):
+        var w_rows = StaticTuple[Int, STREAM_NW](fill=0)
+        comptime for v in range(STREAM_NW):
+            w_rows[v] = min(o + v, N - 1) * pb.K
+        for m0 in range(0, pb.M, MAX_STREAM_ROWS):
+            var rows = min(MAX_STREAM_ROWS, pb.M - m0)
+            var a = _stream_dots[dt, PAIRS](pb, pb.wa, w_rows, m0, rows)
+            comptime if SWIGLU:
+                var u = _stream_dots[dt, PAIRS](pb, pb.wb, w_rows, m0, rows)
+                comptime for v in range(STREAM_NW):
+                    a[v] = _silu[4](a[v]) * u[v]
+            for r in range(rows):
+                comptime for v in range(STREAM_NW):
+                    _store[dt, 1](pb.yp, (m0 + r) * N + min(o + v, N - 1), SIMD[DType.float32, 1](a[v][r]))
+
+
+@always_inline
+def _pack_block[dt: DType](pb: _Problem[dt], xk: Pointer[mut=True, Int32, MutUntrackedOrigin], blk: Int):
+    """DOT: rows blk * MB .. of x (bf16 pairs) -> packed block [K/2][MB]; rows past M (up to a whole vector) are 0."""
+    var K2 = pb.K // 2
+    var x32 = pb.xp.unsafe_bitcast[Int32]()
+    var dst = xk.unsafe_offset(blk * K2 * MB)
+    var m_first = blk * MB
+    var n_real = min(MB, pb.M - m_first)
+    for m in range(n_real, (n_real + W - 1) // W * W):
+        for p in range(K2):
+            dst[unsafe_offset=p * MB + m] = 0
+    for m in range(n_real):
+        var src = x32.unsafe_offset((m_first + m) * K2)
+        for p in range(K2):
+            dst[unsafe_offset=p * MB + m] = src[unsafe_offset=p]
+
+
+@always_inline
+def _dot_task[dt: DType, SWIGLU: Bool](
+    pb: _Problem[dt], xk: Pointer[mut=True, Int32, MutUntrackedOrigin], n_tiles: Int, task: Int,
+):
+    """DOT: output columns of tile task % n_tiles (GROUPS x MR weight rows) for the rows of chunk task // n_tiles
+    (CHUNK_BLOCKS packed blocks); a transposed store, MR outputs of a row at a time."""
+    var N = pb.N
+    var K2 = pb.K // 2
+    var blk0 = (task // n_tiles) * CHUNK_BLOCKS
+    var m_first = blk0 * MB
+    var rows = min(CHUNK_BLOCKS * MB, pb.M - m_first)
+    var blocks = n_blocks(rows)
+    var n_first = (task % n_tiles) * MR * GROUPS
+    var groups = min(GROUPS, (N - n_first + MR - 1) // MR)
+    var offsets = List[Int](length=groups * MR, fill=0)
+    for i in range(groups * MR):  # rows past N alias the last one; never stored
+        offsets[i] = min(n_first + i, N - 1) * K2
+    var xb = xk.unsafe_offset(blk0 * K2 * MB)
+    var size = groups * blocks * MR * MB
+    var ca = List[Float32](unsafe_uninit_length=size)  # the first K slice stores, never loads
+    var cap = ca.unsafe_ptr()
+    dot_panel(pb.wa.unsafe_bitcast[Int32](), offsets.unsafe_ptr(), groups, xb, rows, K2, cap)
+    var cu = List[Float32](unsafe_uninit_length=size if SWIGLU else 0)
+    var cup = cu.unsafe_ptr()
+    comptime if SWIGLU:
+        dot_panel(pb.wb.unsafe_bitcast[Int32](), offsets.unsafe_ptr(), groups, xb, rows, K2, cup)
+    for b in range(blocks):
+        for g in range(groups):
+            var tile = (g * blocks + b) * MR * MB
+            var n0 = n_first + g * MR
+            var full = n0 + MR <= N
+            for m in range(min(MB, rows - b * MB)):
+                var v = SIMD[DType.float32, MR](0)
+                comptime for i in range(MR):
+                    v[i] = cap[unsafe_offset=tile + i * MB + m]
+                comptime if SWIGLU:
+                    var u = SIMD[DType.float32, MR](0)
+                    comptime for i in range(MR):
+                        u[i] = cup[unsafe_offset=tile + i * MB + m]
+                    v = _silu[MR](v) * u
+                var y_row = (m_first + b * MB + m) * N + n0
+                if full:
+                    _store[dt, MR](pb.yp, y_row, v)
+                else:
+                    for i in range(N - n0):
+                        _store[dt, 1](pb.yp, y_row + i, SIMD[DType.float32, 1](v[i]))
+    _ = offsets^
+    _ = ca^
+    _ = cu^
+
+
+def _matmul[SWIGLU: Bool](pb: _Problem[DType.float32]) raises:
+    """MATMUL: MAX's CPU matmul (transpose_b) on all cores; SwiGLU combines gate (in y) and up (a scratch)."""
+    var M = pb.M
+    var N = pb.N
+    var K = pb.K
+    var y = pb.yp.unsafe_bitcast[Float32]()
+    var x = pb.xp.unsafe_bitcast[Float32]()
+    cpu_matmul[transpose_b=True](TileTensor(y, row_major(M, N)), TileTensor(x, row_major(M, K)),
+                                 TileTensor(pb.wa.unsafe_bitcast[Float32](), row_major(N, K)), 0, num_threads=-1)
+    comptime if SWIGLU:
+        var up = List[Float32](unsafe_uninit_length=M * N)
+        var upp = untracked(up.unsafe_ptr())
+        cpu_matmul[transpose_b=True](TileTensor(upp, row_major(M, N)), TileTensor(x, row_major(M, K)),
+                                     TileTensor(pb.wb.unsafe_bitcast[Float32](), row_major(N, K)), 0, num_threads=-1)
+
+        def combine_row(r: Int) {var y, var upp, var N}:
+            var yr = y.unsafe_offset(r * N)
+            var ur = upp.unsafe_offset(r * N)
+            var o = 0
+            while o + W <= N:
+                yr.unsafe_store(o, _silu[W](yr.unsafe_load[width=W](o)) * ur.unsafe_load[width=W](o))
+                o += W
+            for oo in range(o, N):
+                yr[unsafe_offset=oo] = _silu[1](yr[unsafe_offset=oo]) * ur[unsafe_offset=oo]
+
+        parallelize(combine_row, M)
+        _ = up^
+
+
+def _path[dt: DType](M: Int, K: Int) -> Int:
+    """STREAM, DOT or MATMUL for this call (the header's rules)."""
+    if M <= STREAM_MAX_M:
+        return STREAM
+    comptime if dt == DType.float32:
+        return MATMUL
+    else:
+        return DOT if K % 2 == 0 and use_bf16_dot() else STREAM
+
+
+def _run[dt: DType, SWIGLU: Bool](
+    y: Pointer[mut=True, Scalar[dt], _], x: Pointer[mut=True, Scalar[dt], _], wa: Pointer[mut=True, Scalar[dt], _],
+    wb: Pointer[mut=True, Scalar[dt], _], M: Int, N: Int, K: Int,
+) raises:
+    comptime assert dt == DType.float32 or dt == DType.bfloat16, "linear: float32 or bfloat16"
+    if M == 0 or N == 0:
+        return
+    var yu = untracked(y)
+    if K == 0:  # empty sums: 0, and silu(0) * 0 = 0
+        for i in range(M * N):
+            _store[dt, 1](yu, i, SIMD[DType.float32, 1](0))
+        return
+    var path = _path[dt](M, K)
+    var pairs = dt == DType.bfloat16 and use_bf16_dot()  # streaming on vdpbf16ps
+    # The portable streaming path reads x as float32: x itself, or a bf16 x widened once.
+    var widened = List[Float32](unsafe_uninit_length=M * K if path == STREAM and dt != DType.float32 and not pairs else 0)
+    var xf = untracked(x).unsafe_bitcast[Float32]()
+    comptime if dt != DType.float32:
+        if len(widened) > 0:
+            for i in range(M * K):
+                widened[i] = x[unsafe_offset=i].cast[DType.float32]()
+            xf = untracked(widened.unsafe_ptr())
+    var pb = _Problem[dt](M, N, K, untracked(x), untracked(wa), untracked(wb), yu, xf)
+
+    if path == STREAM:
+        var cols = _stream_cols_per_task(N, K, K * size_of[dt]() * (2 if SWIGLU else 1))
+        var tasks = (N + cols - 1) // cols
+
+        def stream_pairs(task: Int) {var pb, var cols}:
+            _stream_task[dt, SWIGLU, True](pb, cols, task)
+
+        def stream_widened(task: Int) {var pb, var cols}:
+            _stream_task[dt, SWIGLU, False](pb, cols, task)
+
+        comptime if dt == DType.bfloat16:
+            if pairs:
+                parallelize_dynamic(stream_pairs, tasks)
+            else:
+                parallelize_dynamic(stream_widened, tasks)
+        else:
+            parallelize_dynamic(stream_widened, tasks)
+    elif path == DOT:
+        var K2 = K // 2
+        var blocks = n_blocks(M)
+        var packed = List[Int32](unsafe_uninit_length=blocks * K2 * MB + 16)  # every pair read is written first
+        var xk = untracked(packed.unsafe_ptr())
+        xk = xk.unsafe_offset(align64(Int(xk)))
+
+        def pack(blk: Int) {var pb, var xk}:
+            _pack_block[dt](pb, xk, blk)
+
+        parallelize(pack, blocks)
+        var n_tiles = (N + MR * GROUPS - 1) // (MR * GROUPS)
+        var chunks = (blocks + CHUNK_BLOCKS - 1) // CHUNK_BLOCKS
+
+        def dot(task: Int) {var pb, var xk, var n_tiles}:
+            _dot_task[dt, SWIGLU](pb, xk, n_tiles, task)
+
+        parallelize_dynamic(dot, chunks * n_tiles)
+        _ = packed^
+    else:
+        comptime if dt == DType.float32:
+            _matmul[SWIGLU](rebind[_Problem[DType.float32]](pb))
+    _ = widened^
+
+
+def _check_contiguous(name: StaticString, rows: Int, cols: Int, s0: Int, s1: Int) raises:
+    if s1 != 1 or (rows > 1 and s0 != cols):
+        raise Error("linear: ", name, " must be contiguous row-major")
+
+
+@extensibility.register("linear")
+struct Linear:
+    @staticmethod
+    def execute[
+        target: StaticString,
+    ](
+        output: OutputTensor[rank=2, ...],
+        x: InputTensor[dtype = output.dtype, rank=2, ...],
+        w: InputTensor[dtype = output.dtype, rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        """y [M, N] = x [M, K] . w[N, K]^T."""
+        comptime assert target == "cpu", "linear: CPU-only kernel"
+        var M = x.dim_size(0)
+        var K = x.dim_size(1)
+        var N = w.dim_size(0)
+        if w.dim_size(1) != K or output.dim_size(0) != M or output.dim_size(1) != N:
+            raise Error("linear: expected x [M, K], w [N, K], y [M, N]; got K ", K, " vs w [", N, ", ", w.dim_size(1),
+                        "]")
+        _check_contiguous("x", M, K, x.stride_length(0), x.stride_length(1))
+        _check_contiguous("w", N, K, w.stride_length(0), w.stride_length(1))
+        _check_contiguous("y", M, N, output.stride_length(0), output.stride_length(1))
+        _run[output.dtype, False](output.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), w.unsafe_ptr(), M, N, K)
+
+
+@extensibility.register("linear_swiglu")
+struct LinearSwiglu:
+    @staticmethod
+    def execute[
+        target: StaticString,
+    ](
+        output: OutputTensor[rank=2, ...],
+        x: InputTensor[dtype = output.dtype, rank=2, ...],
+        gate: InputTensor[dtype = output.dtype, rank=2, ...],
+        up: InputTensor[dtype = output.dtype, rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        """y [M, I] = silu(x [M, K] . gate[I, K]^T) * (x . up[I, K]^T)."""
+        comptime assert target == "cpu", "linear_swiglu: CPU-only kernel"
+        var M = x.dim_size(0)
+        var K = x.dim_size(1)
+        var I = gate.dim_size(0)
+        if (gate.dim_size(1) != K or up.dim_size(0) != I or up.dim_size(1) != K or output.dim_size(0) != M
+                or output.dim_size(1) != I):
+            raise Error("linear_swiglu: expected x [M, K], gate and up [I, K], y [M, I]")
+        _check_contiguous("x", M, K, x.stride_length(0), x.stride_length(1))
+        _check_contiguous("gate", I, K, gate.stride_length(0), gate.stride_length(1))
+        _check_contiguous("up", I, K, up.stride_length(0), up.stride_length(1))
+        _check_contiguous("y", M, I, output.stride_length(0), output.stride_length(1))
+        _run[output.dtype, True](output.unsafe_ptr(), x.unsafe_ptr(), gate.unsafe_ptr(), up.unsafe_ptr(), M, I, K)

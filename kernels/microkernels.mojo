@@ -1,0 +1,206 @@
+# The inner loops that more than one op runs: one micro-kernel per job and instruction set, in one place.
+#
+#   * stream_dots: a few weight rows (float32, or bfloat16 widened exactly) dotted with a few float32 activation
+#     rows, each weight byte read once. The memory-bound path of moe_experts (experts with few rows) and of
+#     linear (decode), portable AVX-512 FMA.
+#   * stream_dots_bf16: the same with bfloat16 activations and weights on vdpbf16ps (AVX512_BF16): both operands
+#     in their stored layout (adjacent elements along the reduction dim are vdpbf16ps's pairs), nothing packed.
+#     linear's decode path for a bf16 model, whose activations are bf16 already, so nothing is rounded.
+#   * dot_tile / dot_panel: the bf16-dot GEMM (vdpbf16ps), compute bound: MR weight rows read in place, a bf16
+#     pair broadcast against MB activation rows packed [K/2][MB] (pack_bf16_rows). moe_experts' bf16 experts with
+#     many rows and linear's bf16 prefill.
+# Callers choose between them at run time (cpu_isa.use_bf16_dot); the bf16 ones only after it says yes.
+# Measured numbers: the headers of moe_experts.mojo and linear.mojo; the history in docs/perf-notes.md.
+from std.memory import bitcast
+from std.utils import StaticTuple
+from std.sys.intrinsics import prefetch, PrefetchOptions
+from .cpu_isa import I32x, F32x, dot_bf16_pairs
+
+comptime W = 16  # float32 SIMD width
+comptime PREFETCH_AHEAD = 2048  # streaming: weight elements prefetched ahead of use (~10% at T = 4..8)
+comptime MAX_STREAM_ROWS = 4  # streaming: activation rows per pass (the register tile R)
+comptime MB = 48  # bf16-dot GEMM: activation rows per packed block (NVMAX vectors)
+comptime NVMAX = MB // W
+comptime MR = 8  # bf16-dot GEMM: weight rows per micro-tile (MR x NVMAX accumulators)
+comptime KC = 128  # bf16-dot GEMM: pairs per L1 slice (KC x MB x 4 bytes = 24 KiB)
+
+
+@always_inline
+def untracked[T: AnyType](p: Pointer[mut=True, T, _]) -> Pointer[mut=True, T, MutUntrackedOrigin]:
+    """A pointer the ops' pass structs can hold: the buffers it points into outlive every pass."""
+    return p.unsafe_origin_cast[MutUntrackedOrigin]()
+
+
+@always_inline
+def stream_dots[R: Int, NW: Int, wdt: DType](
+    w: Pointer[Scalar[wdt], _], w_rows: StaticTuple[Int, NW], x: Pointer[Float32, _], x_stride: Int, n_rows: Int,
+    K: Int,
+) -> StaticTuple[SIMD[DType.float32, 4], NW]:
+    """Dot products of NW weight rows (at element offsets w_rows in w, each [K]: float32, or bfloat16 widened
+    exactly) with n_rows <= R <= 4 activation rows (x, x + x_stride, ...). Each weight row is streamed once and
+    each activation chunk is loaded once for all NW of them. R is the register tile: no FMA is spent on rows
+    that are not there (rows n_rows..R-1 alias the last real one)."""
+    var r = StaticTuple[Int, R](fill=0)  # activation row offsets
+    comptime for j in range(1, R):
+        r[j] = min(j, n_rows - 1) * x_stride
+    var acc = StaticTuple[F32x, NW * R](fill=F32x(0))
+    var i = 0
+    while i + W <= K:
+        var xv = StaticTuple[F32x, R](fill=F32x(0))
+        comptime for j in range(R):
+            xv[j] = x.unsafe_load[width=W](r[j] + i)
+        comptime for v in range(NW):
+            prefetch[PrefetchOptions().for_read().low_locality()](w.unsafe_offset(w_rows[v] + i + PREFETCH_AHEAD))
+            var a = w.unsafe_load[width=W](w_rows[v] + i).cast[DType.float32]()
+            comptime for j in range(R):
+                acc[v * R + j] = a.fma(xv[j], acc[v * R + j])
+        i += W
+    var out = StaticTuple[SIMD[DType.float32, 4], NW](fill=SIMD[DType.float32, 4](0))
+    comptime for v in range(NW):
+        comptime for j in range(R):
+            out[v][j] = acc[v * R + j].reduce_add()
+    while i < K:
+        var xs = SIMD[DType.float32, 4](0)
+        comptime for j in range(R):
+            xs[j] = x[unsafe_offset=r[j] + i]
+        comptime for v in range(NW):
+            out[v] += w[unsafe_offset=w_rows[v] + i].cast[DType.float32]() * xs
+        i += 1
+    return out
+
+
+@always_inline
+def stream_dots[NW: Int, wdt: DType](
+    w: Pointer[Scalar[wdt], _], w_rows: StaticTuple[Int, NW], x: Pointer[Float32, _], x_stride: Int, n_rows: Int,
+    K: Int,
+) -> StaticTuple[SIMD[DType.float32, 4], NW]:
+    """stream_dots with the smallest register tile that holds n_rows (1..MAX_STREAM_ROWS)."""
+    if n_rows == 1:
+        return stream_dots[1](w, w_rows, x, x_stride, n_rows, K)
+    if n_rows == 2:
+        return stream_dots[2](w, w_rows, x, x_stride, n_rows, K)
+    return stream_dots[MAX_STREAM_ROWS](w, w_rows, x, x_stride, n_rows, K)
+
+
+@always_inline
+def stream_dots_bf16[R: Int, NW: Int](
+    w: Pointer[UInt16, _], w_rows: StaticTuple[Int, NW], x: Pointer[UInt16, _], x_stride: Int, n_rows: Int, K: Int,
+) -> StaticTuple[SIMD[DType.float32, 4], NW]:
+    """stream_dots for bfloat16 weights and bfloat16 activations (both as bf16 bits) on vdpbf16ps: 32 elements
+    of a weight row against 32 of each activation row per instruction, both in their stored layout. bf16 x bf16
+    products are exact in float32, so only the order of the float32 sums differs from stream_dots. Only after
+    use_bf16_dot(). Rows may start at any even byte address (unaligned loads)."""
+    var r = StaticTuple[Int, R](fill=0)
+    comptime for j in range(1, R):
+        r[j] = min(j, n_rows - 1) * x_stride
+    var acc = StaticTuple[F32x, NW * R](fill=F32x(0))
+    var i = 0
+    while i + 2 * W <= K:
+        var xv = StaticTuple[I32x, R](fill=I32x(0))
+        comptime for j in range(R):
+            xv[j] = bitcast[DType.int32, W](x.unsafe_load[width=2 * W](r[j] + i))
+        comptime for v in range(NW):
+            prefetch[PrefetchOptions().for_read().low_locality()](w.unsafe_offset(w_rows[v] + i + PREFETCH_AHEAD))
+            var a = bitcast[DType.int32, W](w.unsafe_load[width=2 * W](w_rows[v] + i))
+            comptime for j in range(R):
+                acc[v * R + j] = dot_bf16_pairs(acc[v * R + j], a, xv[j])
+        i += 2 * W
+    var out = StaticTuple[SIMD[DType.float32, 4], NW](fill=SIMD[DType.float32, 4](0))
+    comptime for v in range(NW):
+        comptime for j in range(R):
+            out[v][j] = acc[v * R + j].reduce_add()
+    while i < K:
+        var xs = SIMD[DType.float32, 4](0)
+        comptime for j in range(R):
+            xs[j] = _bf16_bits_to_f32(x[unsafe_offset=r[j] + i])
+        comptime for v in range(NW):
+            out[v] += _bf16_bits_to_f32(w[unsafe_offset=w_rows[v] + i]) * xs
+        i += 1
+    return out
+
+
+@always_inline
+def stream_dots_bf16[NW: Int](
+    w: Pointer[UInt16, _], w_rows: StaticTuple[Int, NW], x: Pointer[UInt16, _], x_stride: Int, n_rows: Int, K: Int,
+) -> StaticTuple[SIMD[DType.float32, 4], NW]:
+    """stream_dots_bf16 with the smallest register tile that holds n_rows (1..MAX_STREAM_ROWS)."""
+    if n_rows == 1:
+        return stream_dots_bf16[1](w, w_rows, x, x_stride, n_rows, K)
+    if n_rows == 2:
+        return stream_dots_bf16[2](w, w_rows, x, x_stride, n_rows, K)
+    return stream_dots_bf16[MAX_STREAM_ROWS](w, w_rows, x, x_stride, n_rows, K)
+
+
+@always_inline
+def _bf16_bits_to_f32(b: UInt16) -> Float32:
+    return bitcast[DType.float32, 1](b.cast[DType.uint32]() << 16)
+
+
+@always_inline
+def n_blocks(n: Int) -> Int:
+    """Packed blocks of MB rows holding n activation rows (bf16-dot GEMM)."""
+    return (n + MB - 1) // MB
+
+
+@always_inline
+def n_vec(n: Int, b: Int) -> Int:
+    """Vectors of W rows that block b of n activation rows actually uses (the rest is padding)."""
+    return (min(MB, n - b * MB) + W - 1) // W
+
+
+def align64(address: Int) -> Int:
+    """int32 elements to skip from address to the next 64-byte boundary: packed blocks load whole cache lines."""
+    return ((64 - address % 64) % 64) // 4
+
+
+@always_inline
+def dot_tile[NV: Int](
+    w: Pointer[Int32, _], rows: StaticTuple[Int, MR], xb: Pointer[Int32, _], kc: Int, c: Pointer[mut=True, Float32, _],
+    first: Bool,
+):
+    """c [MR][MB] += MR weight rows (bf16 pairs at offsets rows[i]) . kc pairs of a packed activation block
+    xb [kc][MB] (VNNI layout), for the block's first NV vectors of rows. The weight pair is broadcast and the
+    activation rows are the lanes, so weights are read in their stored layout, never packed. first: the first K
+    slice, so c holds nothing yet and the sums start from zero."""
+    var acc = StaticTuple[F32x, MR * NV](fill=F32x(0))
+    if not first:
+        comptime for i in range(MR):
+            comptime for j in range(NV):
+                acc[i * NV + j] = c.unsafe_load[width=W](i * MB + j * W)
+    for p in range(kc):
+        var bv = StaticTuple[I32x, NV](fill=I32x(0))
+        comptime for j in range(NV):
+            bv[j] = xb.unsafe_load[width=W](p * MB + j * W)
+        comptime for i in range(MR):
+            var av = I32x(w[unsafe_offset=rows[i] + p])
+            comptime for j in range(NV):
+                acc[i * NV + j] = dot_bf16_pairs(acc[i * NV + j], av, bv[j])
+    comptime for i in range(MR):
+        comptime for j in range(NV):
+            c.unsafe_store(i * MB + j * W, acc[i * NV + j])
+
+
+def dot_panel(
+    w: Pointer[Int32, _], row_offsets: Pointer[Int, _], groups: Int, xk: Pointer[Int32, _], n: Int, K2: Int,
+    c: Pointer[mut=True, Float32, _],
+):
+    """c [groups][blocks][MR][MB] = (groups x MR weight rows) . (n packed activation rows), over K2 pairs.
+    Blocked over KC pairs so that one activation block's slice (KC x MB pairs) stays in L1 while every
+    group's weight rows (from L2) pass over it; c is re-read once per KC slice, which is cheap."""
+    var blocks = n_blocks(n)
+    for p0 in range(0, K2, KC):
+        var kc = min(KC, K2 - p0)
+        for b in range(blocks):
+            var nv = n_vec(n, b)
+            var xb = xk.unsafe_offset((b * K2 + p0) * MB)
+            for g in range(groups):
+                var rows = StaticTuple[Int, MR](fill=0)
+                comptime for i in range(MR):
+                    rows[i] = row_offsets[unsafe_offset=g * MR + i] + p0
+                var cb = c.unsafe_offset((g * blocks + b) * MR * MB)
+                if nv == 1:
+                    dot_tile[1](w, rows, xb, kc, cb, p0 == 0)
+                elif nv == 2:
+                    dot_tile[2](w, rows, xb, kc, cb, p0 == 0)
+                else:
+                    dot_tile[NVMAX](w, rows, xb, kc, cb, p0 == 0)
