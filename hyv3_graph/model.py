@@ -26,6 +26,7 @@ from max.nn.kv_cache import MHAKVCacheParams
 from .config import HYV3Config
 from .kernels import MOJO_KERNELS
 from .kernels.attention import attention, attention_builtin
+from .kernels.linear import linear, linear_builtin, swiglu_mlp
 from .kernels.moe_experts import experts_builtin, moe_experts
 from .kernels.moe_router import moe_router, moe_router_builtin
 
@@ -35,8 +36,8 @@ KERNEL_BACKENDS = ("builtin", "custom")
 
 @dataclass(frozen=True)
 class Kernels:
-    """Which implementation the hot spots use: `custom` = our Mojo ops (router, experts, attention),
-    `builtin` = MAX's own ops (the experts densely, as MAX's MoE kernels are GPU-only)."""
+    """Which implementation the hot spots use: `custom` = our Mojo ops (every dense projection, router, experts,
+    attention), `builtin` = MAX's own ops (its matmul; the experts densely, as MAX's MoE kernels are GPU-only)."""
 
     backend: str = "builtin"
 
@@ -66,20 +67,11 @@ def _w(name: str, dtype: DType, shape) -> TensorValue:
     return Weight(name, dtype, shape, device=CPU, _placeholder=True)
 
 
-def _linear(x: TensorValue, w: TensorValue) -> TensorValue:
-    """x [T, in] @ w[out, in]^T -> [T, out] (HF's nn.Linear layout)."""
-    return x @ ops.transpose(w, 0, 1)
-
-
 def _rms_norm(x: TensorValue, w: TensorValue, eps: float) -> TensorValue:
     """HF order: normalize in float32, cast back, then scale by the weight in the model dtype."""
     x32 = ops.cast(x, DType.float32)
     normed = x32 / ops.sqrt(ops.mean(x32 * x32, axis=-1) + eps)  # mean keeps the axis: [T, 1]
     return w * ops.cast(normed, x.dtype)
-
-
-def _swiglu(x: TensorValue, gate: TensorValue, up: TensorValue, down: TensorValue) -> TensorValue:
-    return _linear(ops.silu(_linear(x, gate)) * _linear(x, up), down)
 
 
 class HYV3Graph:
@@ -89,6 +81,10 @@ class HYV3Graph:
             raise ValueError("expert stats come from our router op: they need --kernels custom")
         self.cfg, self.dtype, self.kv_params, self.n_positions, self.kernels = cfg, dtype, kv_params, n_positions, kernels
         self.expert_stats = expert_stats
+
+    def _linear(self, x: TensorValue, w: TensorValue) -> TensorValue:
+        """x [T, in] @ w[out, in]^T -> [T, out] (HF's nn.Linear layout): our `linear` op or MAX's matmul."""
+        return linear(x, w) if self.kernels.custom else linear_builtin(x, w)
 
     def _extensions(self) -> list:
         """Our Mojo package only for `custom`: a builtin graph then stays cached when a kernel changes."""
@@ -121,7 +117,7 @@ class HYV3Graph:
 
             last = ops.cast(row_offsets.tensor[1:], DType.int64) - 1  # [B] index of each sequence's last token
             h = _rms_norm(ops.gather(x, last, axis=0), Weight("norm.weight", dt, [H], device=CPU), cfg.rms_norm_eps)  # [B, H]
-            logits = _linear(h, Weight("lm_head.weight", dt, [V, H], device=CPU))  # [B, V]
+            logits = self._linear(h, Weight("lm_head.weight", dt, [V, H], device=CPU))  # [B, V]
             if self.expert_stats and counts:
                 g.output(ops.cast(logits, DType.float32), ops.stack(counts, axis=0))  # [B, V], [n_sparse, E]
             else:
@@ -142,7 +138,7 @@ class HYV3Graph:
             kv = self.kv_params.unflatten_kv_inputs(iter(kv_inputs))[0]
 
             h = _rms_norm(x, _w("input_layernorm.weight", dt, [H]), eps)  # [T, H]
-            x = x + _linear(self._attention(h, row_offsets, layer_idx, freqs.tensor, kv),
+            x = x + self._linear(self._attention(h, row_offsets, layer_idx, freqs.tensor, kv),
                             _w("self_attn.o_proj.weight", dt, [H, cfg.q_dim]))  # [T, H]
 
             h = _rms_norm(x, _w("post_attention_layernorm.weight", dt, [H]), eps)  # [T, H]
@@ -160,7 +156,7 @@ class HYV3Graph:
         wqkv = _w("self_attn.qkv_proj.weight", dt, [cfg.q_dim + 2 * cfg.kv_dim, cfg.hidden_size])
         q_norm, k_norm = _w("self_attn.q_norm.weight", dt, [cfg.head_dim]), _w("self_attn.k_norm.weight", dt, [cfg.head_dim])
         if self.kernels.custom:
-            qkv = _linear(h, wqkv)  # [T, (Hq + 2Hkv) * D]
+            qkv = self._linear(h, wqkv)  # [T, (Hq + 2Hkv) * D]
             o = attention(qkv, q_norm, k_norm, freqs, row_offsets, kv.kv_blocks, kv.cache_lengths, kv.lookup_table,
                           layer_idx, eps)  # [T, Hq, D]
             return ops.reshape(o, [h.shape[0], cfg.q_dim])
@@ -170,14 +166,14 @@ class HYV3Graph:
 
     def _dense_mlp(self, h: TensorValue) -> TensorValue:
         cfg, dt, H, I = self.cfg, self.dtype, self.cfg.hidden_size, self.cfg.intermediate_size
-        return _swiglu(h, _w("mlp.gate_proj.weight", dt, [I, H]), _w("mlp.up_proj.weight", dt, [I, H]),
-                       _w("mlp.down_proj.weight", dt, [H, I]))
+        return swiglu_mlp(h, _w("mlp.gate_proj.weight", dt, [I, H]), _w("mlp.up_proj.weight", dt, [I, H]),
+                          _w("mlp.down_proj.weight", dt, [H, I]), self.kernels.custom)  # [T, H]
 
     def _moe(self, h: TensorValue) -> tuple[TensorValue, TensorValue | None]:
         """[T, H] -> ([T, H], tokens per expert [E] int32 with expert_stats, else None)."""
         cfg, dt = self.cfg, self.dtype
         H, E, I, S = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_intermediate_size
-        router_logits = _linear(ops.cast(h, DType.float32), _w("mlp.router.weight", DType.float32, [E, H]))  # [T, E]
+        router_logits = self._linear(ops.cast(h, DType.float32), _w("mlp.router.weight", DType.float32, [E, H]))  # [T, E]
         bias = _w("mlp.expert_bias", DType.float32, [E])
         gate_up, down = _w("mlp.experts.gate_up", dt, [E, 2 * I, H]), _w("mlp.experts.down", dt, [E, H, I])
         k, scale = cfg.num_experts_per_tok, cfg.router_scaling_factor
@@ -190,8 +186,9 @@ class HYV3Graph:
             routed = experts_builtin(h, topk_ids, topk_w, gate_up, down)  # [T, H] float32
             counts = None
         if cfg.num_shared_experts:
-            shared = _swiglu(h, _w("mlp.shared.gate_proj.weight", dt, [S, H]), _w("mlp.shared.up_proj.weight", dt, [S, H]),
-                             _w("mlp.shared.down_proj.weight", dt, [H, S]))  # [T, H]
+            shared = swiglu_mlp(h, _w("mlp.shared.gate_proj.weight", dt, [S, H]),
+                                _w("mlp.shared.up_proj.weight", dt, [S, H]), _w("mlp.shared.down_proj.weight", dt, [H, S]),
+                                self.kernels.custom)  # [T, H]
             if cfg.enable_moe_fp32_combine:
                 return ops.cast(routed + ops.cast(shared, DType.float32), dt), counts
             return ops.cast(routed, dt) + shared, counts

@@ -62,6 +62,7 @@ from std.math import exp, sqrt
 from std.memory import bitcast
 from std.utils import StaticTuple
 from .cpu_isa import I32x, adjacent_bf16_pairs, dot_bf16_pairs, round_to_bf16, use_bf16_dot
+from .microkernels import untracked
 from .work_queue import parallelize_dynamic, sort_codes_by_cost
 from std.atomic import Atomic
 from std.sys import size_of
@@ -470,11 +471,6 @@ struct _NarrowItems(ImplicitlyCopyable, Movable):
     var tdp: Pointer[mut=True, Int, MutUntrackedOrigin]
     var pop: Pointer[mut=True, Float32, MutUntrackedOrigin]
     var pmp: Pointer[mut=True, Float32, MutUntrackedOrigin]
-
-
-@always_inline
-def _untracked[T: AnyType](p: Pointer[mut=True, T, _]) -> Pointer[mut=True, T, MutUntrackedOrigin]:
-    return p.unsafe_origin_cast[MutUntrackedOrigin]()
 
 
 @always_inline
@@ -983,11 +979,11 @@ struct Attention:
         var ksp = k_scratch.unsafe_ptr()
 
         var shape = _Shape(T, Hq, Hkv, D, G, max(1, ROWS // G), D2)
-        var ragged = _Ragged(_untracked(offp), _untracked(clp), _untracked(lutp), lut_s, _untracked(tsp))
-        var paged = _Paged[dt](_untracked(bp), page, s_page, s_kind, kv_base, s_tok, s_head)
-        var queries = _Queries(_untracked(qsp), _untracked(qbp), dot)
-        var proj = _Projection[dt](_untracked(qkvp), qkv_s, _untracked(qnp), _untracked(knp), _untracked(fp), fs,
-                                   _untracked(xsp), _untracked(ksp), q_mul)
+        var ragged = _Ragged(untracked(offp), untracked(clp), untracked(lutp), lut_s, untracked(tsp))
+        var paged = _Paged[dt](untracked(bp), page, s_page, s_kind, kv_base, s_tok, s_head)
+        var queries = _Queries(untracked(qsp), untracked(qbp), dot)
+        var proj = _Projection[dt](untracked(qkvp), qkv_s, untracked(qnp), untracked(knp), untracked(fp), fs,
+                                   untracked(xsp), untracked(ksp), q_mul)
 
         def prepare(t: Int) {var shape, var ragged, var paged, var queries, var proj}:
             _prepare_token[dt, eps](shape, ragged, paged, queries, proj, t)
@@ -1048,10 +1044,10 @@ struct Attention:
         var pop = part_o.unsafe_ptr()
         var pmp = part_ml.unsafe_ptr()
 
-        var narrow = _NarrowItems(_untracked(nbp), _untracked(nqp), _untracked(nkp), _untracked(nop), _untracked(tfp),
-                                  _untracked(ntp), _untracked(tdp), _untracked(pop), _untracked(pmp))
-        var out_ptr = _untracked(outp)
-        var items_ptr = _untracked(itp)
+        var narrow = _NarrowItems(untracked(nbp), untracked(nqp), untracked(nkp), untracked(nop), untracked(tfp),
+                                  untracked(ntp), untracked(tdp), untracked(pop), untracked(pmp))
+        var out_ptr = untracked(outp)
+        var items_ptr = untracked(itp)
 
         def attend_narrow(slot: Int) {var shape, var ragged, var paged, var queries, var narrow, var out_ptr}:
             _attend_narrow[dt](shape, ragged, paged, queries, narrow, out_ptr, slot)

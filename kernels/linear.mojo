@@ -43,13 +43,15 @@ from std.runtime import parallelism_level
 from std.sys import size_of
 from std.utils import StaticTuple
 from .cpu_isa import F32x, round_to_bf16, use_bf16_dot
-from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, align64, dot_panel, n_blocks, stream_dots, stream_dots_bf16,
-                           untracked)
+from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, KC, NVMAX, align64, dot_panel, dot_tile, n_blocks, stream_dots,
+                           stream_dots_bf16, untracked)
 from .work_queue import parallelize_dynamic
 
 comptime STREAM_MAX_M = 16  # at most this many rows stream the weights (see the header)
 comptime STREAM_NW = 4  # streaming: weight rows per pass over the activations
 comptime STREAM_TASK_BYTES = 1 << 20  # streaming: weight bytes per task
+comptime STREAM_GROUPS = STREAM_MAX_M // MAX_STREAM_ROWS  # streaming: groups of 4 activation rows
+comptime STREAM_K_SLICE = 512  # streaming, M > 4: elements per K slice (4 weight rows + 16 x rows, float32: 40 KiB)
 comptime GROUPS = 8  # GEMM: micro-tiles of MR weight rows per task (they share each activation slice in L1)
 comptime CHUNK_BLOCKS = 8  # GEMM: packed blocks of MB rows per task (its accumulators: 8 x 8 x MR x MB x 4 = 96 KiB)
 comptime STREAM = 1
@@ -96,36 +98,55 @@ def _stream_cols_per_task(N: Int, K: Int, row_bytes: Int) -> Int:
 @always_inline
 def _stream_dots[dt: DType, PAIRS: Bool](
     pb: _Problem[dt], w: Pointer[mut=True, Scalar[dt], MutUntrackedOrigin], w_rows: StaticTuple[Int, STREAM_NW],
-    m0: Int, rows: Int,
+    m0: Int, rows: Int, k0: Int, kn: Int,
 ) -> StaticTuple[SIMD[DType.float32, 4], STREAM_NW]:
-    """STREAM_NW weight rows of w . activation rows m0 .. m0 + rows (<= MAX_STREAM_ROWS)."""
+    """STREAM_NW weight rows of w . activation rows m0 .. m0 + rows (<= MAX_STREAM_ROWS), over k0 .. k0 + kn."""
     comptime if PAIRS:
-        return stream_dots_bf16(w.unsafe_bitcast[UInt16](), w_rows, pb.xp.unsafe_bitcast[UInt16]().unsafe_offset(m0 * pb.K),
-                                pb.K, rows, pb.K)
+        return stream_dots_bf16(w.unsafe_bitcast[UInt16]().unsafe_offset(k0), w_rows,
+                                pb.xp.unsafe_bitcast[UInt16]().unsafe_offset(m0 * pb.K + k0), pb.K, rows, kn)
     else:
-        return stream_dots(w, w_rows, pb.xf.unsafe_offset(m0 * pb.K), pb.K, rows, pb.K)
+        return stream_dots(w.unsafe_offset(k0), w_rows, pb.xf.unsafe_offset(m0 * pb.K + k0), pb.K, rows, kn)
 
 
 @always_inline
 def _stream_task[dt: DType, SWIGLU: Bool, PAIRS: Bool](pb: _Problem[dt], cols_per_task: Int, task: Int):
-    """STREAM: output columns task * cols_per_task .. (their weight rows, each read from memory once), STREAM_NW at a
-    time, for every row of x in fours. Columns past N alias N - 1 (the same value is stored twice)."""
+    """STREAM: output columns task * cols_per_task .. (their weight rows, each read from memory once when M <=
+    STREAM_MAX_M), STREAM_NW at a time, for the rows of x in chunks of STREAM_MAX_M (more only on the portable
+    path), each chunk in groups of four. With more than four rows the reduction runs in K slices of
+    STREAM_K_SLICE, so the weight rows' slice and the chunk's activation slices stay in L1 while each group
+    passes over them. Columns past N alias N - 1 (the same value is stored twice)."""
     var N = pb.N
+    var K = pb.K
+    var k_slice = K if pb.M <= MAX_STREAM_ROWS else STREAM_K_SLICE
     var o0 = task * cols_per_task
     for o in range(o0, min(N, o0 + cols_per_task), STREAM_NW):
         var w_rows = StaticTuple[Int, STREAM_NW](fill=0)
         comptime for v in range(STREAM_NW):
-            w_rows[v] = min(o + v, N - 1) * pb.K
-        for m0 in range(0, pb.M, MAX_STREAM_ROWS):
-            var rows = min(MAX_STREAM_ROWS, pb.M - m0)
-            var a = _stream_dots[dt, PAIRS](pb, pb.wa, w_rows, m0, rows)
-            comptime if SWIGLU:
-                var u = _stream_dots[dt, PAIRS](pb, pb.wb, w_rows, m0, rows)
+            w_rows[v] = min(o + v, N - 1) * K
+        for mc in range(0, pb.M, STREAM_MAX_M):
+            var groups = (min(STREAM_MAX_M, pb.M - mc) + MAX_STREAM_ROWS - 1) // MAX_STREAM_ROWS
+            var a = StaticTuple[SIMD[DType.float32, 4], STREAM_GROUPS * STREAM_NW](fill=SIMD[DType.float32, 4](0))
+            var u = StaticTuple[SIMD[DType.float32, 4], STREAM_GROUPS * STREAM_NW](fill=SIMD[DType.float32, 4](0))
+            for k0 in range(0, K, k_slice):
+                var kn = min(k_slice, K - k0)
+                for grp in range(groups):
+                    var m0 = mc + grp * MAX_STREAM_ROWS
+                    var rows = min(MAX_STREAM_ROWS, pb.M - m0)
+                    var d = _stream_dots[dt, PAIRS](pb, pb.wa, w_rows, m0, rows, k0, kn)
+                    comptime for v in range(STREAM_NW):
+                        a[grp * STREAM_NW + v] += d[v]
+                    comptime if SWIGLU:
+                        var e = _stream_dots[dt, PAIRS](pb, pb.wb, w_rows, m0, rows, k0, kn)
+                        comptime for v in range(STREAM_NW):
+                            u[grp * STREAM_NW + v] += e[v]
+            for grp in range(groups):
+                var m0 = mc + grp * MAX_STREAM_ROWS
                 comptime for v in range(STREAM_NW):
-                    a[v] = _silu[4](a[v]) * u[v]
-            for r in range(rows):
-                comptime for v in range(STREAM_NW):
-                    _store[dt, 1](pb.yp, (m0 + r) * N + min(o + v, N - 1), SIMD[DType.float32, 1](a[v][r]))
+                    var y = a[grp * STREAM_NW + v]
+                    comptime if SWIGLU:
+                        y = _silu[4](y) * u[grp * STREAM_NW + v]
+                    for r in range(min(MAX_STREAM_ROWS, pb.M - m0)):
+                        _store[dt, 1](pb.yp, (m0 + r) * N + min(o + v, N - 1), SIMD[DType.float32, 1](y[r]))
 
 
 @always_inline
@@ -356,3 +377,42 @@ struct LinearSwiglu:
         _check_contiguous("up", I, K, up.stride_length(0), up.stride_length(1))
         _check_contiguous("y", M, I, output.stride_length(0), output.stride_length(1))
         _run[output.dtype, True](output.unsafe_ptr(), x.unsafe_ptr(), gate.unsafe_ptr(), up.unsafe_ptr(), M, I, K)
+
+
+@extensibility.register("linear_dot_peak")
+struct LinearDotPeak:
+    @staticmethod
+    def execute[
+        target: StaticString,
+    ](
+        output: OutputTensor[dtype = DType.float32, rank=1, ...],
+        reps: InputTensor[dtype = DType.int64, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        """The bf16-dot micro-kernel's own peak, the yardstick of the DOT path: every core runs reps x
+        microkernels.dot_tile (MR x MB outputs, KC pairs: MR x NVMAX x KC vdpbf16ps of 64 flops) on operands in its
+        L1; output[w] = a sum worker w computed (so nothing is optimised away). Needs AVX512_BF16."""
+        comptime assert target == "cpu", "linear_dot_peak: CPU-only kernel"
+        if not use_bf16_dot():
+            raise Error("linear_dot_peak: the CPU has no AVX512_BF16 (or HYV3_PORTABLE_KERNELS=1)")
+        var n = reps.unsafe_ptr()[unsafe_offset=0]
+        var workers = output.dim_size(0)
+        var outp = untracked(output.unsafe_ptr())
+
+        def worker(wk: Int) {var n, var outp}:
+            var xb = List[Int32](length=KC * MB + 16, fill=0x3F803F80)  # bf16 pairs (1.0, 1.0)
+            var wr = List[Int32](length=MR * KC, fill=0x3C003C00)  # bf16 pairs (2^-7, 2^-7)
+            var c = List[Float32](length=MR * MB, fill=0)
+            var xp = xb.unsafe_ptr()
+            xp = xp.unsafe_offset(align64(Int(xp)))
+            var rows = StaticTuple[Int, MR](fill=0)
+            comptime for i in range(MR):
+                rows[i] = i * KC
+            for _ in range(Int(n)):
+                dot_tile[NVMAX](wr.unsafe_ptr(), rows, xp, KC, c.unsafe_ptr(), False)
+            outp[unsafe_offset=wk] = c[0]
+            _ = xb^
+            _ = wr^
+            _ = c^
+
+        parallelize(worker, workers)

@@ -10,6 +10,8 @@ silu * up), numpy (float32 only).
 Check: every output within a tolerance of the float32 numpy result on the same values (bf16: widened), relative
 to max |y|. Rooflines: M <= 8 against the weight bytes (each read once) over the measured bandwidth; M = 512
 against 2 M N K FLOPs (two GEMMs for SwiGLU) over the measured fp32 GEMM peak.
+Case `dot_peak` (where the CPU has AVX512_BF16): the bf16-dot micro-kernel alone on L1-resident operands, all
+cores: the yardstick of the bf16 M = 512 rows, whose `dot_peak_frac` is their GFLOP/s over it.
 `--quick`: `tiny`'s shapes at M in {1, 64}.
 """
 
@@ -25,7 +27,9 @@ from max.graph import DeviceRef, Graph, TensorType
 
 from hyv3_graph.dtypes import bf16_bits_to_f32, buffer_numpy, f32_to_bf16_bits, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
-from hyv3_graph.kernels.linear import linear, linear_builtin, linear_path, linear_swiglu, linear_swiglu_builtin
+from hyv3_graph.kernels.cpu_isa import bf16_dot_available
+from hyv3_graph.kernels.linear import (DOT_TILE_FLOPS, linear, linear_builtin, linear_dot_peak, linear_path, linear_swiglu,
+                                       linear_swiglu_builtin)
 
 from ..harness import Case, assert_close, run_case
 
@@ -106,13 +110,35 @@ def _case(torch, models, rng, model, name, N, K, swiglu, M, dt) -> Case:
                           "torch": f"torch {torch.__version__} F.linear", "numpy": f"numpy {np.__version__}"})
 
 
-def cases(quick: bool):
+DOT_PEAK_REPS = 50_000
+
+
+def _dot_peak_case(session, cores: int) -> Case:
+    cpu = DeviceRef.CPU()
+    with Graph("bench_linear_dot_peak", input_types=[TensorType(DType.int64, [1], device=cpu)],
+               custom_extensions=[MOJO_KERNELS]) as g:
+        g.output(linear_dot_peak(g.inputs[0].tensor, cores))
+    model = session.load(g)
+    reps = Buffer.from_numpy(np.array([DOT_PEAK_REPS], np.int64))
+
+    def check(outputs):
+        """every core's sum is exactly 2 x reps (bf16 (1, 1) . (2^-7, 2^-7) pairs, KC per call)"""
+        assert_close("dot_peak", outputs["mojo"], np.full(cores, 2.0 * DOT_PEAK_REPS), rtol=0, atol=0)
+
+    return Case(bench=BENCH, name=f"dot_peak_{cores}cores", impls={"mojo": lambda: model.execute(reps)[0].to_numpy()},
+                check=check, flops=float(cores) * DOT_PEAK_REPS * DOT_TILE_FLOPS,
+                versions={"mojo": "kernels/microkernels.mojo dot_tile (kernels/linear.mojo linear_dot_peak)"})
+
+
+def cases(quick: bool, cores: int = 1):
     """Yields the cases one at a time, so only one case's inputs are alive (Hy3's lm_head is 2 GB in float32)."""
     import torch
 
     session = InferenceSession(devices=[CPU()])
     models = {(impl, swiglu, dt): _graph(session, dt, swiglu, impl == "mojo")
               for impl in ("mojo", "max") for swiglu in (False, True) for dt in (DType.float32, DType.bfloat16)}
+    if bf16_dot_available():
+        yield _dot_peak_case(session, cores)
     rng = np.random.default_rng(0)
     for model, shapes in (QUICK if quick else FULL).items():
         for name, (N, K, swiglu, Ms) in shapes.items():
@@ -122,4 +148,9 @@ def cases(quick: bool):
 
 
 def results(quick: bool, machine: dict) -> list[dict]:
-    return [row for case in cases(quick) for row in run_case(case, machine)]
+    rows = [row for case in cases(quick, machine["cores"]) for row in run_case(case, machine)]
+    peak = next((r["gflops"] for r in rows if r["case"].startswith("dot_peak")), None)
+    for r in rows:  # the bf16 GEMM rows against the micro-kernel's own peak (the issue's yardstick without AMX)
+        if peak and r["case"].endswith("_bf16") and r.get("gflops"):
+            r["dot_peak_frac"] = r["gflops"] / peak
+    return rows

@@ -14,6 +14,7 @@ from max.graph import DeviceRef, TensorType, TensorValue, ops
 from .cpu_isa import bf16_dot_available
 
 STREAM_MAX_M = 16  # kernels/linear.mojo: at most this many rows stream the weights
+DOT_TILE_FLOPS = 8 * 3 * 128 * 64  # one microkernels.dot_tile call: MR x NVMAX x KC vdpbf16ps of 64 flops each
 
 
 def linear_path(M: int, K: int, bf16: bool) -> str:
@@ -56,6 +57,13 @@ def linear_builtin(x: TensorValue, w: TensorValue) -> TensorValue:
 
 def linear_swiglu_builtin(x: TensorValue, gate: TensorValue, up: TensorValue) -> TensorValue:
     return ops.silu(linear_builtin(x, gate)) * linear_builtin(x, up)
+
+
+def linear_dot_peak(reps: TensorValue, workers: int) -> TensorValue:
+    """The bf16-dot micro-kernel's own peak: every one of `workers` cores runs reps[0] x dot_tile on L1-resident
+    operands (DOT_TILE_FLOPS each); output [workers] float32, each exactly 2 * reps[0]. Needs AVX512_BF16."""
+    return ops.custom("linear_dot_peak", device=DeviceRef.CPU(), values=[reps],
+                      out_types=[TensorType(DType.float32, [workers], device=DeviceRef.CPU())])[0].tensor
 
 
 def swiglu_mlp(x: TensorValue, gate: TensorValue, up: TensorValue, down: TensorValue, custom: bool) -> TensorValue:

@@ -1,0 +1,151 @@
+"""Fuzz `kernels/linear.mojo` (`linear`, `linear_swiglu`) against `linear_reference` (float64).
+
+One graph per dtype, compiled once per session, computes both ops on the same x (the weight doubles as
+SwiGLU's gate); M, N and K are symbolic, so hypothesis varies every shape at run time without recompiling.
+Every path is reached: STREAM (M <= 16), DOT (bf16, M > 16, even K, AVX512_BF16), MATMUL (float32, M > 16), and
+the portable streaming path (HYV3_PORTABLE_KERNELS=1, read on every call; bf16 at any M).
+
+Tolerance, per element: float32 sums against float64 are held to RTOL x (|x| @ |w|^T), the sum of the
+magnitudes (SwiGLU: that bound carried through silu(g) * u); a bf16 output adds one rounding, 2^-8 x |y|
+(round to nearest even is within 2^-9). bf16 inputs are exact in float64 and bf16 products exact in float32, so
+no activation rounding needs modelling: the dot paths use x's own bf16 values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+from max.driver import CPU
+from max.dtype import DType
+from max.engine import InferenceSession
+from max.graph import DeviceRef, Graph, TensorType
+
+from hyv3_graph.dtypes import bf16_bits_to_f32, buffer_numpy, f32_to_bf16_bits, to_buffer, to_dtype
+from hyv3_graph.kernels import MOJO_KERNELS
+from hyv3_graph.kernels.cpu_isa import PORTABLE_ENV, cpu_has_avx512_bf16
+from hyv3_graph.kernels.linear import STREAM_MAX_M, linear, linear_path, linear_reference, linear_swiglu
+
+RTOL = 1e-5  # of the sum of magnitudes: float32 accumulation over K <= ~1e4 terms (measured <= 2e-7)
+BF16_OUT = 2.0**-8  # one bf16 rounding of the output, relative to |y|
+DTYPES = (DType.float32, DType.bfloat16)
+
+
+@pytest.fixture(scope="session")
+def linear_models():
+    cpu = DeviceRef.CPU()
+    session = InferenceSession(devices=[CPU()])
+    models = {}
+    for dt in DTYPES:
+        types = [TensorType(dt, ["M", "K"], device=cpu), TensorType(dt, ["N", "K"], device=cpu),
+                 TensorType(dt, ["N", "K"], device=cpu)]
+        with Graph(f"linear_{dt}", input_types=types, custom_extensions=[MOJO_KERNELS]) as g:
+            x, w, up = (v.tensor for v in g.inputs)
+            g.output(linear(x, w), linear_swiglu(x, w, up))
+        models[dt] = session.load(g)
+    return models
+
+
+def _values(rng, shape, dt, scale=1.0):
+    """Random values of dtype dt, as float32 (bf16: rounded, so they are exactly what the op sees)."""
+    a = (rng.standard_normal(shape) * scale).astype(np.float32)
+    return bf16_bits_to_f32(f32_to_bf16_bits(a)) if dt == DType.bfloat16 else a
+
+
+def run(models, dt, x, w, up):
+    """(linear, linear_swiglu) outputs as float32."""
+    y, z = models[dt].execute(*(to_buffer(to_dtype(a, dt), dt) for a in (x, w, up)))
+    return tuple(to_dtype(buffer_numpy(o), DType.float32) for o in (y, z))
+
+
+def check(models, dt, x, w, up):
+    y, z = run(models, dt, x, w, up)
+    M, N = x.shape[0], w.shape[0]
+    assert y.shape == (M, N) and z.shape == (M, N)
+    out_round = BF16_OUT if dt == DType.bfloat16 else 0.0
+    ax = np.abs(x).astype(np.float64)
+    for n0 in range(0, N, 4096):  # in column chunks: Hy3's lm_head is 4 GB in float64
+        wc, uc, yc, zc = w[n0:n0 + 4096], up[n0:n0 + 4096], y[:, n0:n0 + 4096], z[:, n0:n0 + 4096]
+        g, u = linear_reference(x, wc), linear_reference(x, uc)
+        ref_z = linear_reference(x, wc, uc)
+        s_g, s_u = ax @ np.abs(wc).T.astype(np.float64), ax @ np.abs(uc).T.astype(np.float64)
+        silu_g = g / (1.0 + np.exp(-g))
+        tol_y = RTOL * s_g + out_round * np.abs(g) + 1e-30
+        tol_z = RTOL * (1.1 * s_g * (np.abs(u) + RTOL * s_u) + np.abs(silu_g) * s_u) + out_round * np.abs(ref_z) + 1e-30
+        assert np.all(np.abs(yc - g) <= tol_y), f"linear: worst {np.max(np.abs(yc - g) / tol_y):.3g} x tolerance"
+        assert np.all(np.abs(zc - ref_z) <= tol_z), f"swiglu: worst {np.max(np.abs(zc - ref_z) / tol_z):.3g} x tolerance"
+    return y, z
+
+
+SIZES = [1, 2, 7, 16, 33, 64, 130, 257]
+
+
+@st.composite
+def linear_case(draw):
+    dt = draw(st.sampled_from(DTYPES))
+    M = draw(st.one_of(st.sampled_from([0, 1, 2, 3, 4, 5, 8, 16, 17, 47, 48, 49, 97]), st.integers(0, 600)))
+    N = draw(st.one_of(st.sampled_from(SIZES), st.integers(1, 300)))
+    K = draw(st.one_of(st.sampled_from(SIZES + [0, 1000, 1031, 1100]), st.integers(1, 1200)))
+    while M * N * max(K, 1) > 3_000_000:  # keep one example well under a second (the float64 reference dominates)
+        M //= 2
+    portable = draw(st.booleans())
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = _values(rng, (M, K), dt)
+    w, up = (_values(rng, (N, K), dt, 1 / np.sqrt(max(K, 1))) for _ in range(2))
+    return dt, x, w, up, portable
+
+
+@given(linear_case())
+def test_linear_matches_reference(linear_models, case):
+    dt, x, w, up, portable = case
+    with pytest.MonkeyPatch.context() as m:
+        if portable:
+            m.setenv(PORTABLE_ENV, "1")
+        else:
+            m.delenv(PORTABLE_ENV, raising=False)
+        check(linear_models, dt, x, w, up)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("M", [1, 5, STREAM_MAX_M + 1, 200])
+def test_deterministic_bit_for_bit(linear_models, dt, M):
+    rng = np.random.default_rng(M)
+    x, w, up = _values(rng, (M, 1030), dt), _values(rng, (300, 1030), dt, 0.03), _values(rng, (300, 1030), dt, 0.03)
+    a, b = run(linear_models, dt, x, w, up), run(linear_models, dt, x, w, up)
+    assert all(np.array_equal(p, q) for p, q in zip(a, b))
+
+
+@pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the CPU has no AVX512_BF16")
+def test_bf16_paths_are_taken(linear_models, monkeypatch):
+    """Where the CPU has AVX512_BF16 its paths must run (a forced portable setting in the environment does not turn
+    this into a skip): the vdpbf16ps streaming and GEMM paths sum in another order than the portable path, so
+    their outputs differ from it somewhere in the last bits, and all three meet the reference."""
+    monkeypatch.delenv(PORTABLE_ENV, raising=False)
+    rng = np.random.default_rng(3)
+    for M in (3, 64):
+        x, w, up = _values(rng, (M, 2000), DType.bfloat16), *(_values(rng, (256, 2000), DType.bfloat16, 0.02) for _ in "wu")
+        assert linear_path(M, 2000, bf16=True) == ("stream" if M <= STREAM_MAX_M else "dot")
+        fast = check(linear_models, DType.bfloat16, x, w, up)
+        monkeypatch.setenv(PORTABLE_ENV, "1")
+        slow = check(linear_models, DType.bfloat16, x, w, up)
+        monkeypatch.delenv(PORTABLE_ENV)
+        assert not np.array_equal(fast[0], slow[0]), f"M={M}: the vdpbf16ps path gave the portable path's bits"
+
+
+# Hy3's dense projections (N, K): qkv, o_proj, the dense MLP's gate/up and down, lm_head. K beyond one KC slice
+# (128 pairs) many times over, N far beyond one task.
+HY3_SHAPES = {"qkv": (10240, 4096), "o_proj": (4096, 8192), "gate_up": (13312, 4096), "down": (4096, 13312),
+              "lm_head": (120832, 4096)}
+
+
+@pytest.mark.parametrize("shape", sorted(HY3_SHAPES))
+def test_hy3_shapes(linear_models, shape):
+    """One example at each Hy3 shape, both dtypes: M = 1 (decode) and, except lm_head, M = 24 (the GEMM paths)."""
+    N, K = HY3_SHAPES[shape]
+    rng = np.random.default_rng(len(shape))
+    w32 = (rng.standard_normal((N, K), dtype=np.float32) / np.float32(np.sqrt(K)))
+    up32 = w32[::-1].copy() if shape == "gate_up" else w32  # SwiGLU runs on every shape; its own weights for gate_up
+    for dt in DTYPES:
+        w, up = (bf16_bits_to_f32(f32_to_bf16_bits(a)) for a in (w32, up32)) if dt == DType.bfloat16 else (w32, up32)
+        for M in (1,) if shape == "lm_head" else (1, 24):
+            check(linear_models, dt, _values(rng, (M, K), dt), w, up)
