@@ -45,6 +45,9 @@ def _shapes(H, q, kv, I, V):
 FULL = {"hy3": _shapes(4096, 8192, 1024, 13312, 120832), "small": _shapes(1024, 1024, 256, 2048, 32000)}
 QUICK = {"tiny": {name: (N, K, sw, (1, 64)) for name, (N, K, sw, _) in _shapes(256, 256, 64, 512, 1024).items()}}
 TOL = {DType.float32: 1e-4, DType.bfloat16: 8e-3}  # x max|y|; bf16: one output rounding (2^-9) plus float32 sums
+# The peers' bf16 SwiGLU is three ops, each rounding to bf16 (gate, up, silu(gate), the product): measured 0.9%
+# off at an element near max|y| (MAX, `small` gate_up M 8), so their bf16 SwiGLU rows get this tolerance.
+PEER_BF16_SWIGLU_TOL = 2e-2
 
 
 def _graph(session, dt, swiglu: bool, ours: bool):
@@ -95,11 +98,14 @@ def _case(torch, models, rng, model, name, N, K, swiglu, M, dt) -> Case:
         impls["numpy"] = run_numpy
     ref = run_numpy()
     tol = TOL[dt]
+    peer_tol = PEER_BF16_SWIGLU_TOL if bf16 and swiglu else tol
 
     def check(outputs):
         for impl, y in outputs.items():
-            assert_close(f"linear ({impl} vs numpy float32)", y, ref, rtol=0, atol=tol * max(1.0, float(np.abs(ref).max())))
-    check.__doc__ = f"every implementation within {tol:g} x max(1, max|y|) of numpy float32 on the same values"
+            t = tol if impl == "mojo" else peer_tol
+            assert_close(f"linear ({impl} vs numpy float32)", y, ref, rtol=0, atol=t * max(1.0, float(np.abs(ref).max())))
+    check.__doc__ = (f"every implementation within {tol:g} x max(1, max|y|) of numpy float32 on the same values"
+                     + (f" (the peers' three-op bf16 SwiGLU: {peer_tol:g})" if peer_tol != tol else ""))
 
     n_w = len(weights)
     path = linear_path(M, K, bf16)
