@@ -29,8 +29,14 @@
 # Code map: `Linear.execute` / `LinearSwiglu.execute` check shapes, then `_run` picks the path and runs its passes:
 # `_stream_task`; `_pack_block`, `_dot_task`; `_matmul`. State lives in `_Problem`.
 #
-# Today's numbers: see `python -m bench --only linear` (bench/results/latest-linear.md); measured figures are in
-# docs/perf-notes.md, "linear", until a full bench run writes them here.
+# Today's numbers (`python -m bench --only linear`, 2026-12-02 15:27, 2-core AMD EPYC family 26 (Zen 5), read
+# probe 39.4 GB/s at the start and 38-62 around the rows, sgemm 200 GFLOP/s; Hy3 dims), ours / MAX's matmul:
+#   M 1:   f32 29-37 GB/s (52-93% of the local read roofline), 1.4-1.7x MAX; bf16 26-39 GB/s (46-75%), 1.6-3.3x
+#          MAX (lm_head bf16 20.8 GB/s, level with MAX and torch in that minute);
+#   M 8:   f32 15-28 GB/s, bf16 16-22 GB/s (30-50%): below target (85%); torch bf16 is ahead on gate_up/qkv/o_proj;
+#   M 512: f32 = MAX's matmul (291-322 GFLOP/s); bf16 398-593 GFLOP/s = 58-87% of the micro-kernel's own peak
+#          (`dot_peak` 684 GFLOP/s), 1.4-2.4x MAX, 0.75-1.1x torch (oneDNN bf16).
+# History and the e2e effect: docs/perf-notes.md, "linear".
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
