@@ -11,6 +11,7 @@ import pytest
 
 from bench import llama_cpp_peer
 from bench.harness import IMPLS, Case, Disagreement, assert_close, run_case
+from hyv3_graph.kernels.cpu_isa import bf16_dot_available
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +38,7 @@ def test_bench_quick_json(tmp_path):
             assert r["agreed"] is True, r
         else:  # bf16 / q8_0 e2e rows report theirs
             assert isinstance(r["agreed"], bool), r
-        if r["bench"] in ("router", "experts", "attention"):  # kernel cases: a roofline probe around their timings
+        if r["bench"] in ("router", "experts", "attention", "linear"):  # kernel cases: a roofline probe around their timings
             assert (r["local_roofline_frac"] is not None) == (r["gflops"] is not None or r["gbs"] is not None), r
     cases = {(r["bench"], r["case"], r["impl"]) for r in rows}
     for T in (1, 128):
@@ -59,6 +60,12 @@ def test_bench_quick_json(tmp_path):
     assert {c for b, c, _ in cases if b == "experts" and c.endswith("_grouped")} == {
         c + "_grouped" for b, c, _ in cases if b == "experts" and not c.endswith("_grouped")}  # HF's grouped_mm peer
     assert {c.rsplit("_", 1)[-1] for b, c, _ in cases if b == "attention"} == {"f32", "bf16"}
+    linear = [r for r in rows if r["bench"] == "linear"]
+    assert {r["impl"] for r in linear if r["case"].endswith("_f32")} == {"mojo", "max", "torch", "numpy"}
+    assert {r["impl"] for r in linear if r["case"].endswith("_bf16")} == {"mojo", "max", "torch"}
+    assert any(r["case"].startswith("dot_peak") for r in linear) == bf16_dot_available()
+    if bf16_dot_available():  # the bf16 GEMM rows against the micro-kernel's own peak
+        assert all("dot_peak_frac" in r for r in linear if r["case"].endswith("_bf16") and r["gflops"])
     assert (ROOT / "bench" / "results" / "latest-quick.md").exists()
 
 
