@@ -44,13 +44,12 @@ from max.algorithm import parallelize
 from layout import TileTensor
 from layout.tile_layout import row_major
 from linalg.matmul.cpu import matmul as cpu_matmul
-from std.math import exp
 from std.runtime import parallelism_level
 from std.sys import size_of
 from std.utils import StaticTuple
 from .cpu_isa import F32x, round_to_bf16, use_bf16_dot
-from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, KC, NVMAX, align64, dot_panel, dot_tile, n_blocks, stream_dots,
-                           stream_dots_bf16, untracked)
+from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, KC, NVMAX, align64, dot_panel, dot_tile, n_blocks, silu,
+                           stream_dots, stream_dots_bf16, swiglu_row, untracked)
 from .work_queue import parallelize_dynamic
 
 comptime STREAM_MAX_M = 16  # at most this many rows stream the weights (see the header)
@@ -63,11 +62,6 @@ comptime CHUNK_BLOCKS = 8  # GEMM: packed blocks of MB rows per task (its accumu
 comptime STREAM = 1
 comptime DOT = 2
 comptime MATMUL = 3
-
-
-@always_inline
-def _silu[n: Int](g: SIMD[DType.float32, n]) -> SIMD[DType.float32, n]:
-    return g / (1.0 + exp(-g))
 
 
 @fieldwise_init
@@ -93,7 +87,7 @@ def _store[dt: DType, n: Int](y: Pointer[mut=True, Scalar[dt], MutUntrackedOrigi
         y.unsafe_bitcast[Float32]().unsafe_store(i, v)
 
 
-def _stream_cols_per_task(N: Int, K: Int, row_bytes: Int) -> Int:
+def _stream_cols_per_task(N: Int, row_bytes: Int) -> Int:
     """Output columns per streaming task: ~STREAM_TASK_BYTES of weight rows, but at least 4 tasks per core when N
     allows it (so the cores finish together); a multiple of STREAM_NW."""
     var by_bytes = max(1, STREAM_TASK_BYTES // max(1, row_bytes * STREAM_NW))
@@ -150,7 +144,7 @@ def _stream_task[dt: DType, SWIGLU: Bool, PAIRS: Bool](pb: _Problem[dt], cols_pe
                 comptime for v in range(STREAM_NW):
                     var y = a[grp * STREAM_NW + v]
                     comptime if SWIGLU:
-                        y = _silu[4](y) * u[grp * STREAM_NW + v]
+                        y = silu[4](y) * u[grp * STREAM_NW + v]
                     for r in range(min(MAX_STREAM_ROWS, pb.M - m0)):
                         _store[dt, 1](pb.yp, (m0 + r) * N + min(o + v, N - 1), SIMD[DType.float32, 1](y[r]))
 
@@ -211,7 +205,7 @@ def _dot_task[dt: DType, SWIGLU: Bool](
                     var u = SIMD[DType.float32, MR](0)
                     comptime for i in range(MR):
                         u[i] = cup[unsafe_offset=tile + i * MB + m]
-                    v = _silu[MR](v) * u
+                    v = silu[MR](v) * u
                 var y_row = (m_first + b * MB + m) * N + n0
                 if full:
                     _store[dt, MR](pb.yp, y_row, v)
@@ -239,14 +233,7 @@ def _matmul[SWIGLU: Bool](pb: _Problem[DType.float32]) raises:
                                      TileTensor(pb.wb.unsafe_bitcast[Float32](), row_major(N, K)), 0, num_threads=-1)
 
         def combine_row(r: Int) {var y, var upp, var N}:
-            var yr = y.unsafe_offset(r * N)
-            var ur = upp.unsafe_offset(r * N)
-            var o = 0
-            while o + W <= N:
-                yr.unsafe_store(o, _silu[W](yr.unsafe_load[width=W](o)) * ur.unsafe_load[width=W](o))
-                o += W
-            for oo in range(o, N):
-                yr[unsafe_offset=oo] = _silu[1](yr[unsafe_offset=oo]) * ur[unsafe_offset=oo]
+            swiglu_row(y.unsafe_offset(r * N), y.unsafe_offset(r * N), upp.unsafe_offset(r * N), N)
 
         parallelize(combine_row, M)
         _ = up^
@@ -287,7 +274,7 @@ def _run[dt: DType, SWIGLU: Bool](
     var pb = _Problem[dt](M, N, K, untracked(x), untracked(wa), untracked(wb), yu, xf)
 
     if path == STREAM:
-        var cols = _stream_cols_per_task(N, K, K * size_of[dt]() * (2 if SWIGLU else 1))
+        var cols = _stream_cols_per_task(N, K * size_of[dt]() * (2 if SWIGLU else 1))
         var tasks = (N + cols - 1) // cols
 
         def stream_pairs(task: Int) {var pb, var cols}:

@@ -11,6 +11,7 @@
 #     many rows and linear's bf16 prefill.
 # Callers choose between them at run time (cpu_isa.use_bf16_dot); the bf16 ones only after it says yes.
 # Measured numbers: the headers of moe_experts.mojo and linear.mojo; the history in docs/perf-notes.md.
+from std.math import exp
 from std.memory import bitcast
 from std.utils import StaticTuple
 from std.sys.intrinsics import prefetch, PrefetchOptions
@@ -29,6 +30,26 @@ comptime KC = 128  # bf16-dot GEMM: pairs per L1 slice (KC x MB x 4 bytes = 24 K
 def untracked[T: AnyType](p: Pointer[mut=True, T, _]) -> Pointer[mut=True, T, MutUntrackedOrigin]:
     """A pointer the ops' pass structs can hold: the buffers it points into outlive every pass."""
     return p.unsafe_origin_cast[MutUntrackedOrigin]()
+
+
+@always_inline
+def silu[n: Int](g: SIMD[DType.float32, n]) -> SIMD[DType.float32, n]:
+    return g / (1.0 + exp(-g))
+
+
+@always_inline
+def swiglu_row(
+    dst: Pointer[mut=True, Float32, MutUntrackedOrigin], gate: Pointer[mut=True, Float32, MutUntrackedOrigin],
+    up: Pointer[mut=True, Float32, MutUntrackedOrigin], n: Int,
+):
+    """dst[i] = silu(gate[i]) * up[i] for i < n; dst may be gate (each element is read before it is written), and
+    gate and up may be halves of one row: hence untracked pointers, which the aliasing check leaves alone."""
+    var o = 0
+    while o + W <= n:
+        dst.unsafe_store(o, silu[W](gate.unsafe_load[width=W](o)) * up.unsafe_load[width=W](o))
+        o += W
+    for i in range(o, n):
+        dst[unsafe_offset=i] = silu[1](gate[unsafe_offset=i]) * up[unsafe_offset=i]
 
 
 @always_inline

@@ -58,7 +58,6 @@ from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
 from max.algorithm import parallelize
 from .work_queue import parallelize_dynamic, sort_codes_by_cost
-from std.math import exp
 from std.os import abort
 from std.runtime import parallelism_level
 from layout import TileTensor
@@ -67,8 +66,8 @@ from linalg.matmul.cpu import matmul as cpu_matmul
 from std.utils import StaticTuple
 from std.sys import size_of
 from .cpu_isa import F32x, adjacent_bf16_pairs, bf16_pairs, use_bf16_dot
-from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, align64, dot_panel, n_blocks, n_vec, stream_dots,
-                           untracked)
+from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, align64, dot_panel, n_blocks, n_vec, silu, stream_dots,
+                           swiglu_row, untracked)
 
 comptime SMALL_ROWS = MAX_STREAM_ROWS  # experts with at most this many rows take the streaming path
 comptime STREAM_ROWS = 4  # streaming path: weight rows per pass over the activations (stream_dots' NW)
@@ -81,11 +80,6 @@ comptime MATMUL = 2  # MAX's matmul (float32 weights)
 comptime DOT = 3  # the bf16-dot GEMM
 
 
-@always_inline
-def _silu[n: Int](g: SIMD[DType.float32, n]) -> SIMD[DType.float32, n]:
-    return g / (1.0 + exp(-g))
-
-
 def _stream_rows_per_task(row_bytes: Int) -> Int:
     """Weight rows per streaming task: about STREAM_TASK_BYTES of weights (so that the pool's per-task cost is
     noise), a multiple of STREAM_ROWS."""
@@ -95,7 +89,7 @@ def _stream_rows_per_task(row_bytes: Int) -> Int:
 @always_inline
 def _swiglu_lanes(c: Pointer[Float32, _], i: Int, j: Int) -> F32x:
     """silu(gate) * up of gate_up micro-tile c [MR][MB]: gate row i, up row GU_ROWS + i, lanes of vector j."""
-    return _silu[W](c.unsafe_load[width=W](i * MB + j * W)) * c.unsafe_load[width=W]((GU_ROWS + i) * MB + j * W)
+    return silu[W](c.unsafe_load[width=W](i * MB + j * W)) * c.unsafe_load[width=W]((GU_ROWS + i) * MB + j * W)
 
 
 def _swiglu_ffn(
@@ -108,21 +102,15 @@ def _swiglu_ffn(
     cpu_matmul[transpose_b=True](TileTensor(g, row_major(n, 2 * I)), TileTensor(x, row_major(n, H)),
                                  TileTensor(gate_up, row_major(2 * I, H)), 0, num_threads=num_threads)
 
-    def swiglu_row(r: Int) {var g, var act, var I}:
-        var gr = g.unsafe_offset(r * 2 * I)
-        var ar = act.unsafe_offset(r * I)
-        var o = 0
-        while o + W <= I:
-            ar.unsafe_store(o, _silu[W](gr.unsafe_load[width=W](o)) * gr.unsafe_load[width=W](I + o))
-            o += W
-        for oo in range(o, I):
-            ar[unsafe_offset=oo] = _silu[1](gr[unsafe_offset=oo]) * gr[unsafe_offset=I + oo]
+    def swiglu(r: Int) {var g, var act, var I}:
+        var gr = untracked(g.unsafe_offset(r * 2 * I))
+        swiglu_row(untracked(act.unsafe_offset(r * I)), gr, gr.unsafe_offset(I), I)
 
     if num_threads == 1:
         for r in range(n):
-            swiglu_row(r)
+            swiglu(r)
     else:
-        parallelize(swiglu_row, n)
+        parallelize(swiglu, n)
     cpu_matmul[transpose_b=True](TileTensor(y, row_major(n, H)), TileTensor(act, row_major(n, I)),
                                  TileTensor(down, row_major(H, I)), 0, num_threads=num_threads)
 
@@ -252,7 +240,7 @@ def _stream_gate_up[wdt: DType](
             for r in range(gn):
                 comptime for v in range(STREAM_GATES):
                     ap[unsafe_offset=(r0 + g0 + r) * I + min(o + v, I - 1)] = (
-                        _silu[1](gu[v][r]) * gu[STREAM_GATES + v][r])
+                        silu[1](gu[v][r]) * gu[STREAM_GATES + v][r])
 
 
 @always_inline

@@ -21,7 +21,7 @@ from max.dtype import DType
 from max.engine import InferenceSession
 from max.graph import DeviceRef, Graph, TensorType
 
-from hyv3_graph.dtypes import bf16_bits_to_f32, buffer_numpy, f32_to_bf16_bits, to_buffer, to_dtype
+from hyv3_graph.dtypes import bf16_rounded, buffer_numpy, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
 from hyv3_graph.kernels.cpu_isa import PORTABLE_ENV, cpu_has_avx512_bf16
 from hyv3_graph.kernels.linear import STREAM_MAX_M, linear, linear_path, linear_reference, linear_swiglu
@@ -49,7 +49,7 @@ def linear_models():
 def _values(rng, shape, dt, scale=1.0):
     """Random values of dtype dt, as float32 (bf16: rounded, so they are exactly what the op sees)."""
     a = (rng.standard_normal(shape) * scale).astype(np.float32)
-    return bf16_bits_to_f32(f32_to_bf16_bits(a)) if dt == DType.bfloat16 else a
+    return bf16_rounded(a) if dt == DType.bfloat16 else a
 
 
 def run(models, dt, x, w, up):
@@ -146,6 +146,6 @@ def test_hy3_shapes(linear_models, shape):
     w32 = (rng.standard_normal((N, K), dtype=np.float32) / np.float32(np.sqrt(K)))
     up32 = w32[::-1].copy() if shape == "gate_up" else w32  # SwiGLU runs on every shape; its own weights for gate_up
     for dt in DTYPES:
-        w, up = (bf16_bits_to_f32(f32_to_bf16_bits(a)) for a in (w32, up32)) if dt == DType.bfloat16 else (w32, up32)
+        w, up = (bf16_rounded(a) for a in (w32, up32)) if dt == DType.bfloat16 else (w32, up32)
         for M in (1,) if shape == "lm_head" else (1, 24):
             check(linear_models, dt, _values(rng, (M, K), dt), w, up)
