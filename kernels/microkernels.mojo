@@ -7,8 +7,9 @@
 #     in their stored layout (adjacent elements along the reduction dim are vdpbf16ps's pairs), nothing packed.
 #     linear's decode path for a bf16 model, whose activations are bf16 already, so nothing is rounded.
 #   * dot_tile / dot_panel: the bf16-dot GEMM (vdpbf16ps), compute bound: MR weight rows read in place, a bf16
-#     pair broadcast against MB activation rows packed [K/2][MB] (pack_bf16_rows). moe_experts' bf16 experts with
-#     many rows and linear's bf16 prefill.
+#     pair broadcast against MB activation rows packed [K/2][MB] (each op packs its own: moe_experts rounds float32
+#     rows, linear copies bf16 ones). moe_experts' bf16 experts with many rows and linear's bf16 prefill.
+#   * silu, swiglu_row: the SwiGLU epilogue both ops' float32 matmul paths run.
 # Callers choose between them at run time (cpu_isa.use_bf16_dot); the bf16 ones only after it says yes.
 # Measured numbers: the headers of moe_experts.mojo and linear.mojo; the history in docs/perf-notes.md.
 from std.math import exp
