@@ -121,7 +121,7 @@ def heartbeat(say, what: str, every_s: float = 5.0):
 
 
 class HYV3Engine:
-    def __init__(self, model_path: str | Path, *, dtype: DType | None = DType.float32, kernels: str = "builtin",
+    def __init__(self, model_path: str | Path, *, dtype: DType | None = None, kernels: str = "builtin",
                  max_batch_size: int = 8, max_length: int = 1024, page_size: int = 128,
                  total_pages: int | None = None, progress=None, session: InferenceSession | None = None,
                  check_memory_first: bool = True, check_finite_weights: bool = False, expert_stats: bool = False):
@@ -150,11 +150,10 @@ class HYV3Engine:
                                expert_stats=expert_stats)
         say = progress or (lambda msg: None)
 
-        t0 = time.perf_counter()
-        weights = load_weights(self.model_path, self.cfg, self.dtype, check_finite=check_finite_weights,
-                               progress=lambda i, n: say(f"loading weights: layer {i + 1}/{n}"))
-        self.load_s = time.perf_counter() - t0
-        say(f"weights loaded in {self.load_s:.1f}s; compiling the graph (minutes on a cold cache)")
+        weights = load_weights(self.model_path, self.cfg, self.dtype, check_finite=check_finite_weights, progress=say)
+        self.load_s, self.weight_bytes, self.mapped_weight_bytes = weights.load_s, weights.nbytes, weights.mapped_bytes
+        say(f"weights loaded in {self.load_s:.1f}s ({weights.nbytes / 1e9:.2f} GB, {weights.mapped_bytes / 1e9:.2f} GB "
+            f"of it mapped from files, not copied); compiling the graph (minutes on a cold cache)")
         t0 = time.perf_counter()
         self.session = session or InferenceSession(devices=[CPUDevice()])
         with heartbeat(say, "compiling"):

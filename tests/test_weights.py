@@ -145,3 +145,52 @@ def test_tiny_checkpoint_loads_in_transformers(tiny_path):
     assert tok.decode(ids) == "def forward(self, x):" and max(ids) < model.config.vocab_size
     bias = load_weights(tiny_path, HYV3Config.from_file(tiny_path)).tensors["layers.1.mlp.expert_bias"]
     assert np.abs(bias).max() > 0
+
+
+def _bf16_checkpoint(tmp_path, spec=SPEC):
+    """`spec` written with bf16 tensors (the router and expert bias too, as in the real Hy3 but the bias)."""
+    config = dict(hf_config_dict(spec), dtype="bfloat16")
+    t = {k: (v if k.endswith("expert_bias") else f32_to_bf16_bits(v)) for k, v in random_tensors(config, seed=1).items()}
+    from hyv3_graph.safetensors_io import st_dtype, write_safetensors
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    names = sorted(t)
+    write_safetensors(tmp_path / "model.safetensors", [(n, st_dtype(t[n].dtype), t[n].shape) for n in names],
+                      lambda n, view: view.__setitem__(..., t[n]))
+    return HYV3Config.from_file(tmp_path), t
+
+
+def test_bf16_weights_are_views_of_files_not_copies(tmp_path):
+    from hyv3_graph.dtypes import buffer_numpy, to_buffer
+    from hyv3_graph.weights import _is_mapped
+
+    cfg, t = _bf16_checkpoint(tmp_path / "ckpt")
+    w = load_weights(tmp_path / "ckpt", cfg, DType.bfloat16, prepared_root=tmp_path / "prepared")
+    copied = {k for k, a in w.tensors.items() if not _is_mapped(a)}
+    assert copied == {f"layers.{i}.mlp.router.weight" for i in (1, 2)}  # bf16 in the file, fp32 in the graph
+    assert w.mapped_bytes == w.nbytes - sum(w.tensors[k].nbytes for k in copied)
+    gu = w.tensors["layers.2.mlp.experts.gate_up"]
+    np.testing.assert_array_equal(gu[4, 16:], t["model.layers.2.mlp.experts.4.up_proj.weight"])
+    emb = w.tensors["embed_tokens.weight"]
+    assert buffer_numpy(to_buffer(emb, DType.bfloat16)).ctypes.data == emb.ctypes.data  # MAX gets the mapping itself
+
+
+def test_prepared_layout_is_made_once_and_resumes(tmp_path):
+    cfg, _ = make(tmp_path / "ckpt")
+    root = tmp_path / "prepared"
+    first = load_weights(tmp_path / "ckpt", cfg, DType.bfloat16, prepared_root=root)
+    files = sorted(first.prepared.glob("layer-*.safetensors"))
+    assert [f.name for f in files] == ["layer-000.safetensors", "layer-001.safetensors", "layer-002.safetensors"]
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    expect = {k: np.array(a) for k, a in first.tensors.items()}  # copies: the mapped files are damaged next
+    del first.tensors
+    files[1].unlink()  # a conversion killed after layer 0
+    with open(files[2], "r+b") as fh:  # and a damaged file
+        fh.truncate(100)
+    again = load_weights(tmp_path / "ckpt", cfg, DType.bfloat16, prepared_root=root)
+    assert again.prepared == first.prepared and files[0].stat().st_mtime_ns == stamps[files[0]]
+    for k in expect:
+        np.testing.assert_array_equal(expect[k], again.tensors[k], err_msg=k)
+    other = load_weights(tmp_path / "ckpt", cfg, DType.float32, prepared_root=root)
+    assert other.prepared != first.prepared  # one folder per model dtype

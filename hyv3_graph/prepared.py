@@ -1,0 +1,157 @@
+"""The prepared layout: the weights whose layout our graph reads differently from the checkpoint, converted once.
+
+Two things differ, per layer:
+- `self_attn.qkv_proj.weight` [(Hq + 2 Hkv) D, H]: q, k and v rows one after the other (one GEMM; the layout
+  MAX's fused_qkv_ragged_matmul reads). ~1% of the bytes.
+- `mlp.experts.gate_up` [E, 2I, H] and `mlp.experts.down` [E, H, I] for the raw naming, whose experts are 3 E
+  tensors per layer (576 for Hy3) at scattered offsets of the shards. ~97% of the real model's bytes.
+
+Why files and not arrays: stacking the real model's experts in memory is a second ~570 GB copy next to the page
+cache of the shards it came from. Written once into files of our own and memory-mapped, they cost disk, not
+memory, and every later load maps them in seconds. The conversion is per layer: each layer's file is written
+aside, checked against the checkpoint tensor by tensor (`np.array_equal` on the file as written back), and only
+then renamed into place, so a killed conversion resumes at the first layer without a file. The same files are
+where a quantized layout (Q8_0 blocks) will go.
+
+Where: `$HYV3_CACHE/prepared/<checkpoint folder name>-<key>/layer-NNN.safetensors`, the key hashing the
+checkpoint's resolved path, its shards' names, sizes and mtimes, the model dtype and `LAYOUT_VERSION`: a changed
+checkpoint or dtype gets a new folder (old ones are not pruned: delete them by hand).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from max.dtype import DType
+
+from .config import HYV3Config
+from .dtypes import to_dtype
+from .safetensors_io import WeightError, read_safetensors_header, st_dtype, write_safetensors
+
+LAYOUT_VERSION = 1
+
+
+class PreparedLayout:
+    """The prepared tensors of one (checkpoint, dtype): `layer(i)` maps layer i's file and returns its arrays."""
+
+    def __init__(self, folder: Path | None, specs: dict[int, list]):
+        self.folder = folder
+        self._specs = specs  # layer -> [(our name, st dtype, shape, source checkpoint names)]
+
+    @classmethod
+    def ensure(cls, reader, cfg: HYV3Config, naming: str, dtype: DType, root: Path | None = None,
+               progress=None) -> "PreparedLayout":
+        """Converts the layers whose file is missing (with progress and GB/s), after checking the disk has room."""
+        from .checkpoints import cache_root
+
+        say = progress or (lambda msg: None)
+        np_dtype = np.float32 if dtype == DType.float32 else np.uint16
+        specs = {i: _layer_specs(cfg, naming, i, st_dtype(np_dtype)) for i in range(cfg.num_hidden_layers)}
+        key = hashlib.sha256(json.dumps([str(reader.path.resolve()), _shard_signature(reader), str(dtype),
+                                         LAYOUT_VERSION]).encode()).hexdigest()[:12]
+        folder = (root or cache_root() / "prepared") / f"{reader.path.resolve().name}-{key}"
+        self = cls(folder, specs)
+        todo = [i for i in specs if not self._complete(i)]
+        if not todo:
+            return self
+        need = sum(_nbytes(s) for i in todo for s in specs[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+        if need > free:
+            raise WeightError(f"preparing {reader.path} needs {need / 1e9:.1f} GB in {folder} (stacked experts, fused "
+                              f"qkv) but the disk has {free / 1e9:.1f} GB free: set HYV3_CACHE to a larger disk")
+        say(f"preparing the weight layout once ({len(todo)} layers, {need / 1e9:.2f} GB) into {folder}")
+        for i in todo:
+            t0 = time.perf_counter()
+            nbytes = self._convert(reader, i, np_dtype)
+            dt = time.perf_counter() - t0
+            say(f"prepared layer {i + 1}/{cfg.num_hidden_layers}: {nbytes / 1e9:.2f} GB in {dt:.1f}s "
+                f"({nbytes / 1e9 / max(dt, 1e-9):.2f} GB/s), verified against the checkpoint")
+        return self
+
+    def _path(self, i: int) -> Path:
+        return self.folder / f"layer-{i:03d}.safetensors"
+
+    def _complete(self, i: int) -> bool:
+        """Layer i's file is there with exactly the expected tensors (a file is only renamed in once verified)."""
+        f = self._path(i)
+        if not f.exists():
+            return False
+        try:
+            found = read_safetensors_header(f)
+        except WeightError:
+            return False
+        return {n: (t.dtype, t.shape) for n, t in found.items()} == {n: (d, s) for n, d, s, _ in self._specs[i]}
+
+    def _convert(self, reader, i: int, np_dtype) -> int:
+        sources = {name: src for name, _, _, src in self._specs[i]}
+        model_dtype = DType.float32 if np_dtype == np.float32 else DType.bfloat16
+
+        def fill(name: str, view: np.ndarray) -> None:
+            _copy_rows(reader, sources[name], view, model_dtype)
+
+        f = self._path(i)
+        write_safetensors(f, [(n, d, s) for n, d, s, _ in self._specs[i]], fill)
+        try:
+            written = self.layer(i)
+            for name, src in sources.items():
+                check = np.empty_like(written[name])
+                _copy_rows(reader, src, check, model_dtype)
+                if not np.array_equal(check, written[name]):
+                    raise WeightError(f"{f}: tensor '{name}' differs from the checkpoint after writing it "
+                                      f"(disk or memory fault?); the file was removed, run again")
+        except BaseException:
+            f.unlink(missing_ok=True)
+            raise
+        return sum(_nbytes(s) for s in self._specs[i])
+
+    def layer(self, i: int) -> dict[str, np.ndarray]:
+        """Our name -> array (a view of the mapped file) for layer i's prepared tensors."""
+        if not self._specs[i]:
+            return {}
+        f = self._path(i)
+        infos = read_safetensors_header(f)
+        mm = np.memmap(f, dtype=np.uint8, mode="c")  # copy-on-write: see CheckpointReader for why not read-only
+        out = {}
+        for name, dtype, shape, _ in self._specs[i]:
+            t = infos[name]
+            out[name] = mm[t.offset:t.offset + t.nbytes].view(np.float32 if dtype == "F32" else np.uint16).reshape(shape)
+        return out
+
+
+def _layer_specs(cfg: HYV3Config, naming: str, i: int, dtype: str) -> list:
+    """[(our name, dtype, shape, [checkpoint names whose rows it holds, in order])] for layer i."""
+    p, H = f"model.layers.{i}.", cfg.hidden_size
+    specs = [("self_attn.qkv_proj.weight", dtype, (cfg.q_dim + 2 * cfg.kv_dim, H),
+              [f"{p}self_attn.{x}_proj.weight" for x in "qkv"])]
+    if cfg.is_sparse(i) and naming == "raw":
+        E, I = cfg.num_experts, cfg.moe_intermediate_size
+        e = [f"{p}mlp.experts.{j}." for j in range(E)]
+        specs += [("mlp.experts.gate_up", dtype, (E, 2 * I, H), [x + y for x in e for y in ("gate_proj.weight", "up_proj.weight")]),
+                  ("mlp.experts.down", dtype, (E, H, I), [x + "down_proj.weight" for x in e])]
+    return specs
+
+
+def _copy_rows(reader, names: list[str], out: np.ndarray, dtype: DType) -> None:
+    """Writes the checkpoint tensors `names`, converted to `dtype`, one after the other into `out`'s rows."""
+    flat = out.reshape(-1, out.shape[-1])
+    row = 0
+    for name in names:
+        a = to_dtype(reader.read(name), dtype)
+        flat[row:row + a.shape[0]] = a
+        row += a.shape[0]
+
+
+def _nbytes(spec) -> int:
+    _, dtype, shape, _ = spec
+    return int(np.prod(shape)) * (4 if dtype == "F32" else 2)
+
+
+def _shard_signature(reader) -> list:
+    files = sorted({t.file for t in reader.tensors.values()})
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
