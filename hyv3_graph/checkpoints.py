@@ -1,4 +1,5 @@
-"""Embedded random-weight checkpoints (`tiny` for tests and the default `generate`, `small` for benchmarks).
+"""Embedded random-weight checkpoints (`tiny` for tests and the default `generate`, `small` for benchmarks), and
+`real_slice`: N layers of the real Hy3-preview at its exact dims (`real_slice_checkpoint`).
 
 Made deterministically from a fixed seed with numpy + safetensors (no torch), in the raw Hy3
 layout with a config.json that transformers' `HYV3ForCausalLM.from_pretrained` loads, plus a
@@ -17,10 +18,15 @@ import json
 import os
 import shutil
 import tempfile
+import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
+
+from .dtypes import f32_to_bf16_bits
+from .safetensors_io import write_safetensors
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(
@@ -34,6 +40,13 @@ PRESETS: dict[str, dict] = {
         num_shared_experts=1, router_scaling_factor=2.826, rope_theta=11158840.0, max_position_embeddings=8192,
     ),
 }
+# Hy3-preview's own dims (its config.json), for `real_slice_checkpoint`.
+REAL_DIMS = dict(
+    vocab_size=120832, hidden_size=4096, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+    intermediate_size=13312, moe_intermediate_size=1536, num_experts=192, num_experts_per_tok=8, num_shared_experts=1,
+    router_scaling_factor=2.826, rope_theta=11158840.0, max_position_embeddings=262144,
+)
+_SHARD_BYTES = 4 << 30  # the real checkpoint's shards are a few GB each
 _GENERATOR_VERSION = 2  # bump when the generated content changes, so caches are rebuilt
 BOS, EOS = "<|bos|>", "<|eos|>"
 USER, ASSISTANT = "<｜hy_User｜>", "<｜hy_Assistant｜>"  # Hy3's role tokens (fullwidth bars)
@@ -174,3 +187,124 @@ def embedded_checkpoint(name: str = "tiny") -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def real_slice_spec(n_layers: int) -> dict:
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+        raise ValueError(f"a real slice has n_layers >= 1 (layer 0 dense, then sparse), got {n_layers!r}")
+    return dict(REAL_DIMS, num_hidden_layers=n_layers)
+
+
+def _real_slice_tensors(config: dict) -> list[tuple[str, str, tuple[int, ...], float]]:
+    """[(name, safetensors dtype, shape, std)] of an N-layer slice in the raw layout, plus the MTP layer at index N
+    (a sparse decoder layer with `enorm`, `hnorm`, `eh_proj`, as Hy3 ships it; the loader must drop it). std 0 marks
+    an RMSNorm weight (1 + 0.1 noise). All bf16 but the fp32 expert bias, as in the published checkpoint."""
+    H, V, D = config["hidden_size"], config["vocab_size"], config["head_dim"]
+    Hq, Hkv, Id = config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]
+    E, I = config["num_experts"], config["moe_intermediate_size"]
+    S, n = I * config["num_shared_experts"], config["num_hidden_layers"]
+    t = [("model.embed_tokens.weight", "BF16", (V, H), 1.0), ("model.norm.weight", "BF16", (H,), 0.0),
+         ("lm_head.weight", "BF16", (V, H), 4.0 / H ** 0.5)]
+    for i, kind in enumerate(config["mlp_layer_types"] + ["sparse"]):
+        p = f"model.layers.{i}."
+        t += [(p + "input_layernorm.weight", "BF16", (H,), 0.0), (p + "post_attention_layernorm.weight", "BF16", (H,), 0.0),
+              (p + "self_attn.q_proj.weight", "BF16", (Hq * D, H), H ** -0.5),
+              (p + "self_attn.k_proj.weight", "BF16", (Hkv * D, H), H ** -0.5),
+              (p + "self_attn.v_proj.weight", "BF16", (Hkv * D, H), H ** -0.5),
+              (p + "self_attn.o_proj.weight", "BF16", (H, Hq * D), 0.5 * (Hq * D) ** -0.5),
+              (p + "self_attn.q_norm.weight", "BF16", (D,), 0.0), (p + "self_attn.k_norm.weight", "BF16", (D,), 0.0)]
+        if kind == "dense":
+            t += [(p + "mlp.gate_proj.weight", "BF16", (Id, H), H ** -0.5), (p + "mlp.up_proj.weight", "BF16", (Id, H), H ** -0.5),
+                  (p + "mlp.down_proj.weight", "BF16", (H, Id), 0.5 * Id ** -0.5)]
+            continue
+        t += [(p + "mlp.router.gate.weight", "BF16", (E, H), 2.0 * H ** -0.5), (p + "mlp.expert_bias", "F32", (E,), 0.05),
+              (p + "mlp.shared_mlp.gate_proj.weight", "BF16", (S, H), H ** -0.5),
+              (p + "mlp.shared_mlp.up_proj.weight", "BF16", (S, H), H ** -0.5),
+              (p + "mlp.shared_mlp.down_proj.weight", "BF16", (H, S), 0.5 * S ** -0.5)]
+        for e in range(E):
+            q = f"{p}mlp.experts.{e}."
+            t += [(q + "gate_proj.weight", "BF16", (I, H), H ** -0.5), (q + "up_proj.weight", "BF16", (I, H), H ** -0.5),
+                  (q + "down_proj.weight", "BF16", (H, I), 0.5 * I ** -0.5)]
+        if i == n:
+            t += [(p + "enorm.weight", "BF16", (H,), 0.0), (p + "hnorm.weight", "BF16", (H,), 0.0),
+                  (p + "eh_proj.weight", "BF16", (H, 2 * H), (2 * H) ** -0.5)]
+    return sorted(t)  # name order, as in the published shards (expert 0, 1, 10, 100, ...)
+
+
+def _fill_random(view: np.ndarray, std: float, rng: np.random.Generator) -> None:
+    """Deterministic random values of RMS ~`std` into `view`, in 16M-element chunks (bounded memory).
+
+    bf16 is built from random bits (a few GB/s, where numpy's normal draws run at ~0.1 G/s and the slice holds
+    billions of weights): random sign and 7 mantissa bits, the exponent spread over 4 octaves, for an RMS of
+    7.04 x 2^(e - 127), e chosen to hit `std` within a factor of sqrt(2). std 0 = an RMSNorm weight, 1 + 0.1 N(0, 1)."""
+    flat = view.reshape(-1)
+    if std == 0.0:
+        flat[:] = f32_to_bf16_bits(1.0 + 0.1 * rng.standard_normal(flat.size, dtype=np.float32))
+        return
+    if view.dtype == np.float32:
+        flat[:] = std * rng.standard_normal(flat.size, dtype=np.float32)
+        return
+    e0 = np.uint16(127 + round(np.log2(std / 7.04)))
+    chunk = 1 << 24
+    for lo in range(0, flat.size, chunk):
+        n = min(chunk, flat.size - lo)
+        r = rng.bit_generator.random_raw(-(-n // 4)).view(np.uint16)[:n]
+        flat[lo:lo + n] = (r & np.uint16(0x807F)) | ((((r >> np.uint16(7)) & np.uint16(3)) + e0) << np.uint16(7))
+
+
+def real_slice_config(n_layers: int) -> dict:
+    return dict(hf_config_dict(real_slice_spec(n_layers)), dtype="bfloat16")
+
+
+def real_slice_checkpoint(n_layers: int = 2, progress=None) -> Path:
+    """An `n_layers` slice of Hy3-preview at its exact dims (layer 0 dense, then sparse), random bf16 weights in the
+    raw layout, sharded (~4 GB shards and a model.safetensors.index.json), with the MTP layer at index `n_layers`;
+    ~2 GB plus 7.4 GB per sparse layer, plus 7.4 GB for the MTP layer. No tokenizer (Hy3's vocab of 120832 cannot be
+    trained from the text at hand): prompts go in as ids. Deterministic, generated without torch (~0.3 GB/s here),
+    written once and then reused from the cache; a killed run resumes at its first missing shard."""
+    config = real_slice_config(n_layers)
+    key = hashlib.sha256(json.dumps([config, _GENERATOR_VERSION], sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_root() / f"real_slice{n_layers}-{key}"
+    if (path / "config.json").exists():
+        return path
+    tmp = path.with_name(path.name + ".partial")  # kept across a killed run: finished shards are reused
+    specs = _real_slice_tensors(config)
+    std = {name: sd for name, _, _, sd in specs}
+    write_sharded(tmp, config, [spec[:3] for spec in specs], lambda name, view: _fill_random(
+        view, std[name], np.random.default_rng([zlib.crc32(name.encode()), n_layers])), progress)
+    tmp.rename(path)
+    return path
+
+
+def write_sharded(path: Path, config: dict, specs: list[tuple[str, str, tuple[int, ...]]], fill, progress=None) -> None:
+    """config.json + `specs` ([(name, safetensors dtype, shape)], in order) in shards of up to ~4 GB with a
+    model.safetensors.index.json, each tensor's values written by `fill(name, view)` (`write_safetensors`). Shards
+    already complete in `path` are kept (resume); config.json is written last."""
+    say = progress or (lambda msg: None)
+    path.mkdir(parents=True, exist_ok=True)
+    shards, cur, size = [], [], 0
+    for spec in specs:
+        nbytes = int(np.prod(spec[2])) * (4 if spec[1] == "F32" else 2)
+        if cur and size + nbytes > _SHARD_BYTES:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(spec)
+        size += nbytes
+    shards.append(cur)
+    weight_map = {}
+    for s, shard in enumerate(shards):
+        fname = f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
+        weight_map |= {name: fname for name, _, _ in shard}
+        if (path / fname).exists():
+            continue
+        t0 = time.perf_counter()
+        write_safetensors(path / fname, shard, fill)
+        say(f"wrote {path.name}/{fname} ({(path / fname).stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t0:.1f}s)")
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(real_slice_checkpoint(int(sys.argv[1]) if len(sys.argv) > 1 else 2, progress=lambda m: print(m, file=sys.stderr)))
