@@ -3,13 +3,14 @@
 #   make test     [ARGS="-k router"]
 # Each creates .venv and installs the pinned requirements on first use; later runs skip that.
 # make test-fast: config, weights, CLI errors, sampling, GGUF export and the kernels' fuzz tests; no whole-model compile.
+# make test-scale: the real-dims Hy3 slice (tests/test_real_slice.py; ~17.6 GB of cache, ~10 minutes).
 # make bench-peers: llama.cpp (llama-cpp-python, built from source: ~4-6 minutes on 2 cores once, then pip's cache).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: generate test test-fast bench bench-peers clean-venv
+.PHONY: generate test test-fast test-scale bench bench-peers clean-venv
 
 $(VENV)/.runtime-installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +35,9 @@ test: $(VENV)/.test-installed
 
 test-fast: $(VENV)/.test-installed
 	$(PY) -m pytest -m "not slow" $(ARGS)
+
+test-scale: $(VENV)/.test-installed
+	$(PY) -m pytest -m scale -s $(ARGS)
 
 bench-peers: $(VENV)/.bench-installed
 

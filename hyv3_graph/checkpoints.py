@@ -195,7 +195,7 @@ def real_slice_spec(n_layers: int) -> dict:
     return dict(REAL_DIMS, num_hidden_layers=n_layers)
 
 
-def _real_slice_tensors(config: dict) -> list[tuple[str, str, tuple[int, ...], float]]:
+def real_slice_tensors(config: dict) -> list[tuple[str, str, tuple[int, ...], float]]:
     """[(name, safetensors dtype, shape, std)] of an N-layer slice in the raw layout, plus the MTP layer at index N
     (a sparse decoder layer with `enorm`, `hnorm`, `eh_proj`, as Hy3 ships it; the loader must drop it). std 0 marks
     an RMSNorm weight (1 + 0.1 noise). All bf16 but the fp32 expert bias, as in the published checkpoint."""
@@ -268,7 +268,7 @@ def real_slice_checkpoint(n_layers: int = 2, progress=None) -> Path:
     if (path / "config.json").exists():
         return path
     tmp = path.with_name(path.name + ".partial")  # kept across a killed run: finished shards are reused
-    specs = _real_slice_tensors(config)
+    specs = real_slice_tensors(config)
     std = {name: sd for name, _, _, sd in specs}
     write_sharded(tmp, config, [spec[:3] for spec in specs], lambda name, view: _fill_random(
         view, std[name], np.random.default_rng([zlib.crc32(name.encode()), n_layers])), progress)

@@ -93,18 +93,19 @@ class PreparedLayout:
         model_dtype = DType.float32 if np_dtype == np.float32 else DType.bfloat16
 
         def fill(name: str, view: np.ndarray) -> None:
-            _copy_rows(reader, sources[name], view, model_dtype)
+            flat = view.reshape(-1, view.shape[-1])
+            for rows, a in _source_rows(reader, sources[name], model_dtype):
+                flat[rows] = a
 
         f = self._path(i)
         write_safetensors(f, [(n, d, s) for n, d, s, _ in self._specs[i]], fill)
         try:
-            written = self.layer(i)
-            for name, src in sources.items():
-                check = np.empty_like(written[name])
-                _copy_rows(reader, src, check, model_dtype)
-                if not np.array_equal(check, written[name]):
-                    raise WeightError(f"{f}: tensor '{name}' differs from the checkpoint after writing it "
-                                      f"(disk or memory fault?); the file was removed, run again")
+            for name, view in self.layer(i).items():  # the file as written, mapped afresh
+                flat = view.reshape(-1, view.shape[-1])
+                for rows, a in _source_rows(reader, sources[name], model_dtype):
+                    if not np.array_equal(flat[rows], a):
+                        raise WeightError(f"{f}: tensor '{name}' differs from the checkpoint after writing it "
+                                          f"(disk or memory fault?); the file was removed, run again")
         except BaseException:
             f.unlink(missing_ok=True)
             raise
@@ -137,13 +138,13 @@ def _layer_specs(cfg: HYV3Config, naming: str, i: int, dtype: str) -> list:
     return specs
 
 
-def _copy_rows(reader, names: list[str], out: np.ndarray, dtype: DType) -> None:
-    """Writes the checkpoint tensors `names`, converted to `dtype`, one after the other into `out`'s rows."""
-    flat = out.reshape(-1, out.shape[-1])
+def _source_rows(reader, names: list[str], dtype: DType):
+    """(row slice, tensor in `dtype`) for the checkpoint tensors `names` stacked one after the other along rows:
+    one tensor at a time, so converting or checking a layer never holds more than one expert's weights."""
     row = 0
     for name in names:
         a = to_dtype(reader.read(name), dtype)
-        flat[row:row + a.shape[0]] = a
+        yield slice(row, row + a.shape[0]), a
         row += a.shape[0]
 
 

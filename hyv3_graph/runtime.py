@@ -101,6 +101,40 @@ def check_memory(est: MemoryEstimate, available: int | None) -> None:
         f"--skip-memory-check to try anyway")
 
 
+def rss_anon() -> int:
+    """This process's anonymous resident memory (RssAnon, bytes): what loading must keep near one copy of the
+    weights. Mapped files' pages are RssFile, page cache the kernel can drop, and are not counted."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no RssAnon in /proc/self/status")
+
+
+class AnonPeak:
+    """`with AnonPeak() as p:` samples `rss_anon` every `every_s` seconds while the body runs: `p.start`, `p.peak`
+    (bytes). Linux keeps no high-water mark for anonymous memory alone (VmHWM counts mapped file pages too)."""
+
+    def __init__(self, every_s: float = 0.02):
+        self.every_s, self.start, self.peak = every_s, 0, 0
+        self._done = threading.Event()
+
+    def _sample(self):
+        while not self._done.wait(self.every_s):
+            self.peak = max(self.peak, rss_anon())
+
+    def __enter__(self):
+        self.start = self.peak = rss_anon()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_anon())
+
+
 @contextmanager
 def heartbeat(say, what: str, every_s: float = 5.0):
     """Calls `say` every `every_s` seconds with the elapsed time while the body runs (a MAX compile is minutes)."""
@@ -152,6 +186,7 @@ class HYV3Engine:
 
         weights = load_weights(self.model_path, self.cfg, self.dtype, check_finite=check_finite_weights, progress=say)
         self.load_s, self.weight_bytes, self.mapped_weight_bytes = weights.load_s, weights.nbytes, weights.mapped_bytes
+        self.prepared_files = sorted(weights.prepared.glob("layer-*.safetensors")) if weights.prepared else []
         say(f"weights loaded in {self.load_s:.1f}s ({weights.nbytes / 1e9:.2f} GB, {weights.mapped_bytes / 1e9:.2f} GB "
             f"of it mapped from files, not copied); compiling the graph (minutes on a cold cache)")
         t0 = time.perf_counter()

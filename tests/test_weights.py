@@ -194,3 +194,20 @@ def test_prepared_layout_is_made_once_and_resumes(tmp_path):
         np.testing.assert_array_equal(expect[k], again.tensors[k], err_msg=k)
     other = load_weights(tmp_path / "ckpt", cfg, DType.float32, prepared_root=root)
     assert other.prepared != first.prepared  # one folder per model dtype
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d, s: ("I16", s), r"'model.layers.1.mlp.experts.117.up_proj.weight': expected a float dtype.*found I16"),
+    (lambda d, s: (d, (s[0], s[1] + 1)),
+     r"'model.layers.1.mlp.experts.117.up_proj.weight': expected shape \[1536, 4096\], found \[1536, 4097\]"),
+], ids=["dtype", "shape"])
+def test_real_slice_bad_expert_tensor_is_one_error_naming_it(tmp_path, change, message):
+    """The real slice's 576 expert tensors, headers only (sparse files: no data is written or read)."""
+    from hyv3_graph.checkpoints import real_slice_config, real_slice_tensors, write_sharded
+
+    config = real_slice_config(2)
+    bad = "model.layers.1.mlp.experts.117.up_proj.weight"
+    specs = [(n, *change(d, s)) if n == bad else (n, d, s) for n, d, s, _ in real_slice_tensors(config)]
+    write_sharded(tmp_path, config, specs, lambda name, view: None)
+    with pytest.raises(WeightError, match=message):
+        load_weights(tmp_path, HYV3Config.from_file(tmp_path), DType.bfloat16, prepared_root=tmp_path / "prepared")

@@ -4,6 +4,6 @@ Each module has `BENCH` (the name in the JSON) and `results(quick, machine) -> l
 """
 
 from . import compile as compile_case
-from . import attention, e2e, linear, moe_experts, moe_router
+from . import attention, e2e, linear, moe_experts, moe_router, real_slice
 
-MODULES = [moe_router, moe_experts, attention, linear, e2e, compile_case]
+MODULES = [moe_router, moe_experts, attention, linear, e2e, real_slice, compile_case]
