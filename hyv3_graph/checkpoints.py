@@ -259,9 +259,10 @@ def real_slice_config(n_layers: int) -> dict:
 def real_slice_checkpoint(n_layers: int = 2, progress=None) -> Path:
     """An `n_layers` slice of Hy3-preview at its exact dims (layer 0 dense, then sparse), random bf16 weights in the
     raw layout, sharded (~4 GB shards and a model.safetensors.index.json), with the MTP layer at index `n_layers`;
-    ~2 GB plus 7.4 GB per sparse layer, plus 7.4 GB for the MTP layer. No tokenizer (Hy3's vocab of 120832 cannot be
-    trained from the text at hand): prompts go in as ids. Deterministic, generated without torch (~0.3 GB/s here),
-    written once and then reused from the cache; a killed run resumes at its first missing shard."""
+    ~2 GB plus 7.4 GB per sparse layer, plus 7.4 GB for the MTP layer. Its tokenizer is trained like `tiny`'s: the
+    text at hand yields far fewer than 120832 tokens, so the ids above its last are never produced by text (prompts
+    of random ids use them all); llama.cpp needs one in its GGUF. Deterministic, generated without torch (~0.3 GB/s
+    here), written once and then reused from the cache; a killed run resumes at its first missing shard."""
     config = real_slice_config(n_layers)
     key = hashlib.sha256(json.dumps([config, _GENERATOR_VERSION], sort_keys=True).encode()).hexdigest()[:12]
     path = cache_root() / f"real_slice{n_layers}-{key}"
@@ -272,6 +273,7 @@ def real_slice_checkpoint(n_layers: int = 2, progress=None) -> Path:
     std = {name: sd for name, _, _, sd in specs}
     write_sharded(tmp, config, [spec[:3] for spec in specs], lambda name, view: _fill_random(
         view, std[name], np.random.default_rng([zlib.crc32(name.encode()), n_layers])), progress)
+    write_tokenizer(tmp, config["vocab_size"])
     tmp.rename(path)
     return path
 
