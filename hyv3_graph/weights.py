@@ -32,7 +32,7 @@ import json
 import mmap
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -218,7 +218,6 @@ class LoadedWeights:
     mapped_bytes: int = 0  # of those, views of mapped files (checkpoint or prepared layout): no anonymous memory
     load_s: float = 0.0
     prepared: Path | None = None  # the prepared-layout folder, where one was needed
-    layer_s: list[float] = field(default_factory=list)  # per layer: seconds to bring its bytes into memory
 
 
 def load_weights(path: str | Path, cfg: HYV3Config, dtype: DType = DType.float32, progress=None,
@@ -257,7 +256,6 @@ def load_weights(path: str | Path, cfg: HYV3Config, dtype: DType = DType.float32
         nbytes = sum(a.nbytes for a in group.values())
         loaded.nbytes += nbytes
         loaded.mapped_bytes += sum(a.nbytes for a in mapped)
-        loaded.layer_s.append(dt)
         out.update(group)
         say(f"loading weights: {what}: {nbytes / 1e9:.2f} GB in {dt:.1f}s ({nbytes / 1e9 / max(dt, 1e-9):.2f} GB/s)")
 
