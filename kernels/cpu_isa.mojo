@@ -2,12 +2,17 @@
 # model (rocketlake on the Intel hosts, znver4 on the AMD ones), not for every CPU the same code may meet, and
 # its bf16 intrinsics crash the compile where the target lacks them. So the instructions go in as inline
 # assembly, which assembles for any x86-64 target, and execute only after cpuid says the CPU has them.
-# HYV3_PORTABLE_KERNELS=1 forces the portable SIMD paths (read on every call: tests flip it in-process).
-# Only AVX512_BF16 is used so far: the machines we test on (2-core Zen 4) have no AMX, and an AMX path that
-# no test here can run is not written.
+# HYV3_PORTABLE_KERNELS=1 forces the portable SIMD paths, HYV3_DISABLE_AMX=1 the AVX512_BF16 ones where AMX
+# would run (both read on every call: tests flip them in-process to reach every path on one machine).
+#
+# AMX (Intel Sapphire Rapids and later): the tile registers are off until the process asks Linux for them
+# (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA); the permission is per process, so any thread may ask, and asking
+# again is harmless. The tile configuration is per thread: every task that uses tiles loads it first
+# (amx_configure). One configuration serves every user: all eight tiles 16 rows x 64 bytes.
 from std.sys._assembly import inlined_assembly
 from std.memory import bitcast
 from std.os import getenv
+from std.ffi import external_call
 
 comptime I32x = SIMD[DType.int32, 16]
 comptime F32x = SIMD[DType.float32, 16]
@@ -25,6 +30,44 @@ def has_avx512_bf16() -> Bool:
 
 def use_bf16_dot() -> Bool:
     return has_avx512_bf16() and not portable_only()
+
+
+def has_amx_bf16() -> Bool:
+    """cpuid leaf 7 subleaf 0, EDX bits 22 (AMX-BF16) and 24 (AMX-TILE)."""
+    var edx = inlined_assembly["cpuid\n\tmovl %edx, %eax", Int32, constraints="={eax},{eax},{ecx},~{ebx},~{edx}"](
+        Int32(7), Int32(0))
+    return (edx >> 22) & 1 == 1 and (edx >> 24) & 1 == 1
+
+
+def amx_permitted() -> Bool:
+    """Asks Linux for the tile data state (syscall arch_prctl = 158, ARCH_REQ_XCOMP_PERM = 0x1023,
+    XFEATURE_XTILEDATA = 18); False where the kernel refuses (no AMX, or an OS that does not enable it)."""
+    return external_call["syscall", Int64](Int64(158), Int64(0x1023), Int64(18)) == 0
+
+
+def use_amx() -> Bool:
+    """The AMX bf16 GEMM runs: the CPU has it, the OS grants it, and neither the portable paths nor
+    HYV3_DISABLE_AMX=1 are asked for. Only after use_bf16_dot() (AMX CPUs have AVX512_BF16: the epilogues use it)."""
+    return use_bf16_dot() and getenv("HYV3_DISABLE_AMX") != "1" and has_amx_bf16() and amx_permitted()
+
+
+def amx_configure():
+    """Loads this thread's tile configuration: palette 1, tiles 0..7 of 16 rows x 64 bytes (16 fp32 or 32 bf16 a
+    row). Loading it also zeroes every tile."""
+    var cfg = SIMD[DType.uint8, 64](0)
+    cfg[0] = 1
+    comptime for t in range(8):
+        cfg[16 + 2 * t] = 64
+        cfg[48 + t] = 16
+    var buf = List[UInt8](length=64, fill=0)
+    buf.unsafe_ptr().unsafe_store(0, cfg)
+    inlined_assembly["ldtilecfg ($0)", NoneType, constraints="r,~{memory}"](Int(buf.unsafe_ptr()))
+    _ = buf^
+
+
+def amx_release():
+    """Returns the tiles to their initial state (so the thread's saved state shrinks again)."""
+    inlined_assembly["tilerelease", NoneType, constraints="~{memory}"]()
 
 
 @always_inline

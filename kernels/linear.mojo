@@ -47,9 +47,10 @@ from linalg.matmul.cpu import matmul as cpu_matmul
 from std.runtime import parallelism_level
 from std.sys import size_of
 from std.utils import StaticTuple
-from .cpu_isa import F32x, round_to_bf16, use_bf16_dot
-from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, KC, NVMAX, align64, dot_panel, dot_tile, n_blocks, silu,
-                           stream_dots, stream_dots_bf16, swiglu_row, untracked)
+from .cpu_isa import F32x, amx_configure, amx_release, round_to_bf16, use_amx, use_bf16_dot
+from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, KC, NVMAX, AMX_TILE, align64, amx_c_tile, amx_c_tiles, amx_k_ok,
+                           amx_panel, dot_panel, dot_tile, n_blocks, silu, stream_dots, stream_dots_bf16, swiglu_row,
+                           untracked)
 from .work_queue import parallelize_dynamic
 
 comptime STREAM_MAX_M = 16  # at most this many rows stream the weights (see the header)
@@ -59,9 +60,12 @@ comptime STREAM_GROUPS = STREAM_MAX_M // MAX_STREAM_ROWS  # streaming: groups of
 comptime STREAM_K_SLICE = 512  # streaming, M > 4: elements per K slice (4 weight rows + 16 x rows, float32: 40 KiB)
 comptime GROUPS = 8  # GEMM: micro-tiles of MR weight rows per task (they share each activation slice in L1)
 comptime CHUNK_BLOCKS = 8  # GEMM: packed blocks of MB rows per task (its accumulators: 8 x 8 x MR x MB x 4 = 96 KiB)
+comptime AMX_RB = 4  # AMX: row blocks (2 x 16 weight rows) per task: 128 rows x AMX_KC = 256 KiB of A in L2
+comptime AMX_CHUNK_BLOCKS = 11  # AMX: packed blocks of MB rows per task (528: M = 512 is one chunk)
 comptime STREAM = 1
 comptime DOT = 2
 comptime MATMUL = 3
+comptime AMX = 4
 
 
 @fieldwise_init
@@ -217,6 +221,84 @@ def _dot_task[dt: DType, SWIGLU: Bool](
     _ = cu^
 
 
+@always_inline
+def _amx_rows[dt: DType](
+    w: Pointer[mut=True, Scalar[dt], MutUntrackedOrigin], r0: Int, N: Int, K: Int,
+    tail: Pointer[mut=True, UInt16, MutUntrackedOrigin],
+) -> Int:
+    """AMX: the address of 16 weight rows r0 .. r0 + 15 for an A tile: w's own rows, or where they run past N, a
+    copy of the rows left in `tail` (16 rows of K, zero past N), so a tile never reads past the weight."""
+    if r0 + AMX_TILE <= N:
+        return Int(w.unsafe_offset(r0 * K))
+    var src = w.unsafe_bitcast[UInt16]()
+    for i in range(AMX_TILE):
+        for k in range(K):
+            tail[unsafe_offset=i * K + k] = src[unsafe_offset=(r0 + i) * K + k] if r0 + i < N else 0
+    return Int(tail)
+
+
+@always_inline
+def _amx_task[dt: DType, SWIGLU: Bool](
+    pb: _Problem[dt], xk: Pointer[mut=True, Int32, MutUntrackedOrigin], n_groups: Int, task: Int,
+):
+    """AMX: output columns of row group task % n_groups (AMX_RB row blocks: 32 weight rows each, or SwiGLU's 16 gate
+    rows with their 16 up rows) for the rows of chunk task // n_groups (AMX_CHUNK_BLOCKS packed blocks); a
+    transposed store (a C tile's columns are rows of y)."""
+    var N = pb.N
+    var K = pb.K
+    var blk0 = (task // n_groups) * AMX_CHUNK_BLOCKS
+    var m_first = blk0 * MB
+    var rows = min(AMX_CHUNK_BLOCKS * MB, pb.M - m_first)
+    var cols_rb = AMX_TILE if SWIGLU else 2 * AMX_TILE  # output columns per row block
+    var n_first = (task % n_groups) * AMX_RB * cols_rb
+    var n_rb = min(AMX_RB, (N - n_first + cols_rb - 1) // cols_rb)
+    var tails = List[UInt16](unsafe_uninit_length=2 * AMX_TILE * K if n_first + n_rb * cols_rb > N else 0)
+    var tail = untracked(tails.unsafe_ptr())
+    var a = List[Int](length=2 * n_rb, fill=0)
+    for rb in range(n_rb):
+        var n0 = n_first + rb * cols_rb
+        comptime if SWIGLU:
+            a[2 * rb] = _amx_rows[dt](pb.wa, n0, N, K, tail)
+            a[2 * rb + 1] = _amx_rows[dt](pb.wb, n0, N, K, tail.unsafe_offset(AMX_TILE * K))
+        else:
+            a[2 * rb] = _amx_rows[dt](pb.wa, n0, N, K, tail)
+            a[2 * rb + 1] = _amx_rows[dt](pb.wa, n0 + AMX_TILE, N, K, tail.unsafe_offset(AMX_TILE * K))
+    var c = List[Float32](unsafe_uninit_length=amx_c_tiles(n_rb, rows) + 16)  # the first K slice stores, never loads
+    var cp = untracked(c.unsafe_ptr())
+    cp = cp.unsafe_offset(align64(Int(cp)))
+    amx_configure()
+    amx_panel(a.unsafe_ptr(), K * size_of[dt](), n_rb, xk.unsafe_offset(blk0 * (K // 2) * MB), rows, K, cp)
+    amx_release()
+    for rb in range(n_rb):
+        var n0 = n_first + rb * cols_rb
+        for m in range(rows):
+            var y_row = (m_first + m) * N
+            var t = m // AMX_TILE
+            var g = cp.unsafe_offset(amx_c_tile(rows, rb, t, 0) + m % AMX_TILE).unsafe_strided_load[width=AMX_TILE](
+                AMX_TILE)
+            var h = cp.unsafe_offset(amx_c_tile(rows, rb, t, 1) + m % AMX_TILE).unsafe_strided_load[width=AMX_TILE](
+                AMX_TILE)
+            comptime if SWIGLU:
+                _store_cols[dt](pb.yp, y_row, n0, N, silu[AMX_TILE](g) * h)
+            else:
+                _store_cols[dt](pb.yp, y_row, n0, N, g)
+                _store_cols[dt](pb.yp, y_row, n0 + AMX_TILE, N, h)
+    _ = tails^
+    _ = a^
+    _ = c^
+
+
+@always_inline
+def _store_cols[dt: DType](y: Pointer[mut=True, Scalar[dt], MutUntrackedOrigin], y_row: Int, n0: Int, N: Int,
+                           v: SIMD[DType.float32, AMX_TILE]):
+    """y[y_row + n0 ..] = the 16 values of v that fall before column N."""
+    if n0 + AMX_TILE <= N:
+        _store[dt, AMX_TILE](y, y_row + n0, v)
+    else:
+        for i in range(max(0, N - n0)):
+            _store[dt, 1](y, y_row + n0 + i, SIMD[DType.float32, 1](v[i]))
+
+
 def _matmul[SWIGLU: Bool](pb: _Problem[DType.float32]) raises:
     """MATMUL: MAX's CPU matmul (transpose_b) on all cores; SwiGLU combines gate (in y) and up (a scratch)."""
     var M = pb.M
@@ -240,12 +322,14 @@ def _matmul[SWIGLU: Bool](pb: _Problem[DType.float32]) raises:
 
 
 def _path[dt: DType](M: Int, K: Int) -> Int:
-    """STREAM, DOT or MATMUL for this call (the header's rules)."""
+    """STREAM, AMX, DOT or MATMUL for this call (the header's rules)."""
     if M <= STREAM_MAX_M:
         return STREAM
     comptime if dt == DType.float32:
         return MATMUL
     else:
+        if amx_k_ok(K) and use_amx():
+            return AMX
         return DOT if K % 2 == 0 and use_bf16_dot() else STREAM
 
 
@@ -290,7 +374,7 @@ def _run[dt: DType, SWIGLU: Bool](
                 parallelize_dynamic(stream_widened, tasks)
         else:
             parallelize_dynamic(stream_widened, tasks)
-    elif path == DOT:
+    elif path == DOT or path == AMX:
         var K2 = K // 2
         var blocks = n_blocks(M)
         var packed = List[Int32](unsafe_uninit_length=blocks * K2 * MB + 16)  # every pair read is written first
@@ -301,13 +385,27 @@ def _run[dt: DType, SWIGLU: Bool](
             _pack_block[dt](pb, xk, blk)
 
         parallelize(pack, blocks)
-        var n_tiles = (N + MR * GROUPS - 1) // (MR * GROUPS)
-        var chunks = (blocks + CHUNK_BLOCKS - 1) // CHUNK_BLOCKS
+        var amx_path = False
+        comptime if dt == DType.bfloat16:
+            amx_path = path == AMX
+        if amx_path:
+            var cols_task = AMX_RB * AMX_TILE * (1 if SWIGLU else 2)
+            var n_groups = (N + cols_task - 1) // cols_task
+            var amx_chunks = (blocks + AMX_CHUNK_BLOCKS - 1) // AMX_CHUNK_BLOCKS
 
-        def dot(task: Int) {var pb, var xk, var n_tiles}:
-            _dot_task[dt, SWIGLU](pb, xk, n_tiles, task)
+            def amx(task: Int) {var pb, var xk, var n_groups}:
+                comptime if dt == DType.bfloat16:
+                    _amx_task[dt, SWIGLU](pb, xk, n_groups, task)
 
-        parallelize_dynamic(dot, chunks * n_tiles)
+            parallelize_dynamic(amx, amx_chunks * n_groups)
+        else:
+            var n_tiles = (N + MR * GROUPS - 1) // (MR * GROUPS)
+            var chunks = (blocks + CHUNK_BLOCKS - 1) // CHUNK_BLOCKS
+
+            def dot(task: Int) {var pb, var xk, var n_tiles}:
+                _dot_task[dt, SWIGLU](pb, xk, n_tiles, task)
+
+            parallelize_dynamic(dot, chunks * n_tiles)
         _ = packed^
     else:
         comptime if dt == DType.float32:

@@ -16,6 +16,7 @@ from std.math import exp
 from std.memory import bitcast
 from std.utils import StaticTuple
 from std.sys.intrinsics import prefetch, PrefetchOptions
+from std.sys._assembly import inlined_assembly
 from .cpu_isa import I32x, F32x, dot_bf16_pairs
 
 comptime W = 16  # float32 SIMD width
@@ -226,3 +227,99 @@ def dot_panel(
                     dot_tile[2](w, rows, xb, kc, cb, p0 == 0)
                 else:
                     dot_tile[NVMAX](w, rows, xb, kc, cb, p0 == 0)
+
+
+# ---- AMX bf16 tiles (cpu_isa.use_amx): the same packed activations as dot_panel, 16 tokens per B tile ----
+comptime AMX_TILE = 16  # rows of an A tile (weight rows), columns of a B tile (tokens); C tiles are 16 x 16 fp32
+comptime AMX_STEP = 32  # bf16 elements of K per tile step (a 64-byte tile row)
+comptime AMX_KC = 1024  # K elements per slice: 32 steps accumulate in the tiles between two C loads/stores
+comptime AMX_C_TILE = AMX_TILE * AMX_TILE  # fp32 elements of one C tile (1 KiB)
+
+
+@always_inline
+def amx_k_ok(K: Int) -> Bool:
+    """The AMX GEMM needs whole tile steps along K (every Hy3 dim is a multiple of 32)."""
+    return K > 0 and K % AMX_STEP == 0
+
+
+@always_inline
+def _tiles_step[NT: Int](a0: Int, a1: Int, lda: Int, b0: Int, b1: Int, ldb: Int):
+    """One tile step: A0, A1 (16 weight rows each, lda bytes apart) x B0 (, B1) (16 pairs x 16 tokens, ldb bytes
+    apart) into C tiles tmm0 = A0.B0, tmm1 = A0.B1, tmm2 = A1.B0, tmm3 = A1.B1 (AT&T order: B, A, C)."""
+    inlined_assembly["tileloadd ($0,$1,1), %tmm4", NoneType, constraints="r,r,~{memory}"](a0, lda)
+    inlined_assembly["tileloadd ($0,$1,1), %tmm5", NoneType, constraints="r,r,~{memory}"](a1, lda)
+    inlined_assembly["tileloadd ($0,$1,1), %tmm6", NoneType, constraints="r,r,~{memory}"](b0, ldb)
+    comptime if NT == 2:
+        inlined_assembly["tileloadd ($0,$1,1), %tmm7", NoneType, constraints="r,r,~{memory}"](b1, ldb)
+    inlined_assembly["tdpbf16ps %tmm6, %tmm4, %tmm0", NoneType, constraints="~{memory}"]()
+    inlined_assembly["tdpbf16ps %tmm6, %tmm5, %tmm2", NoneType, constraints="~{memory}"]()
+    comptime if NT == 2:
+        inlined_assembly["tdpbf16ps %tmm7, %tmm4, %tmm1", NoneType, constraints="~{memory}"]()
+        inlined_assembly["tdpbf16ps %tmm7, %tmm5, %tmm3", NoneType, constraints="~{memory}"]()
+
+
+@always_inline
+def _amx_block[NT: Int](a0: Int, a1: Int, lda: Int, b0: Int, b1: Int, ldb: Int, steps: Int, c: Int, first: Bool):
+    """C tiles at c (4 x 1 KiB: A0.B0, A0.B1, A1.B0, A1.B1; rows 64 bytes apart) += `steps` tile steps. first: the
+    first K slice, so the tiles start from zero instead of c."""
+    if first:
+        inlined_assembly["tilezero %tmm0", NoneType, constraints="~{memory}"]()
+        inlined_assembly["tilezero %tmm1", NoneType, constraints="~{memory}"]()
+        inlined_assembly["tilezero %tmm2", NoneType, constraints="~{memory}"]()
+        inlined_assembly["tilezero %tmm3", NoneType, constraints="~{memory}"]()
+    else:
+        inlined_assembly["tileloadd ($0,$1,1), %tmm0", NoneType, constraints="r,r,~{memory}"](c, 64)
+        inlined_assembly["tileloadd ($0,$1,1), %tmm1", NoneType, constraints="r,r,~{memory}"](c + 1024, 64)
+        inlined_assembly["tileloadd ($0,$1,1), %tmm2", NoneType, constraints="r,r,~{memory}"](c + 2048, 64)
+        inlined_assembly["tileloadd ($0,$1,1), %tmm3", NoneType, constraints="r,r,~{memory}"](c + 3072, 64)
+    for s in range(steps):
+        _tiles_step[NT](a0 + 64 * s, a1 + 64 * s, lda, b0 + s * AMX_TILE * ldb, b1 + s * AMX_TILE * ldb, ldb)
+    inlined_assembly["tilestored %tmm0, ($0,$1,1)", NoneType, constraints="r,r,~{memory}"](c, 64)
+    inlined_assembly["tilestored %tmm1, ($0,$1,1)", NoneType, constraints="r,r,~{memory}"](c + 1024, 64)
+    inlined_assembly["tilestored %tmm2, ($0,$1,1)", NoneType, constraints="r,r,~{memory}"](c + 2048, 64)
+    inlined_assembly["tilestored %tmm3, ($0,$1,1)", NoneType, constraints="r,r,~{memory}"](c + 3072, 64)
+
+
+@always_inline
+def amx_c_tiles(n_rb: Int, n: Int) -> Int:
+    """fp32 elements of amx_panel's c for n_rb row blocks and n tokens: 4 C tiles per row block and pair of
+    16-token tiles (a lone last tile's pair is half unused)."""
+    return n_rb * ((n + 2 * AMX_TILE - 1) // (2 * AMX_TILE)) * 4 * AMX_C_TILE
+
+
+@always_inline
+def amx_c_tile(n: Int, rb: Int, t: Int, half: Int) -> Int:
+    """Offset (fp32 elements) in amx_panel's c of the C tile of row block rb, token tile t (tokens 16 t ..) and A
+    half (0: A0's 16 rows, 1: A1's); the tile's element [i][j] is weight row i . token j."""
+    var pairs = (n + 2 * AMX_TILE - 1) // (2 * AMX_TILE)
+    return ((rb * pairs + t // 2) * 4 + half * 2 + t % 2) * AMX_C_TILE
+
+
+def amx_panel(
+    a: Pointer[Int, _], lda: Int, n_rb: Int, xk: Pointer[Int32, _], n: Int, K: Int, c: Pointer[mut=True, Float32, _],
+):
+    """c = (n_rb row blocks of 2 x 16 weight rows) . (n activation rows packed like dot_panel's: blocks [K/2][MB] of
+    bf16 pairs) on AMX tiles, over K (amx_k_ok) in slices of AMX_KC. Row block rb's A0 and A1 rows start at the
+    addresses a[2 rb], a[2 rb + 1], rows lda bytes apart (in place: the weight's own rows). A B tile is 16 tokens
+    of a packed block (ldb = MB pairs of 4 bytes), so the tokens go two tiles at a time (one at the end of an odd
+    count). c: amx_c_tiles(n_rb, n) fp32, laid out as amx_c_tile says. The caller has loaded the tile
+    configuration (cpu_isa.amx_configure) on this thread."""
+    var K2 = K // 2
+    var ldb = MB * 4
+    var block_bytes = K2 * ldb
+    var n_tt = (n + AMX_TILE - 1) // AMX_TILE
+    var xa = Int(xk)
+    for k0 in range(0, K, AMX_KC):
+        var steps = min(AMX_KC, K - k0) // AMX_STEP
+        var kb = (k0 // 2) * ldb
+        for t in range(0, n_tt, 2):
+            var b0 = xa + (t // 3) * block_bytes + (t % 3) * 64 + kb
+            var b1 = xa + ((t + 1) // 3) * block_bytes + ((t + 1) % 3) * 64 + kb
+            for rb in range(n_rb):
+                var ct = Int(c) + amx_c_tile(n, rb, t, 0) * 4
+                var a0 = a[unsafe_offset=2 * rb] + 2 * k0
+                var a1 = a[unsafe_offset=2 * rb + 1] + 2 * k0
+                if t + 1 < n_tt:
+                    _amx_block[2](a0, a1, lda, b0, b1, ldb, steps, ct, k0 == 0)
+                else:
+                    _amx_block[1](a0, a1, lda, b0, b1, ldb, steps, ct, k0 == 0)

@@ -11,19 +11,22 @@ import numpy as np
 from max.dtype import DType
 from max.graph import DeviceRef, TensorType, TensorValue, ops
 
-from .cpu_isa import bf16_dot_available
+from .cpu_isa import amx_available, bf16_dot_available
 
 STREAM_MAX_M = 16  # kernels/linear.mojo: at most this many rows stream the weights
+AMX_K_STEP = 32  # microkernels.mojo: the AMX GEMM needs K a multiple of one tile step
 DOT_TILE_FLOPS = 8 * 3 * 128 * 64  # one microkernels.dot_tile call: MR x NVMAX x KC vdpbf16ps of 64 flops each
 
 
 def linear_path(M: int, K: int, bf16: bool) -> str:
-    """The path kernels/linear.mojo takes for an [M, K] input: "stream", "dot" (bf16-dot GEMM) or "matmul"
-    (MAX's float32 matmul). Mirrors `_path` there; the tests use it to cover every path."""
+    """The path kernels/linear.mojo takes for an [M, K] input: "stream", "amx" (AMX bf16 tiles), "dot" (bf16-dot
+    GEMM) or "matmul" (MAX's float32 matmul). Mirrors `_path` there; the tests use it to cover every path."""
     if M <= STREAM_MAX_M:
         return "stream"
     if not bf16:
         return "matmul"
+    if K > 0 and K % AMX_K_STEP == 0 and amx_available():
+        return "amx"
     return "dot" if K % 2 == 0 and bf16_dot_available() else "stream"
 
 
