@@ -49,7 +49,7 @@ from std.sys import size_of
 from std.utils import StaticTuple
 from .cpu_isa import F32x, amx_configure, amx_release, round_to_bf16, use_amx, use_bf16_dot
 from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, KC, NVMAX, AMX_TILE, align64, amx_c_tile, amx_c_tiles, amx_k_ok,
-                           amx_panel, dot_panel, dot_tile, n_blocks, silu, stream_dots, stream_dots_bf16, swiglu_row,
+                           amx_pack_bytes, amx_panel, dot_panel, dot_tile, n_blocks, silu, stream_dots, stream_dots_bf16, swiglu_row,
                            untracked)
 from .work_queue import parallelize_dynamic
 
@@ -60,7 +60,7 @@ comptime STREAM_GROUPS = STREAM_MAX_M // MAX_STREAM_ROWS  # streaming: groups of
 comptime STREAM_K_SLICE = 512  # streaming, M > 4: elements per K slice (4 weight rows + 16 x rows, float32: 40 KiB)
 comptime GROUPS = 8  # GEMM: micro-tiles of MR weight rows per task (they share each activation slice in L1)
 comptime CHUNK_BLOCKS = 8  # GEMM: packed blocks of MB rows per task (its accumulators: 8 x 8 x MR x MB x 4 = 96 KiB)
-comptime AMX_RB = 4  # AMX: row blocks (2 x 16 weight rows) per task: 128 rows x AMX_KC = 256 KiB of A in L2
+comptime AMX_RB = 8  # AMX: row blocks (2 x 16 weight rows) per task: 128 rows x AMX_KC = 256 KiB of A in L2
 comptime AMX_CHUNK_BLOCKS = 11  # AMX: packed blocks of MB rows per task (528: M = 512 is one chunk)
 comptime STREAM = 1
 comptime DOT = 2
@@ -266,8 +266,11 @@ def _amx_task[dt: DType, SWIGLU: Bool](
     var c = List[Float32](unsafe_uninit_length=amx_c_tiles(n_rb, rows) + 16)  # the first K slice stores, never loads
     var cp = untracked(c.unsafe_ptr())
     cp = cp.unsafe_offset(align64(Int(cp)))
+    var pack = List[UInt8](unsafe_uninit_length=amx_pack_bytes(n_rb) + 64)
+    var pp = untracked(pack.unsafe_ptr())
     amx_configure()
-    amx_panel(a.unsafe_ptr(), K * size_of[dt](), n_rb, xk.unsafe_offset(blk0 * (K // 2) * MB), rows, K, cp)
+    amx_panel(a.unsafe_ptr(), K * size_of[dt](), n_rb, xk.unsafe_offset(blk0 * (K // 2) * MB), rows, K, cp,
+              pp.unsafe_offset((64 - Int(pp) % 64) % 64))
     amx_release()
     for rb in range(n_rb):
         var n0 = n_first + rb * cols_rb
@@ -286,6 +289,7 @@ def _amx_task[dt: DType, SWIGLU: Bool](
     _ = tails^
     _ = a^
     _ = c^
+    _ = pack^
 
 
 @always_inline

@@ -232,7 +232,7 @@ def dot_panel(
 # ---- AMX bf16 tiles (cpu_isa.use_amx): the same packed activations as dot_panel, 16 tokens per B tile ----
 comptime AMX_TILE = 16  # rows of an A tile (weight rows), columns of a B tile (tokens); C tiles are 16 x 16 fp32
 comptime AMX_STEP = 32  # bf16 elements of K per tile step (a 64-byte tile row)
-comptime AMX_KC = 1024  # K elements per slice: 32 steps accumulate in the tiles between two C loads/stores
+comptime AMX_KC = 256  # K elements per slice: 32 steps accumulate in the tiles between two C loads/stores
 comptime AMX_C_TILE = AMX_TILE * AMX_TILE  # fp32 elements of one C tile (1 KiB)
 
 
@@ -259,9 +259,11 @@ def _tiles_step[NT: Int](a0: Int, a1: Int, lda: Int, b0: Int, b1: Int, ldb: Int)
 
 
 @always_inline
-def _amx_block[NT: Int](a0: Int, a1: Int, lda: Int, b0: Int, b1: Int, ldb: Int, steps: Int, c: Int, first: Bool):
-    """C tiles at c (4 x 1 KiB: A0.B0, A0.B1, A1.B0, A1.B1; rows 64 bytes apart) += `steps` tile steps. first: the
-    first K slice, so the tiles start from zero instead of c."""
+def _amx_block[NT: Int](
+    a0: Int, a1: Int, lda: Int, a_step: Int, b0: Int, b1: Int, ldb: Int, steps: Int, c: Int, first: Bool,
+):
+    """C tiles at c (4 x 1 KiB: A0.B0, A0.B1, A1.B0, A1.B1; rows 64 bytes apart) += `steps` tile steps, A's tiles
+    a_step bytes apart. first: the first K slice, so the tiles start from zero instead of c."""
     if first:
         inlined_assembly["tilezero %tmm0", NoneType, constraints="~{memory}"]()
         inlined_assembly["tilezero %tmm1", NoneType, constraints="~{memory}"]()
@@ -273,7 +275,7 @@ def _amx_block[NT: Int](a0: Int, a1: Int, lda: Int, b0: Int, b1: Int, ldb: Int, 
         inlined_assembly["tileloadd ($0,$1,1), %tmm2", NoneType, constraints="r,r,~{memory}"](c + 2048, 64)
         inlined_assembly["tileloadd ($0,$1,1), %tmm3", NoneType, constraints="r,r,~{memory}"](c + 3072, 64)
     for s in range(steps):
-        _tiles_step[NT](a0 + 64 * s, a1 + 64 * s, lda, b0 + s * AMX_TILE * ldb, b1 + s * AMX_TILE * ldb, ldb)
+        _tiles_step[NT](a0 + a_step * s, a1 + a_step * s, lda, b0 + s * AMX_TILE * ldb, b1 + s * AMX_TILE * ldb, ldb)
     inlined_assembly["tilestored %tmm0, ($0,$1,1)", NoneType, constraints="r,r,~{memory}"](c, 64)
     inlined_assembly["tilestored %tmm1, ($0,$1,1)", NoneType, constraints="r,r,~{memory}"](c + 1024, 64)
     inlined_assembly["tilestored %tmm2, ($0,$1,1)", NoneType, constraints="r,r,~{memory}"](c + 2048, 64)
@@ -295,23 +297,51 @@ def amx_c_tile(n: Int, rb: Int, t: Int, half: Int) -> Int:
     return ((rb * pairs + t // 2) * 4 + half * 2 + t % 2) * AMX_C_TILE
 
 
+@always_inline
+def amx_pack_bytes(n_rb: Int) -> Int:
+    """Bytes of amx_panel's A scratch for n_rb row blocks: one K slice of their rows, tile after tile."""
+    return n_rb * 2 * (AMX_KC // AMX_STEP) * AMX_TILE * 64
+
+
+@always_inline
+def _amx_pack_a(a: Pointer[Int, _], lda: Int, n_rb: Int, k0: Int, steps: Int, ap: Int):
+    """Copies K slice k0 of every row block's A0 and A1 rows into ap as whole tiles (16 rows x 64 bytes, 1 KiB,
+    64-byte aligned): [row block][half][step][16][64 bytes]."""
+    for h in range(2 * n_rb):
+        var src = a[unsafe_offset=h] + 2 * k0
+        for s in range(steps):
+            var dst = ap + (h * steps + s) * AMX_TILE * 64
+            for i in range(AMX_TILE):
+                var v = Pointer[UInt8, MutUntrackedOrigin](unsafe_from_address=src + i * lda + 64 * s).unsafe_load[
+                    width=64](0)
+                Pointer[mut=True, UInt8, MutUntrackedOrigin](unsafe_from_address=dst + i * 64).unsafe_store(0, v)
+
+
 def amx_panel(
     a: Pointer[Int, _], lda: Int, n_rb: Int, xk: Pointer[Int32, _], n: Int, K: Int, c: Pointer[mut=True, Float32, _],
+    a_pack: Pointer[mut=True, UInt8, _],
 ):
     """c = (n_rb row blocks of 2 x 16 weight rows) . (n activation rows packed like dot_panel's: blocks [K/2][MB] of
     bf16 pairs) on AMX tiles, over K (amx_k_ok) in slices of AMX_KC. Row block rb's A0 and A1 rows start at the
-    addresses a[2 rb], a[2 rb + 1], rows lda bytes apart (in place: the weight's own rows). A B tile is 16 tokens
-    of a packed block (ldb = MB pairs of 4 bytes), so the tokens go two tiles at a time (one at the end of an odd
-    count). c: amx_c_tiles(n_rb, n) fp32, laid out as amx_c_tile says. The caller has loaded the tile
-    configuration (cpu_isa.amx_configure) on this thread."""
+    addresses a[2 rb], a[2 rb + 1], rows lda bytes apart (the weight's own rows). A B tile is 16 tokens of a packed
+    block (ldb = MB pairs of 4 bytes), so the tokens go two tiles at a time (one at the end of an odd count).
+    c: amx_c_tiles(n_rb, n) fp32, laid out as amx_c_tile says. a_pack: amx_pack_bytes(n_rb), 64-byte aligned:
+    with more than two token tiles, each K slice of A is first copied there tile by tile, because a tile load
+    from rows that are not 64-byte aligned (a checkpoint's tensors often are not) runs ~35% slower, and each
+    copied tile is then loaded once per token pair. The caller has loaded the tile configuration
+    (cpu_isa.amx_configure) on this thread."""
     var K2 = K // 2
     var ldb = MB * 4
     var block_bytes = K2 * ldb
     var n_tt = (n + AMX_TILE - 1) // AMX_TILE
     var xa = Int(xk)
+    var pack = n_tt > 2
+    var ap = Int(a_pack)
     for k0 in range(0, K, AMX_KC):
         var steps = min(AMX_KC, K - k0) // AMX_STEP
         var kb = (k0 // 2) * ldb
+        if pack:
+            _amx_pack_a(a, lda, n_rb, k0, steps, ap)
         for t in range(0, n_tt, 2):
             var b0 = xa + (t // 3) * block_bytes + (t % 3) * 64 + kb
             var b1 = xa + ((t + 1) // 3) * block_bytes + ((t + 1) % 3) * 64 + kb
@@ -319,7 +349,14 @@ def amx_panel(
                 var ct = Int(c) + amx_c_tile(n, rb, t, 0) * 4
                 var a0 = a[unsafe_offset=2 * rb] + 2 * k0
                 var a1 = a[unsafe_offset=2 * rb + 1] + 2 * k0
+                var a_lda = lda
+                var a_step = 64
+                if pack:
+                    a0 = ap + 2 * rb * steps * AMX_TILE * 64
+                    a1 = a0 + steps * AMX_TILE * 64
+                    a_lda = 64
+                    a_step = AMX_TILE * 64
                 if t + 1 < n_tt:
-                    _amx_block[2](a0, a1, lda, b0, b1, ldb, steps, ct, k0 == 0)
+                    _amx_block[2](a0, a1, a_lda, a_step, b0, b1, ldb, steps, ct, k0 == 0)
                 else:
-                    _amx_block[1](a0, a1, lda, b0, b1, ldb, steps, ct, k0 == 0)
+                    _amx_block[1](a0, a1, a_lda, a_step, b0, b1, ldb, steps, ct, k0 == 0)
