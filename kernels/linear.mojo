@@ -48,9 +48,9 @@ from std.runtime import parallelism_level
 from std.sys import size_of
 from std.utils import StaticTuple
 from .cpu_isa import F32x, amx_configure, amx_release, round_to_bf16, use_amx, use_bf16_dot
-from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, KC, NVMAX, AMX_TILE, align64, amx_c_tile, amx_c_tiles, amx_k_ok,
-                           amx_pack_bytes, amx_panel, dot_panel, dot_tile, n_blocks, silu, stream_dots, stream_dots_bf16, swiglu_row,
-                           untracked)
+from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, KC, NVMAX, AMX_TILE, align64, amx_c_tiles, amx_k_ok,
+                           amx_pack_bytes, amx_panel, amx_rows, amx_token_cols, dot_panel, dot_tile, n_blocks, silu,
+                           stream_dots, stream_dots_bf16, swiglu_row, untracked)
 from .work_queue import parallelize_dynamic
 
 comptime STREAM_MAX_M = 16  # at most this many rows stream the weights (see the header)
@@ -222,22 +222,6 @@ def _dot_task[dt: DType, SWIGLU: Bool](
 
 
 @always_inline
-def _amx_rows[dt: DType](
-    w: Pointer[mut=True, Scalar[dt], MutUntrackedOrigin], r0: Int, N: Int, K: Int,
-    tail: Pointer[mut=True, UInt16, MutUntrackedOrigin],
-) -> Int:
-    """AMX: the address of 16 weight rows r0 .. r0 + 15 for an A tile: w's own rows, or where they run past N, a
-    copy of the rows left in `tail` (16 rows of K, zero past N), so a tile never reads past the weight."""
-    if r0 + AMX_TILE <= N:
-        return Int(w.unsafe_offset(r0 * K))
-    var src = w.unsafe_bitcast[UInt16]()
-    for i in range(AMX_TILE):
-        for k in range(K):
-            tail[unsafe_offset=i * K + k] = src[unsafe_offset=(r0 + i) * K + k] if r0 + i < N else 0
-    return Int(tail)
-
-
-@always_inline
 def _amx_task[dt: DType, SWIGLU: Bool](
     pb: _Problem[dt], xk: Pointer[mut=True, Int32, MutUntrackedOrigin], n_groups: Int, task: Int,
 ):
@@ -257,12 +241,13 @@ def _amx_task[dt: DType, SWIGLU: Bool](
     var a = List[Int](length=2 * n_rb, fill=0)
     for rb in range(n_rb):
         var n0 = n_first + rb * cols_rb
+        var wa = pb.wa.unsafe_bitcast[UInt16]()
         comptime if SWIGLU:
-            a[2 * rb] = _amx_rows[dt](pb.wa, n0, N, K, tail)
-            a[2 * rb + 1] = _amx_rows[dt](pb.wb, n0, N, K, tail.unsafe_offset(AMX_TILE * K))
+            a[2 * rb] = amx_rows(wa, n0, N, K, tail)
+            a[2 * rb + 1] = amx_rows(pb.wb.unsafe_bitcast[UInt16](), n0, N, K, tail.unsafe_offset(AMX_TILE * K))
         else:
-            a[2 * rb] = _amx_rows[dt](pb.wa, n0, N, K, tail)
-            a[2 * rb + 1] = _amx_rows[dt](pb.wa, n0 + AMX_TILE, N, K, tail.unsafe_offset(AMX_TILE * K))
+            a[2 * rb] = amx_rows(wa, n0, N, K, tail)
+            a[2 * rb + 1] = amx_rows(wa, n0 + AMX_TILE, N, K, tail.unsafe_offset(AMX_TILE * K))
     var c = List[Float32](unsafe_uninit_length=amx_c_tiles(n_rb, rows) + 16)  # the first K slice stores, never loads
     var cp = untracked(c.unsafe_ptr())
     cp = cp.unsafe_offset(align64(Int(cp)))
@@ -276,11 +261,8 @@ def _amx_task[dt: DType, SWIGLU: Bool](
         var n0 = n_first + rb * cols_rb
         for m in range(rows):
             var y_row = (m_first + m) * N
-            var t = m // AMX_TILE
-            var g = cp.unsafe_offset(amx_c_tile(rows, rb, t, 0) + m % AMX_TILE).unsafe_strided_load[width=AMX_TILE](
-                AMX_TILE)
-            var h = cp.unsafe_offset(amx_c_tile(rows, rb, t, 1) + m % AMX_TILE).unsafe_strided_load[width=AMX_TILE](
-                AMX_TILE)
+            var g = amx_token_cols(cp, rows, rb, m, 0)
+            var h = amx_token_cols(cp, rows, rb, m, 1)
             comptime if SWIGLU:
                 _store_cols[dt](pb.yp, y_row, n0, N, silu[AMX_TILE](g) * h)
             else:

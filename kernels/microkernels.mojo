@@ -360,3 +360,25 @@ def amx_panel(
                     _amx_block[2](a0, a1, a_lda, a_step, b0, b1, ldb, steps, ct, k0 == 0)
                 else:
                     _amx_block[1](a0, a1, a_lda, a_step, b0, b1, ldb, steps, ct, k0 == 0)
+
+
+@always_inline
+def amx_rows(w: Pointer[mut=True, UInt16, MutUntrackedOrigin], r0: Int, N: Int, K: Int,
+             tail: Pointer[mut=True, UInt16, MutUntrackedOrigin]) -> Int:
+    """The address of 16 bf16 weight rows r0 .. r0 + 15 (of N, each K long) for an A tile: w's own rows, or where
+    they run past N, a copy of the rows left in `tail` (16 x K, zero past N), so a tile never reads past w."""
+    if r0 + AMX_TILE <= N:
+        return Int(w.unsafe_offset(r0 * K))
+    for i in range(AMX_TILE):
+        for k in range(K):
+            tail[unsafe_offset=i * K + k] = w[unsafe_offset=(r0 + i) * K + k] if r0 + i < N else 0
+    return Int(tail)
+
+
+@always_inline
+def amx_token_cols(c: Pointer[mut=True, Float32, MutUntrackedOrigin], n: Int, rb: Int, m: Int,
+                   half: Int) -> SIMD[DType.float32, AMX_TILE]:
+    """Token m's 16 outputs from A half `half` of row block rb in amx_panel's c: a column of a C tile (the
+    transposed store's gather)."""
+    return c.unsafe_offset(amx_c_tile(n, rb, m // AMX_TILE, half) + m % AMX_TILE).unsafe_strided_load[
+        width=AMX_TILE](AMX_TILE)

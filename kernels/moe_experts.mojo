@@ -65,9 +65,10 @@ from layout.tile_layout import row_major
 from linalg.matmul.cpu import matmul as cpu_matmul
 from std.utils import StaticTuple
 from std.sys import size_of
-from .cpu_isa import F32x, adjacent_bf16_pairs, bf16_pairs, use_bf16_dot
-from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, align64, dot_panel, n_blocks, n_vec, silu, stream_dots,
-                           swiglu_row, untracked)
+from .cpu_isa import F32x, adjacent_bf16_pairs, amx_configure, amx_release, bf16_pairs, use_amx, use_bf16_dot
+from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, AMX_TILE, align64, amx_c_tile, amx_c_tiles, amx_k_ok,
+                           amx_pack_bytes, amx_panel, amx_rows, amx_token_cols, dot_panel, n_blocks, n_vec, silu,
+                           stream_dots, swiglu_row, untracked)
 
 comptime SMALL_ROWS = MAX_STREAM_ROWS  # experts with at most this many rows take the streaming path
 comptime STREAM_ROWS = 4  # streaming path: weight rows per pass over the activations (stream_dots' NW)
@@ -75,6 +76,7 @@ comptime STREAM_GATES = STREAM_ROWS // 2  # gate_up: that many gate rows, each w
 comptime STREAM_TASK_BYTES = 1 << 20  # streaming path: weight bytes per task
 comptime GU_ROWS = MR // 2  # gate_up: gate rows o0..o0+3 with up rows I+o0..I+o0+3, so SwiGLU fuses
 comptime GROUPS = 8  # bf16-dot path: micro-tiles of MR weight rows per task (share each activation slice)
+comptime AMX_RB = 8  # AMX: row blocks per task (gate_up: 16 gate rows with their 16 up rows; down: 32 rows)
 comptime STREAM = 1  # an expert's path: streaming
 comptime MATMUL = 2  # MAX's matmul (float32 weights)
 comptime DOT = 3  # the bf16-dot GEMM
@@ -165,7 +167,8 @@ struct _Stream(ImplicitlyCopyable, Movable):
 @fieldwise_init
 struct _Dot(ImplicitlyCopyable, Movable):
     """The bf16-dot experts: packed bf16-pair activations for gate_up (xkp) and down (akp), the weights as bf16
-    pairs, each expert's first block and each block's expert, and the task counts per expert."""
+    pairs, each expert's first block and each block's expert, the task counts per expert, and whether the GEMMs
+    run on AMX tiles (the tasks then cover AMX_RB row blocks) or on vdpbf16ps."""
     var xkp: Pointer[mut=True, Int32, MutUntrackedOrigin]
     var akp: Pointer[mut=True, Int32, MutUntrackedOrigin]
     var gu32: Pointer[mut=True, Int32, MutUntrackedOrigin]
@@ -177,6 +180,7 @@ struct _Dot(ImplicitlyCopyable, Movable):
     var I2: Int
     var gu_tasks: Int
     var dn_tasks: Int
+    var amx: Bool
 
 
 @fieldwise_init
@@ -405,6 +409,104 @@ def _dot_down[wdt: DType](
 
 
 @always_inline
+def _amx_gate_up[wdt: DType](
+    rt: _Routing, wt: _Weights[wdt], dt_: _Dot, task: Int,
+):
+    """AMX gate_up task: AMX_RB row blocks of 16 gate rows (A0) with their 16 up rows (A1); SwiGLU in the epilogue
+    writes the down GEMM's packed bf16 input, a C tile row (16 tokens) per output."""
+    var H = rt.H
+    var I = rt.I
+    var offp = rt.offp
+    var d = task // dt_.gu_tasks
+    var e = dt_.dp[unsafe_offset=d]
+    var n = Int(offp[unsafe_offset=e + 1]) - Int(offp[unsafe_offset=e])
+    var o_first = (task % dt_.gu_tasks) * AMX_RB * AMX_TILE
+    var n_rb = min(AMX_RB, (I - o_first + AMX_TILE - 1) // AMX_TILE)
+    var w = wt.gup.unsafe_bitcast[UInt16]().unsafe_offset(e * wt.gu_es)
+    var tails = List[UInt16](unsafe_uninit_length=2 * AMX_TILE * H if o_first + n_rb * AMX_TILE > I else 0)
+    var tail = untracked(tails.unsafe_ptr())
+    var a = List[Int](length=2 * n_rb, fill=0)
+    for rb in range(n_rb):
+        var o = o_first + rb * AMX_TILE
+        a[2 * rb] = amx_rows(w, o, I, H, tail)
+        a[2 * rb + 1] = amx_rows(w.unsafe_offset(I * H), o, I, H, tail.unsafe_offset(AMX_TILE * H))
+    var c = List[Float32](unsafe_uninit_length=amx_c_tiles(n_rb, n) + 16)  # the first K slice stores, never loads
+    var cp = untracked(c.unsafe_ptr())
+    cp = cp.unsafe_offset(align64(Int(cp)))
+    var pack = List[Int32](unsafe_uninit_length=amx_pack_bytes(n_rb) // 4 + 16)
+    var pp = untracked(pack.unsafe_ptr())
+    var blk0 = dt_.dbp[unsafe_offset=d]
+    amx_configure()
+    amx_panel(a.unsafe_ptr(), H * 2, n_rb, dt_.xkp.unsafe_offset(blk0 * dt_.H2 * MB), n, H, cp,
+              pp.unsafe_offset(align64(Int(pp))).unsafe_bitcast[UInt8]())
+    amx_release()
+    for rb in range(n_rb):
+        for t in range((n + AMX_TILE - 1) // AMX_TILE):
+            var g = cp.unsafe_offset(amx_c_tile(n, rb, t, 0))
+            var u = cp.unsafe_offset(amx_c_tile(n, rb, t, 1))
+            var dst = dt_.akp.unsafe_offset((blk0 + t // 3) * dt_.I2 * MB + (t % 3) * AMX_TILE)
+            for i in range(0, AMX_TILE, 2):  # outputs o, o + 1 -> one bf16 pair for 16 tokens
+                var o = o_first + rb * AMX_TILE + i
+                if o < I:
+                    var lo = silu[W](g.unsafe_load[width=W](i * W)) * u.unsafe_load[width=W](i * W)
+                    var hi = silu[W](g.unsafe_load[width=W]((i + 1) * W)) * u.unsafe_load[width=W]((i + 1) * W)
+                    dst.unsafe_store((o // 2) * MB, bf16_pairs(lo, hi))
+    _ = tails^
+    _ = a^
+    _ = c^
+    _ = pack^
+
+
+@always_inline
+def _amx_down[wdt: DType](
+    rt: _Routing, wt: _Weights[wdt], rw: _Rows, dt_: _Dot, task: Int,
+):
+    """AMX down task: AMX_RB row blocks of 32 down rows; a transposed store of y."""
+    var H = rt.H
+    var I = rt.I
+    var offp = rt.offp
+    var d = task // dt_.dn_tasks
+    var e = dt_.dp[unsafe_offset=d]
+    var r0 = Int(offp[unsafe_offset=e])
+    var n = Int(offp[unsafe_offset=e + 1]) - r0
+    var h_first = (task % dt_.dn_tasks) * AMX_RB * 2 * AMX_TILE
+    var n_rb = min(AMX_RB, (H - h_first + 2 * AMX_TILE - 1) // (2 * AMX_TILE))
+    var w = wt.dnp.unsafe_bitcast[UInt16]().unsafe_offset(e * wt.dn_es)
+    var tails = List[UInt16](unsafe_uninit_length=2 * AMX_TILE * I if h_first + n_rb * 2 * AMX_TILE > H else 0)
+    var tail = untracked(tails.unsafe_ptr())
+    var a = List[Int](length=2 * n_rb, fill=0)
+    for rb in range(n_rb):
+        var h0 = h_first + rb * 2 * AMX_TILE
+        a[2 * rb] = amx_rows(w, h0, H, I, tail)
+        a[2 * rb + 1] = amx_rows(w, h0 + AMX_TILE, H, I, tail.unsafe_offset(AMX_TILE * I))
+    var c = List[Float32](unsafe_uninit_length=amx_c_tiles(n_rb, n) + 16)  # the first K slice stores, never loads
+    var cp = untracked(c.unsafe_ptr())
+    cp = cp.unsafe_offset(align64(Int(cp)))
+    var pack = List[Int32](unsafe_uninit_length=amx_pack_bytes(n_rb) // 4 + 16)
+    var pp = untracked(pack.unsafe_ptr())
+    amx_configure()
+    amx_panel(a.unsafe_ptr(), I * 2, n_rb, dt_.akp.unsafe_offset(dt_.dbp[unsafe_offset=d] * dt_.I2 * MB), n, I, cp,
+              pp.unsafe_offset(align64(Int(pp))).unsafe_bitcast[UInt8]())
+    amx_release()
+    for rb in range(n_rb):
+        var h0 = h_first + rb * 2 * AMX_TILE
+        for m in range(n):
+            var y = rw.yp.unsafe_offset((r0 + m) * H)
+            comptime for half in range(2):
+                var v = amx_token_cols(cp, n, rb, m, half)
+                var col = h0 + half * AMX_TILE
+                if col + AMX_TILE <= H:
+                    y.unsafe_store(col, v)
+                else:
+                    for i in range(max(0, H - col)):
+                        y[unsafe_offset=col + i] = v[i]
+    _ = tails^
+    _ = a^
+    _ = c^
+    _ = pack^
+
+
+@always_inline
 def _matmul_expert[wdt: DType](
     rt: _Routing, wt: _Weights[wdt], rw: _Rows, mm: _Matmul, num_threads: Int, i: Int,
 ) raises:
@@ -598,10 +700,13 @@ struct MoeExperts:
             var bep = blk_expert.unsafe_ptr()
             var gu32 = gup.unsafe_bitcast[Int32]()
             var dn32 = dnp.unsafe_bitcast[Int32]()
-            var gu_tasks = (I + GU_ROWS * GROUPS - 1) // (GU_ROWS * GROUPS)
-            var dn_tasks = (H + MR * GROUPS - 1) // (MR * GROUPS)
+            var amx = amx_k_ok(H) and amx_k_ok(I) and use_amx()
+            var gu_cols = AMX_RB * AMX_TILE if amx else GU_ROWS * GROUPS  # gate rows per task
+            var dn_cols = AMX_RB * 2 * AMX_TILE if amx else MR * GROUPS  # down rows per task
+            var gu_tasks = (I + gu_cols - 1) // gu_cols
+            var dn_tasks = (H + dn_cols - 1) // dn_cols
             var dt_ = _Dot(untracked(xkp), untracked(akp), untracked(gu32), untracked(dn32), untracked(dp),
-                           untracked(dbp), untracked(bep), H2, I2, gu_tasks, dn_tasks)
+                           untracked(dbp), untracked(bep), H2, I2, gu_tasks, dn_tasks, amx)
 
             def pack_x(blk: Int) {var rt, var rw, var dt_}:
                 _dot_pack_x(rt, rw, dt_, blk)
@@ -609,10 +714,16 @@ struct MoeExperts:
             parallelize_dynamic(pack_x, n_blk)
 
             def gate_up_dot(task: Int) {var rt, var wt, var rw, var dt_}:
-                _dot_gate_up[wdt](rt, wt, rw, dt_, task)
+                if dt_.amx:
+                    _amx_gate_up[wdt](rt, wt, dt_, task)
+                else:
+                    _dot_gate_up[wdt](rt, wt, rw, dt_, task)
 
             def down_dot(task: Int) {var rt, var wt, var rw, var dt_}:
-                _dot_down[wdt](rt, wt, rw, dt_, task)
+                if dt_.amx:
+                    _amx_down[wdt](rt, wt, rw, dt_, task)
+                else:
+                    _dot_down[wdt](rt, wt, rw, dt_, task)
 
             parallelize_dynamic(gate_up_dot, n_dots * gu_tasks)
             parallelize_dynamic(down_dot, n_dots * dn_tasks)
