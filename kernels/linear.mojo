@@ -10,24 +10,32 @@
 # Fuzz test:            tests/test_linear.py     Bench: bench/cases/linear.py (`linear` cases)
 # History (variants measured, kept or not): docs/perf-notes.md, "linear".
 #
-# Design, and why (one path per call, chosen from M, the dtype and cpuid; `linear_path` in the wrapper mirrors it):
+# Design, and why (one path per call, chosen from M, the dtype, K and cpuid; `linear_path` in the wrapper mirrors it):
 #   * STREAM (M <= STREAM_MAX_M: decode, small batches): memory bound. Each weight row is read exactly once and
 #     each of its chunks feeds the FMAs of up to 4 activation rows (microkernels.stream_dots*: register tiles of 1,
 #     2 or 4 rows); larger M loops over the rows in fours while the weight rows are in L1/L2. Tasks are ~1 MiB of
 #     weight rows, taken by whichever core is free (work_queue.mojo). bf16 on a CPU with AVX512_BF16:
 #     vdpbf16ps straight on the stored bf16 x and w (no conversion: bf16 products are exact in float32);
 #     otherwise the weights are widened exactly and x is float32 (a bf16 x is widened once per call).
-#   * DOT (bf16, M > STREAM_MAX_M, even K, AVX512_BF16): compute bound, the bf16-dot GEMM shared with moe_experts
-#     (microkernels.dot_panel: MR = 8 weight rows read in place x MB = 48 packed activation rows, 24 zmm
-#     accumulators). x is packed once per call into blocks [K/2][MB] of bf16 pairs; tasks are (chunk of
-#     CHUNK_BLOCKS blocks, GROUPS x MR weight rows), so a task's accumulators stay in L2. SwiGLU runs the panel on
-#     the gate rows and on the up rows and combines them in the epilogue.
+#   * AMX (bf16, M > STREAM_MAX_M, K a multiple of 32, AMX-BF16 granted by Linux; cpu_isa.use_amx): compute bound,
+#     on the tile unit (microkernels.amx_panel: 2 x 2 C tiles of 16 x 16 fp32, tdpbf16ps). The weight rows are the A
+#     tiles, read in place (a K slice copied into aligned tiles per task: tile loads from unaligned rows ran 35%
+#     slower); x is packed once per call exactly as for DOT and its 16-token slices are the B tiles. Tasks are
+#     (AMX_CHUNK_BLOCKS packed blocks, AMX_RB row blocks of 32 weight rows; SwiGLU: 16 gate rows with their 16 up
+#     rows, combined in the epilogue); the epilogue stores C transposed (a C tile's columns are rows of y).
+#   * DOT (bf16, M > STREAM_MAX_M, even K, AVX512_BF16; no AMX, or HYV3_DISABLE_AMX=1): compute bound, the bf16-dot
+#     GEMM shared with moe_experts (microkernels.dot_panel: MR = 8 weight rows read in place x MB = 48 packed
+#     activation rows, 24 zmm accumulators). x is packed once per call into blocks [K/2][MB] of bf16 pairs; tasks
+#     are (chunk of CHUNK_BLOCKS blocks, GROUPS x MR weight rows), so a task's accumulators stay in L2. SwiGLU runs
+#     the panel on the gate rows and on the up rows and combines them in the epilogue.
 #   * MATMUL (float32, M > STREAM_MAX_M): MAX's own linalg matmul on the raw pointers (it is fast in float32:
 #     ~300 GFLOP/s here); SwiGLU writes gate into y and up into a scratch, then combines.
 #   * Portable (bf16 without AVX512_BF16, HYV3_PORTABLE_KERNELS=1, or odd K at large M): STREAM at every M.
+#   * Why no AMX for float32 weights or at M <= 16: the tiles take bf16 only (rounding float32 weights would change
+#     the model), and decode is bound by the weight bytes, which the streaming path already reads once.
 #
 # Code map: `Linear.execute` / `LinearSwiglu.execute` check shapes, then `_run` picks the path and runs its passes:
-# `_stream_task`; `_pack_block`, `_dot_task`; `_matmul`. State lives in `_Problem`.
+# `_stream_task`; `_pack_block`, then `_amx_task` or `_dot_task`; `_matmul`. State lives in `_Problem`.
 #
 # Today's numbers (`python -m bench --only linear`, 2026-12-02 15:27, 2-core AMD EPYC family 26 (Zen 5), read
 # probe 39.4 GB/s at the start and 38-62 around the rows, sgemm 200 GFLOP/s; Hy3 dims), ours / MAX's matmul:
@@ -47,9 +55,10 @@ from linalg.matmul.cpu import matmul as cpu_matmul
 from std.runtime import parallelism_level
 from std.sys import size_of
 from std.utils import StaticTuple
+from std.memory import bitcast
 from .cpu_isa import F32x, amx_configure, amx_release, round_to_bf16, use_amx, use_bf16_dot
 from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, KC, NVMAX, AMX_TILE, align64, amx_c_tiles, amx_k_ok,
-                           amx_pack_bytes, amx_panel, amx_rows, amx_token_cols, dot_panel, dot_tile, n_blocks, silu,
+                           amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token, transpose16, dot_panel, dot_tile, n_blocks, silu,
                            stream_dots, stream_dots_bf16, swiglu_row, untracked)
 from .work_queue import parallelize_dynamic
 
@@ -60,7 +69,7 @@ comptime STREAM_GROUPS = STREAM_MAX_M // MAX_STREAM_ROWS  # streaming: groups of
 comptime STREAM_K_SLICE = 512  # streaming, M > 4: elements per K slice (4 weight rows + 16 x rows, float32: 40 KiB)
 comptime GROUPS = 8  # GEMM: micro-tiles of MR weight rows per task (they share each activation slice in L1)
 comptime CHUNK_BLOCKS = 8  # GEMM: packed blocks of MB rows per task (its accumulators: 8 x 8 x MR x MB x 4 = 96 KiB)
-comptime AMX_RB = 8  # AMX: row blocks (2 x 16 weight rows) per task: 128 rows x AMX_KC = 256 KiB of A in L2
+comptime AMX_RB = 8  # AMX: row blocks (2 x 16 weight rows) per task (4 and 16 measured slower)
 comptime AMX_CHUNK_BLOCKS = 11  # AMX: packed blocks of MB rows per task (528: M = 512 is one chunk)
 comptime STREAM = 1
 comptime DOT = 2
@@ -155,19 +164,27 @@ def _stream_task[dt: DType, SWIGLU: Bool, PAIRS: Bool](pb: _Problem[dt], cols_pe
 
 @always_inline
 def _pack_block[dt: DType](pb: _Problem[dt], xk: Pointer[mut=True, Int32, MutUntrackedOrigin], blk: Int):
-    """DOT: rows blk * MB .. of x (bf16 pairs) -> packed block [K/2][MB]; rows past M (up to a whole vector) are 0."""
+    """DOT and AMX: rows blk * MB .. of x (bf16 pairs) -> packed block [K/2][MB]; rows past M (up to a whole vector)
+    are 0. 16 rows x 16 pairs at a time through a register transpose (the int32 pairs travel as float32 bits)."""
     var K2 = pb.K // 2
     var x32 = pb.xp.unsafe_bitcast[Int32]()
     var dst = xk.unsafe_offset(blk * K2 * MB)
     var m_first = blk * MB
     var n_real = min(MB, pb.M - m_first)
-    for m in range(n_real, (n_real + W - 1) // W * W):
-        for p in range(K2):
-            dst[unsafe_offset=p * MB + m] = 0
-    for m in range(n_real):
-        var src = x32.unsafe_offset((m_first + m) * K2)
-        for p in range(K2):
-            dst[unsafe_offset=p * MB + m] = src[unsafe_offset=p]
+    for m0 in range(0, n_real, W):
+        var p = 0
+        while p + W <= K2:
+            var r = StaticTuple[F32x, W](fill=F32x(0))
+            comptime for i in range(W):
+                if m0 + i < n_real:
+                    r[i] = bitcast[DType.float32, W](x32.unsafe_load[width=W]((m_first + m0 + i) * K2 + p))
+            var t = transpose16(r)
+            comptime for j in range(W):
+                dst.unsafe_store((p + j) * MB + m0, bitcast[DType.int32, W](t[j]))
+            p += W
+        for q in range(p, K2):
+            for i in range(W):
+                dst[unsafe_offset=q * MB + m0 + i] = x32[unsafe_offset=(m_first + m0 + i) * K2 + q] if m0 + i < n_real else 0
 
 
 @always_inline
@@ -259,15 +276,16 @@ def _amx_task[dt: DType, SWIGLU: Bool](
     amx_release()
     for rb in range(n_rb):
         var n0 = n_first + rb * cols_rb
-        for m in range(rows):
-            var y_row = (m_first + m) * N
-            var g = amx_token_cols(cp, rows, rb, m, 0)
-            var h = amx_token_cols(cp, rows, rb, m, 1)
-            comptime if SWIGLU:
-                _store_cols[dt](pb.yp, y_row, n0, N, silu[AMX_TILE](g) * h)
-            else:
-                _store_cols[dt](pb.yp, y_row, n0, N, g)
-                _store_cols[dt](pb.yp, y_row, n0 + AMX_TILE, N, h)
+        for t in range((rows + AMX_TILE - 1) // AMX_TILE):
+            var g = amx_tile_by_token(cp, rows, rb, t, 0)
+            var h = amx_tile_by_token(cp, rows, rb, t, 1)
+            for j in range(min(AMX_TILE, rows - t * AMX_TILE)):
+                var y_row = (m_first + t * AMX_TILE + j) * N
+                comptime if SWIGLU:
+                    _store_cols[dt](pb.yp, y_row, n0, N, silu[AMX_TILE](g[j]) * h[j])
+                else:
+                    _store_cols[dt](pb.yp, y_row, n0, N, g[j])
+                    _store_cols[dt](pb.yp, y_row, n0 + AMX_TILE, N, h[j])
     _ = tails^
     _ = a^
     _ = c^

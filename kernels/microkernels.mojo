@@ -9,8 +9,13 @@
 #   * dot_tile / dot_panel: the bf16-dot GEMM (vdpbf16ps), compute bound: MR weight rows read in place, a bf16
 #     pair broadcast against MB activation rows packed [K/2][MB] (each op packs its own: moe_experts rounds float32
 #     rows, linear copies bf16 ones). moe_experts' bf16 experts with many rows and linear's bf16 prefill.
+#   * amx_panel: the bf16 GEMM on AMX tiles (Intel Sapphire Rapids and later), the same operands as dot_panel:
+#     weight rows in place as A tiles (each K slice first copied into 64-byte aligned tiles), dot_panel's packed
+#     activation blocks as B tiles (16 tokens a tile, MB x 4 bytes between tile rows), 2 x 2 C tiles of fp32 held
+#     over AMX_KC = 256 elements of K. linear's and moe_experts' bf16 GEMMs where cpu_isa.use_amx says yes.
+#     AMX_KC and the ops' tasks were tuned on Hy3 shapes (docs/perf-notes.md, "AMX").
 #   * silu, swiglu_row: the SwiGLU epilogue both ops' float32 matmul paths run.
-# Callers choose between them at run time (cpu_isa.use_bf16_dot); the bf16 ones only after it says yes.
+# Callers choose between them at run time (cpu_isa.use_bf16_dot, use_amx); the bf16 ones only after they say yes.
 # Measured numbers: the headers of moe_experts.mojo and linear.mojo; the history in docs/perf-notes.md.
 from std.math import exp
 from std.memory import bitcast
@@ -230,9 +235,9 @@ def dot_panel(
 
 
 # ---- AMX bf16 tiles (cpu_isa.use_amx): the same packed activations as dot_panel, 16 tokens per B tile ----
-comptime AMX_TILE = 16  # rows of an A tile (weight rows), columns of a B tile (tokens); C tiles are 16 x 16 fp32
+comptime AMX_TILE = 16  # rows of an A tile (weight rows), columns of a B tile (tokens): C tiles 16 x 16 fp32
 comptime AMX_STEP = 32  # bf16 elements of K per tile step (a 64-byte tile row)
-comptime AMX_KC = 256  # K elements per slice: 32 steps accumulate in the tiles between two C loads/stores
+comptime AMX_KC = 256  # K per slice (8 steps between C loads/stores): A and B slices stay in L1
 comptime AMX_C_TILE = AMX_TILE * AMX_TILE  # fp32 elements of one C tile (1 KiB)
 
 
@@ -376,9 +381,27 @@ def amx_rows(w: Pointer[mut=True, UInt16, MutUntrackedOrigin], r0: Int, N: Int, 
 
 
 @always_inline
-def amx_token_cols(c: Pointer[mut=True, Float32, MutUntrackedOrigin], n: Int, rb: Int, m: Int,
-                   half: Int) -> SIMD[DType.float32, AMX_TILE]:
-    """Token m's 16 outputs from A half `half` of row block rb in amx_panel's c: a column of a C tile (the
-    transposed store's gather)."""
-    return c.unsafe_offset(amx_c_tile(n, rb, m // AMX_TILE, half) + m % AMX_TILE).unsafe_strided_load[
-        width=AMX_TILE](AMX_TILE)
+def transpose16(r: StaticTuple[F32x, AMX_TILE]) -> StaticTuple[F32x, AMX_TILE]:
+    """16 x 16 float32 transpose in registers: four perfect shuffles (row i of each round interleaved with row
+    i + 8), 64 two-source permutes; a quarter of the cost of gathering each column from memory."""
+    var a = r
+    comptime for _ in range(4):
+        var n = StaticTuple[F32x, AMX_TILE](fill=F32x(0))
+        comptime for i in range(8):
+            var il = a[i].interleave(a[i + 8])
+            n[2 * i] = il.slice[W, offset=0]()
+            n[2 * i + 1] = il.slice[W, offset=W]()
+        a = n
+    return a
+
+
+@always_inline
+def amx_tile_by_token(c: Pointer[mut=True, Float32, MutUntrackedOrigin], n: Int, rb: Int, t: Int,
+                      half: Int) -> StaticTuple[F32x, AMX_TILE]:
+    """The C tile of row block rb, token tile t and A half `half` in amx_panel's c, transposed: element j holds
+    token 16 t + j's 16 outputs (the transposed store's input)."""
+    var tile = c.unsafe_offset(amx_c_tile(n, rb, t, half))
+    var r = StaticTuple[F32x, AMX_TILE](fill=F32x(0))
+    comptime for i in range(AMX_TILE):
+        r[i] = tile.unsafe_load[width=W](i * W)
+    return transpose16(r)

@@ -39,13 +39,19 @@
 #     SwiGLU output are rounded to bf16 (the reference models that: moe_experts_reference's
 #     bf16_activations). Without the instruction (or with HYV3_PORTABLE_KERNELS=1), or with odd H or I, bf16
 #     experts take the streaming path instead: exact float32 activations, slower at large T.
+#   * AMX (bf16 weights, H and I multiples of 32, AMX-BF16 granted; cpu_isa.use_amx, HYV3_DISABLE_AMX=1 turns it
+#     off): the same packing and numerics as the bf16-dot GEMM, on the tile unit (microkernels.amx_panel): A tiles
+#     are 16 weight rows read in place (gate_up: 16 gate rows with their 16 up rows, so SwiGLU fuses as above; a
+#     C tile row is one output for 16 tokens, which is exactly a row of the down GEMM's packed input), B tiles
+#     16 tokens of a packed block; tasks are (expert, AMX_RB row blocks).
 #   * The streaming and bf16-dot tasks go to whichever core is free (work_queue.mojo): MAX's parallelize
 #     gives each core a fixed half of the task list, which leaves one idle when experts' row counts differ.
 #   * Combine is deterministic, without atomics: out[t] accumulates its experts in ascending expert
 #     order, whatever the thread count; the shared expert(s) stay in the graph (a dense SwiGLU).
 #
 # Code map: `MoeExperts.execute` validates the routing, picks each expert's path, then runs the passes: `_gather_row`;
-# streaming `_stream_gate_up`, `_stream_down`; bf16-dot `_dot_pack_x`, `_dot_gate_up`, `_dot_down`; float32 matmul
+# streaming `_stream_gate_up`, `_stream_down`; bf16-dot `_dot_pack_x`, `_dot_gate_up`, `_dot_down` (AMX:
+# `_amx_gate_up`, `_amx_down`); float32 matmul
 # `_matmul_expert`; and `_combine_token`. They read the op's state from small structs (`_Routing`, `_Weights`,
 # `_Rows`, `_Stream`, `_Dot`, `_Matmul`). The streaming dots and the bf16-dot micro-kernel are microkernels.mojo's
 # (shared with linear.mojo).
@@ -67,7 +73,7 @@ from std.utils import StaticTuple
 from std.sys import size_of
 from .cpu_isa import F32x, adjacent_bf16_pairs, amx_configure, amx_release, bf16_pairs, use_amx, use_bf16_dot
 from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, AMX_TILE, align64, amx_c_tile, amx_c_tiles, amx_k_ok,
-                           amx_pack_bytes, amx_panel, amx_rows, amx_token_cols, dot_panel, n_blocks, n_vec, silu,
+                           amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token, dot_panel, n_blocks, n_vec, silu,
                            stream_dots, swiglu_row, untracked)
 
 comptime SMALL_ROWS = MAX_STREAM_ROWS  # experts with at most this many rows take the streaming path
@@ -490,16 +496,17 @@ def _amx_down[wdt: DType](
     amx_release()
     for rb in range(n_rb):
         var h0 = h_first + rb * 2 * AMX_TILE
-        for m in range(n):
-            var y = rw.yp.unsafe_offset((r0 + m) * H)
+        for t in range((n + AMX_TILE - 1) // AMX_TILE):
             comptime for half in range(2):
-                var v = amx_token_cols(cp, n, rb, m, half)
+                var v = amx_tile_by_token(cp, n, rb, t, half)
                 var col = h0 + half * AMX_TILE
-                if col + AMX_TILE <= H:
-                    y.unsafe_store(col, v)
-                else:
-                    for i in range(max(0, H - col)):
-                        y[unsafe_offset=col + i] = v[i]
+                for j in range(min(AMX_TILE, n - t * AMX_TILE)):
+                    var y = rw.yp.unsafe_offset((r0 + t * AMX_TILE + j) * H)
+                    if col + AMX_TILE <= H:
+                        y.unsafe_store(col, v[j])
+                    else:
+                        for i in range(max(0, H - col)):
+                            y[unsafe_offset=col + i] = v[j][i]
     _ = tails^
     _ = a^
     _ = c^

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from hyv3_graph.checkpoints import embedded_checkpoint, hf_config_dict, random_tensors, write_checkpoint
-from hyv3_graph.kernels.cpu_isa import PORTABLE_ENV
+from hyv3_graph.kernels.cpu_isa import DISABLE_AMX_ENV, PORTABLE_ENV, amx_available, amx_required
 
 settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -31,6 +31,32 @@ ALT_SPEC = dict(
 def portable(monkeypatch):
     """The ops' portable SIMD paths, as on a CPU without AVX512_BF16 (kernels/cpu_isa.mojo reads it on every call)."""
     monkeypatch.setenv(PORTABLE_ENV, "1")
+
+
+@pytest.fixture
+def amx(monkeypatch):
+    """The ops' AMX paths must run: skips where the CPU or OS lacks AMX, fails instead under HYV3_REQUIRE_AMX=1
+    (so a machine that should have it cannot pass by skipping)."""
+    monkeypatch.delenv(PORTABLE_ENV, raising=False)
+    monkeypatch.delenv(DISABLE_AMX_ENV, raising=False)
+    if not amx_available():
+        if amx_required():
+            pytest.fail("HYV3_REQUIRE_AMX=1 but the AMX paths cannot run here (no amx_bf16/amx_tile, or not granted)")
+        pytest.skip("the CPU has no AMX-BF16 (or Linux does not grant the tile state)")
+
+
+ISA_MODES = ("default", "no_amx", "portable")  # fuzz tests draw one: every path on one machine
+
+
+def set_isa(m, mode: str):
+    """Sets the kernels' run-time ISA switches in MonkeyPatch m: the default choice (AMX where present), the
+    AVX512_BF16 GEMMs instead of AMX, or the portable SIMD paths."""
+    m.delenv(PORTABLE_ENV, raising=False)
+    m.delenv(DISABLE_AMX_ENV, raising=False)
+    if mode == "portable":
+        m.setenv(PORTABLE_ENV, "1")
+    elif mode == "no_amx":
+        m.setenv(DISABLE_AMX_ENV, "1")
 
 
 @pytest.fixture(scope="session")

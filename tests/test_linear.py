@@ -2,13 +2,14 @@
 
 One graph per dtype, compiled once per session, computes both ops on the same x (the weight doubles as
 SwiGLU's gate); M, N and K are symbolic, so hypothesis varies every shape at run time without recompiling.
-Every path is reached: STREAM (M <= 16), DOT (bf16, M > 16, even K, AVX512_BF16), MATMUL (float32, M > 16), and
-the portable streaming path (HYV3_PORTABLE_KERNELS=1, read on every call; bf16 at any M).
+Every path is reached: STREAM (M <= 16), AMX (bf16, M > 16, K a multiple of 32, AMX-BF16), DOT (bf16, M > 16, even
+K, AVX512_BF16; HYV3_DISABLE_AMX=1 where AMX would run), MATMUL (float32, M > 16), and the portable streaming path
+(HYV3_PORTABLE_KERNELS=1; bf16 at any M). The switches are read on every call; the fuzz test draws one per example.
 
 Tolerance, per element: float32 sums against float64 are held to RTOL x (|x| @ |w|^T), the sum of the
 magnitudes (SwiGLU: that bound carried through silu(g) * u); a bf16 output adds one rounding, 2^-8 x |y|
 (round to nearest even is within 2^-9). bf16 inputs are exact in float64 and bf16 products exact in float32, so
-no activation rounding needs modelling: the dot paths use x's own bf16 values.
+no activation rounding needs modelling: the dot and AMX paths use x's own bf16 values.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from max.graph import DeviceRef, Graph, TensorType
 
 from hyv3_graph.dtypes import bf16_rounded, buffer_numpy, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
-from hyv3_graph.kernels.cpu_isa import PORTABLE_ENV, cpu_has_avx512_bf16
+from hyv3_graph.kernels.cpu_isa import DISABLE_AMX_ENV, PORTABLE_ENV, cpu_has_avx512_bf16
 from hyv3_graph.kernels.linear import STREAM_MAX_M, linear, linear_path, linear_reference, linear_swiglu
+
+from conftest import ISA_MODES, set_isa
 
 RTOL = 1e-5  # of the sum of magnitudes: float32 accumulation over K <= ~1e4 terms (measured <= 2e-7)
 BF16_OUT = 2.0**-8  # one bf16 rounding of the output, relative to |y|
@@ -85,32 +88,29 @@ def linear_case(draw):
     dt = draw(st.sampled_from(DTYPES))
     M = draw(st.one_of(st.sampled_from([0, 1, 2, 3, 4, 5, 8, 16, 17, 47, 48, 49, 97]), st.integers(0, 600)))
     N = draw(st.one_of(st.sampled_from(SIZES), st.integers(1, 300)))
-    K = draw(st.one_of(st.sampled_from(SIZES + [0, 1000, 1031, 1100]), st.integers(1, 1200)))
+    K = draw(st.one_of(st.sampled_from(SIZES + [0, 32, 96, 1000, 1024, 1031, 1100]), st.integers(1, 1200)))
     while M * N * max(K, 1) > 3_000_000:  # keep one example well under a second (the float64 reference dominates)
         M //= 2
-    portable = draw(st.booleans())
+    isa = draw(st.sampled_from(ISA_MODES))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     x = _values(rng, (M, K), dt)
     w, up = (_values(rng, (N, K), dt, 1 / np.sqrt(max(K, 1))) for _ in range(2))
-    return dt, x, w, up, portable
+    return dt, x, w, up, isa
 
 
 @given(linear_case())
 def test_linear_matches_reference(linear_models, case):
-    dt, x, w, up, portable = case
+    dt, x, w, up, isa = case
     with pytest.MonkeyPatch.context() as m:
-        if portable:
-            m.setenv(PORTABLE_ENV, "1")
-        else:
-            m.delenv(PORTABLE_ENV, raising=False)
+        set_isa(m, isa)
         check(linear_models, dt, x, w, up)
 
 
 @pytest.mark.parametrize("dt", DTYPES)
-@pytest.mark.parametrize("M", [1, 5, STREAM_MAX_M + 1, 200])
-def test_deterministic_bit_for_bit(linear_models, dt, M):
+@pytest.mark.parametrize("M,K", [(1, 1030), (5, 1030), (STREAM_MAX_M + 1, 1030), (200, 1030), (200, 1024)])
+def test_deterministic_bit_for_bit(linear_models, dt, M, K):
     rng = np.random.default_rng(M)
-    x, w, up = _values(rng, (M, 1030), dt), _values(rng, (300, 1030), dt, 0.03), _values(rng, (300, 1030), dt, 0.03)
+    x, w, up = _values(rng, (M, K), dt), _values(rng, (300, K), dt, 0.03), _values(rng, (300, K), dt, 0.03)
     a, b = run(linear_models, dt, x, w, up), run(linear_models, dt, x, w, up)
     assert all(np.array_equal(p, q) for p, q in zip(a, b))
 
@@ -121,8 +121,9 @@ def test_bf16_paths_are_taken(linear_models, monkeypatch):
     this into a skip): the vdpbf16ps streaming and GEMM paths sum in another order than the portable path, so
     their outputs differ from it somewhere in the last bits, and all three meet the reference."""
     monkeypatch.delenv(PORTABLE_ENV, raising=False)
+    monkeypatch.delenv(DISABLE_AMX_ENV, raising=False)
     rng = np.random.default_rng(3)
-    for M in (3, 64):
+    for M in (3, 64):  # K = 2000 is no multiple of 32: the vdpbf16ps GEMM even where AMX is present
         x, w, up = _values(rng, (M, 2000), DType.bfloat16), *(_values(rng, (256, 2000), DType.bfloat16, 0.02) for _ in "wu")
         assert linear_path(M, 2000, bf16=True) == ("stream" if M <= STREAM_MAX_M else "dot")
         fast = check(linear_models, DType.bfloat16, x, w, up)
@@ -130,6 +131,23 @@ def test_bf16_paths_are_taken(linear_models, monkeypatch):
         slow = check(linear_models, DType.bfloat16, x, w, up)
         monkeypatch.delenv(PORTABLE_ENV)
         assert not np.array_equal(fast[0], slow[0]), f"M={M}: the vdpbf16ps path gave the portable path's bits"
+
+
+@pytest.mark.parametrize("M,N,K", [(17, 40, 32), (64, 300, 2048), (97, 47, 1056), (600, 100, 288)])
+def test_amx_path_is_taken(linear_models, amx, monkeypatch, M, N, K):
+    """Where the CPU has AMX its GEMM must run (HYV3_REQUIRE_AMX=1: or fail): it meets the reference, and its sums
+    differ in the last bits from the vdpbf16ps GEMM's (HYV3_DISABLE_AMX=1), which meets it too. Shapes: a lone
+    16-token tile and weight rows past N (tail tiles copied), K beyond one AMX_KC slice, M beyond one task's
+    chunk of 528 rows."""
+    rng = np.random.default_rng(M)
+    x, w, up = _values(rng, (M, K), DType.bfloat16), *(_values(rng, (N, K), DType.bfloat16, 0.05) for _ in "wu")
+    assert linear_path(M, K, bf16=True) == "amx"
+    fast = check(linear_models, DType.bfloat16, x, w, up)
+    monkeypatch.setenv(DISABLE_AMX_ENV, "1")
+    assert linear_path(M, K, bf16=True) == "dot"
+    dot = check(linear_models, DType.bfloat16, x, w, up)
+    if K > 256:  # one tile step's sums are exact here; longer ones round in another order
+        assert not np.array_equal(fast[0], dot[0]), "the AMX path gave the vdpbf16ps path's bits"
 
 
 # Hy3's dense projections (N, K): qkv, o_proj, the dense MLP's gate/up and down, lm_head. K beyond one KC slice

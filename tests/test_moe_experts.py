@@ -17,9 +17,11 @@ from max.graph import DeviceRef, Graph, TensorType
 
 from hyv3_graph.dtypes import bf16_rounded, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
-from hyv3_graph.kernels.cpu_isa import PORTABLE_ENV, bf16_dot_available, cpu_has_avx512_bf16
-from hyv3_graph.kernels.moe_experts import bf16_dot_experts, moe_experts, moe_experts_reference
+from hyv3_graph.kernels.cpu_isa import DISABLE_AMX_ENV, PORTABLE_ENV, bf16_dot_available, cpu_has_avx512_bf16
+from hyv3_graph.kernels.moe_experts import bf16_dot_experts, bf16_gemm, moe_experts, moe_experts_reference
 from hyv3_graph.kernels.moe_router import moe_router
+
+from conftest import ISA_MODES, set_isa
 
 TOP_K = (1, 3, 8)
 BF16_TOP_K = 3  # one bfloat16-weights variant
@@ -76,8 +78,9 @@ def experts_case(draw):
     k = BF16_TOP_K if bf16 else draw(st.sampled_from(TOP_K))
     E = draw(st.integers(max(k, 1), 64))
     T = draw(st.one_of(st.sampled_from([0, 1, 2, 5]), st.integers(0, 512)))
-    H = draw(st.sampled_from([1, 7, 16, 33, 64, 130]))  # odd H or I: bf16 weights stream (no bf16 pairs)
-    I = draw(st.sampled_from([1, 7, 16, 33, 48, 130]))
+    # odd H or I: bf16 weights stream (no bf16 pairs); multiples of 32: the AMX GEMM where present
+    H = draw(st.sampled_from([1, 7, 16, 32, 33, 64, 96, 130]))
+    I = draw(st.sampled_from([1, 7, 16, 32, 33, 48, 64, 130]))
     if T * max(H, I) * k > 600_000:  # keep one example well under a second
         T = max(1, 600_000 // (max(H, I) * k))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
@@ -92,12 +95,15 @@ def experts_case(draw):
     down = (rng.standard_normal((E, H, I)) / np.sqrt(I)).astype(np.float32)
     if draw(st.booleans()) and E > 1:  # duplicate expert weights
         gate_up[1], down[1] = gate_up[0], down[0]
-    return k, x, logits, gate_up, down, bf16
+    return k, x, logits, gate_up, down, bf16, draw(st.sampled_from(ISA_MODES))
 
 
 @given(experts_case())
 def test_moe_experts_matches_reference(experts_models, case):
-    check(experts_models, *case)
+    *args, isa = case
+    with pytest.MonkeyPatch.context() as m:
+        set_isa(m, isa)
+        check(experts_models, *args)
 
 
 def test_deterministic_bit_for_bit(experts_models):
@@ -149,6 +155,22 @@ def test_bf16_dot_path_rounds_activations(experts_models, monkeypatch, shape):
     out, ids, w, gate_up, down = check(experts_models, *case, bf16=True)
     exact = moe_experts_reference(case[1], ids, w, gate_up, down)
     assert np.abs(out - exact).max() > RTOL * max(1.0, float(np.abs(exact).max()))
+
+
+@pytest.mark.parametrize("shape", ["small", "hy3"])
+def test_amx_path_is_taken(experts_models, amx, monkeypatch, shape):
+    """Where the CPU has AMX the experts' bf16 GEMMs run on it (HYV3_REQUIRE_AMX=1: or fail): they meet the
+    reference that rounds activations to bf16, like the vdpbf16ps GEMM (HYV3_DISABLE_AMX=1), whose sums differ
+    from them in the last bits. `small`: 70 rows an expert (five 16-token tiles: a lone last one), I = 32 (a
+    tail row block); `hy3`: H 4096 and I 1536, many K slices."""
+    case = (_heavy_bf16_case(H=64, I=32) if shape == "small" else _heavy_bf16_case(T=40, E=3, H=4096, I=1536))
+    E, H, I = case[4].shape
+    assert bf16_gemm(H, I) == "amx"
+    out = check(experts_models, *case, bf16=True)[0]
+    monkeypatch.setenv(DISABLE_AMX_ENV, "1")
+    assert bf16_gemm(H, I) == "dot"
+    dot = check(experts_models, *case, bf16=True)[0]
+    assert not np.array_equal(out, dot), "the AMX GEMM gave the vdpbf16ps GEMM's bits"
 
 
 def test_forced_portable_path_is_exact(experts_models, portable):

@@ -13,6 +13,7 @@ import os
 
 PORTABLE_ENV = "HYV3_PORTABLE_KERNELS"
 DISABLE_AMX_ENV = "HYV3_DISABLE_AMX"  # the AVX512_BF16 GEMMs instead of AMX (to test both on one machine)
+AMX_K_STEP = 32  # kernels/microkernels.mojo: the AMX GEMMs need K (H, I) a multiple of one tile step
 REQUIRE_AMX_ENV = "HYV3_REQUIRE_AMX"  # tests fail, rather than skip, where the AMX paths cannot run
 
 

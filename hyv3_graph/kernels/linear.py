@@ -11,10 +11,9 @@ import numpy as np
 from max.dtype import DType
 from max.graph import DeviceRef, TensorType, TensorValue, ops
 
-from .cpu_isa import amx_available, bf16_dot_available
+from .cpu_isa import AMX_K_STEP, amx_available, bf16_dot_available
 
 STREAM_MAX_M = 16  # kernels/linear.mojo: at most this many rows stream the weights
-AMX_K_STEP = 32  # microkernels.mojo: the AMX GEMM needs K a multiple of one tile step
 DOT_TILE_FLOPS = 8 * 3 * 128 * 64  # one microkernels.dot_tile call: MR x NVMAX x KC vdpbf16ps of 64 flops each
 
 

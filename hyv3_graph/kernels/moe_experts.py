@@ -1,6 +1,6 @@
 """Routed MoE experts: out[t] = sum over t's k experts of weight * down(silu(gate(x_t)) * up(x_t)).
 
-Our Mojo op: `kernels/moe_experts.mojo` (its header explains the three paths and the combine order).
+Our Mojo op: `kernels/moe_experts.mojo` (its header explains the paths and the combine order).
 Here: its graph wrapper, the MAX built-in peer (`experts_builtin`), and the float64 numpy reference.
 Fuzz test: tests/test_moe_experts.py; bench: bench/cases/moe_experts.py.
 """
@@ -12,17 +12,26 @@ from max.dtype import DType
 from max.graph import DeviceRef, TensorType, TensorValue, ops
 
 from ..dtypes import bf16_rounded
-from .cpu_isa import bf16_dot_available
+from .cpu_isa import AMX_K_STEP, amx_available, bf16_dot_available
 
 
 SMALL_ROWS = 4  # kernels/moe_experts.mojo: experts with at most this many rows stream (exact float32 activations)
 
 
+def bf16_gemm(H: int, I: int) -> str:
+    """The GEMM of bf16-weight experts with more than SMALL_ROWS rows: "amx" (H and I multiples of 32, AMX-BF16),
+    "dot" (vdpbf16ps: H and I even and nonzero, AVX512_BF16) or "stream" (exact float32 activations). Mirrors
+    `execute` in kernels/moe_experts.mojo."""
+    if H > 0 and I > 0 and H % AMX_K_STEP == 0 and I % AMX_K_STEP == 0 and amx_available():
+        return "amx"
+    return "dot" if H > 0 and I > 0 and H % 2 == 0 and I % 2 == 0 and bf16_dot_available() else "stream"
+
+
 def bf16_dot_experts(topk_ids, E: int, H: int, I: int) -> np.ndarray:
-    """[E] bool: the experts the op computes with bf16-rounded activations (bf16 weights): the bf16-dot path,
-    taken by experts with more than SMALL_ROWS rows when H and I are even and nonzero and the CPU has it."""
+    """[E] bool: the experts the op computes with bf16-rounded activations (bf16 weights): those with more than
+    SMALL_ROWS rows where `bf16_gemm` is "amx" or "dot" (both round x and the SwiGLU output to bf16)."""
     rows = np.bincount(np.asarray(topk_ids).reshape(-1), minlength=E)[:E]
-    return (rows > SMALL_ROWS) & (H > 0 and I > 0 and H % 2 == 0 and I % 2 == 0 and bf16_dot_available())
+    return (rows > SMALL_ROWS) & (bf16_gemm(H, I) != "stream")
 
 
 def moe_experts_reference(x, topk_ids, topk_weights, gate_up, down, bf16_activations=None) -> np.ndarray:
