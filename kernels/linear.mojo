@@ -4,10 +4,13 @@
 # float32 accumulation; a bf16 y is rounded once, to nearest even. Deterministic bit for bit, whatever the thread
 # count. Every dense projection of the model goes through it with --kernels custom: qkv, o_proj, layer 0's MLP,
 # the shared expert, lm_head and the router. MAX's own CPU matmul reads bf16 weights at ~2 GB/s.
+# `linear_q8_0` / `linear_swiglu_q8_0`: the same with Q8_0 weights (llama.cpp's blocks of 32 int8 along K with a
+# float16 scale, uint8 [N, K / 32 * 34], hyv3_graph/q8_0.py; K a multiple of 32, else an error): y = x .
+# dequantize(w)^T, x and y float32 or bfloat16, the weights dequantized exactly into float32 (d * q fits it).
 #
 # Reference (the spec): hyv3_graph/kernels/linear.py::linear_reference (float64)
-# Wrapper:              hyv3_graph/kernels/linear.py::linear, linear_swiglu
-# Fuzz test:            tests/test_linear.py     Bench: bench/cases/linear.py (`linear` cases)
+# Wrapper:              hyv3_graph/kernels/linear.py::linear, linear_swiglu (a uint8 weight takes the Q8_0 op)
+# Fuzz test:            tests/test_linear.py     Bench: bench/cases/linear.py (`linear` cases, `q8_0` rows)
 # History (variants measured, kept or not): docs/perf-notes.md, "linear".
 #
 # Design, and why (one path per call, chosen from M, the dtype, K and cpuid; `linear_path` in the wrapper mirrors it):
@@ -31,11 +34,17 @@
 #   * MATMUL (float32, M > STREAM_MAX_M): MAX's own linalg matmul on the raw pointers (it is fast in float32:
 #     ~300 GFLOP/s here); SwiGLU writes gate into y and up into a scratch, then combines.
 #   * Portable (bf16 without AVX512_BF16, HYV3_PORTABLE_KERNELS=1, or odd K at large M): STREAM at every M.
+#   * Q8_0 weights: STREAM at M <= STREAM_MAX_M with microkernels.stream_dots_q8_0 (each block's int8 widened and
+#     scaled, FMA'd into float32 x: the int8 bytes are read once, 53% of bf16's), portable SIMD on every CPU; at
+#     larger M, DEQUANT: DEQUANT_ROWS weight rows at a time dequantized into float32 and multiplied by MAX's matmul
+#     (the dequantization is 1/M of the work). Not yet: int8 dot products on quantized activations (VNNI
+#     vpdpbusd, AMX int8), which no CPU here at the time (a Zen 3 without AVX-512) could test.
 #   * Why no AMX for float32 weights or at M <= 16: the tiles take bf16 only (rounding float32 weights would change
 #     the model), and decode is bound by the weight bytes, which the streaming path already reads once.
 #
 # Code map: `Linear.execute` / `LinearSwiglu.execute` check shapes, then `_run` picks the path and runs its passes:
-# `_stream_task`; `_pack_block`, then `_amx_task` or `_dot_task`; `_matmul`. State lives in `_Problem`.
+# `_stream_task`; `_pack_block`, then `_amx_task` or `_dot_task`; `_matmul`; `_dequant_matmul`. State lives in
+# `_Problem`.
 #
 # Today's numbers (`python -m bench --only linear`, 2026-12-02 15:27, 2-core AMD EPYC family 26 (Zen 5), read
 # probe 39.4 GB/s at the start and 38-62 around the rows, sgemm 200 GFLOP/s; Hy3 dims), ours / MAX's matmul:
@@ -57,9 +66,10 @@ from std.sys import size_of
 from std.utils import StaticTuple
 from std.memory import bitcast
 from .cpu_isa import F32x, amx_configure, amx_release, round_to_bf16, use_amx, use_bf16_dot
-from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, KC, NVMAX, AMX_TILE, align64, amx_c_tiles, amx_k_ok,
-                           amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token, transpose16, dot_panel, dot_tile, n_blocks, silu,
-                           stream_dots, stream_dots_bf16, swiglu_row, untracked)
+from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, KC, NVMAX, AMX_TILE, Q8_BLOCK, Q8_BLOCK_BYTES, align64,
+                           amx_c_tiles, amx_k_ok, amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token, transpose16,
+                           dot_panel, dot_tile, n_blocks, q8_dequantize_row, q8_row_bytes, silu, stream_dots,
+                           stream_dots_bf16, stream_dots_q8_0, swiglu_row, untracked)
 from .work_queue import parallelize_dynamic
 
 comptime STREAM_MAX_M = 16  # at most this many rows stream the weights (see the header)
@@ -71,16 +81,22 @@ comptime GROUPS = 8  # GEMM: micro-tiles of MR weight rows per task (they share 
 comptime CHUNK_BLOCKS = 8  # GEMM: packed blocks of MB rows per task (its accumulators: 8 x 8 x MR x MB x 4 = 96 KiB)
 comptime AMX_RB = 8  # AMX: row blocks (2 x 16 weight rows) per task (4 and 16 measured slower)
 comptime AMX_CHUNK_BLOCKS = 11  # AMX: packed blocks of MB rows per task (528: M = 512 is one chunk)
+comptime DEQUANT_ROWS = 256  # DEQUANT: Q8_0 weight rows dequantized per matmul call (K = 4096: 4 MiB of float32)
 comptime STREAM = 1
 comptime DOT = 2
 comptime MATMUL = 3
 comptime AMX = 4
+comptime DEQUANT = 5
+comptime READ_WIDEN = 0  # streaming reads float32 x and weights widened exactly to float32
+comptime READ_PAIRS = 1  # streaming runs vdpbf16ps on the stored bf16 x and weights
+comptime READ_Q8 = 2  # streaming reads float32 x and Q8_0 weight blocks, dequantized exactly
 
 
 @fieldwise_init
 struct _Problem[dt: DType](ImplicitlyCopyable, Movable):
     """One call: x [M, K], wa [N, K] (the weight, or SwiGLU's gate), wb [N, K] (SwiGLU's up; wa otherwise),
-    y [M, N]; xf: x as float32 for the portable streaming path (x itself when dt is float32)."""
+    y [M, N]; xf: x as float32 for the portable streaming and Q8_0 paths (x itself when dt is float32). Q8_0
+    weights: wa and wb point at their bytes ([N, K / 32 * 34], microkernels.q8_row_bytes)."""
     var M: Int
     var N: Int
     var K: Int
@@ -109,12 +125,16 @@ def _stream_cols_per_task(N: Int, row_bytes: Int) -> Int:
 
 
 @always_inline
-def _stream_dots[dt: DType, PAIRS: Bool](
+def _stream_dots[dt: DType, READ: Int](
     pb: _Problem[dt], w: Pointer[mut=True, Scalar[dt], MutUntrackedOrigin], w_rows: StaticTuple[Int, STREAM_NW],
     m0: Int, rows: Int, k0: Int, kn: Int,
 ) -> StaticTuple[SIMD[DType.float32, 4], STREAM_NW]:
-    """STREAM_NW weight rows of w . activation rows m0 .. m0 + rows (<= MAX_STREAM_ROWS), over k0 .. k0 + kn."""
-    comptime if PAIRS:
+    """STREAM_NW weight rows of w (offsets w_rows: elements, Q8_0 bytes) . activation rows m0 .. m0 + rows
+    (<= MAX_STREAM_ROWS), over k0 .. k0 + kn (Q8_0: whole blocks)."""
+    comptime if READ == READ_Q8:
+        return stream_dots_q8_0(w.unsafe_bitcast[UInt8]().unsafe_offset(k0 // Q8_BLOCK * Q8_BLOCK_BYTES), w_rows,
+                                pb.xf.unsafe_offset(m0 * pb.K + k0), pb.K, rows, kn)
+    elif READ == READ_PAIRS:
         return stream_dots_bf16(w.unsafe_bitcast[UInt16]().unsafe_offset(k0), w_rows,
                                 pb.xp.unsafe_bitcast[UInt16]().unsafe_offset(m0 * pb.K + k0), pb.K, rows, kn)
     else:
@@ -122,7 +142,7 @@ def _stream_dots[dt: DType, PAIRS: Bool](
 
 
 @always_inline
-def _stream_task[dt: DType, SWIGLU: Bool, PAIRS: Bool](pb: _Problem[dt], cols_per_task: Int, task: Int):
+def _stream_task[dt: DType, SWIGLU: Bool, READ: Int](pb: _Problem[dt], cols_per_task: Int, task: Int):
     """STREAM: output columns task * cols_per_task .. (their weight rows, each read from memory once when M <=
     STREAM_MAX_M), STREAM_NW at a time, for the rows of x in chunks of STREAM_MAX_M (more only on the portable
     path), each chunk in groups of four. With more than four rows the reduction runs in K slices of
@@ -130,12 +150,13 @@ def _stream_task[dt: DType, SWIGLU: Bool, PAIRS: Bool](pb: _Problem[dt], cols_pe
     passes over them. Columns past N alias N - 1 (the same value is stored twice)."""
     var N = pb.N
     var K = pb.K
-    var k_slice = K if pb.M <= MAX_STREAM_ROWS else STREAM_K_SLICE
+    var k_slice = K if pb.M <= MAX_STREAM_ROWS else STREAM_K_SLICE  # a multiple of Q8_BLOCK
+    var row_units = q8_row_bytes(K) if READ == READ_Q8 else K
     var o0 = task * cols_per_task
     for o in range(o0, min(N, o0 + cols_per_task), STREAM_NW):
         var w_rows = StaticTuple[Int, STREAM_NW](fill=0)
         comptime for v in range(STREAM_NW):
-            w_rows[v] = min(o + v, N - 1) * K
+            w_rows[v] = min(o + v, N - 1) * row_units
         for mc in range(0, pb.M, STREAM_MAX_M):
             var groups = (min(STREAM_MAX_M, pb.M - mc) + MAX_STREAM_ROWS - 1) // MAX_STREAM_ROWS
             var a = StaticTuple[SIMD[DType.float32, 4], STREAM_GROUPS * STREAM_NW](fill=SIMD[DType.float32, 4](0))
@@ -145,11 +166,11 @@ def _stream_task[dt: DType, SWIGLU: Bool, PAIRS: Bool](pb: _Problem[dt], cols_pe
                 for grp in range(groups):
                     var m0 = mc + grp * MAX_STREAM_ROWS
                     var rows = min(MAX_STREAM_ROWS, pb.M - m0)
-                    var d = _stream_dots[dt, PAIRS](pb, pb.wa, w_rows, m0, rows, k0, kn)
+                    var d = _stream_dots[dt, READ](pb, pb.wa, w_rows, m0, rows, k0, kn)
                     comptime for v in range(STREAM_NW):
                         a[grp * STREAM_NW + v] += d[v]
                     comptime if SWIGLU:
-                        var e = _stream_dots[dt, PAIRS](pb, pb.wb, w_rows, m0, rows, k0, kn)
+                        var e = _stream_dots[dt, READ](pb, pb.wb, w_rows, m0, rows, k0, kn)
                         comptime for v in range(STREAM_NW):
                             u[grp * STREAM_NW + v] += e[v]
             for grp in range(groups):
@@ -184,7 +205,8 @@ def _pack_block[dt: DType](pb: _Problem[dt], xk: Pointer[mut=True, Int32, MutUnt
             p += W
         for q in range(p, K2):
             for i in range(W):
-                dst[unsafe_offset=q * MB + m0 + i] = x32[unsafe_offset=(m_first + m0 + i) * K2 + q] if m0 + i < n_real else 0
+                var real = m0 + i < n_real
+                dst[unsafe_offset=q * MB + m0 + i] = x32[unsafe_offset=(m_first + m0 + i) * K2 + q] if real else 0
 
 
 @always_inline
@@ -325,10 +347,64 @@ def _matmul[SWIGLU: Bool](pb: _Problem[DType.float32]) raises:
         _ = up^
 
 
-def _path[dt: DType](M: Int, K: Int) -> Int:
-    """STREAM, AMX, DOT or MATMUL for this call (the header's rules)."""
+def _dequant_matmul[dt: DType, SWIGLU: Bool](pb: _Problem[dt]) raises:
+    """DEQUANT (Q8_0 weights, M > STREAM_MAX_M): DEQUANT_ROWS weight rows at a time are dequantized into float32
+    (exact; all cores), multiplied with the float32 x by MAX's CPU matmul (transpose_b, all cores), and stored as
+    those columns of y (SwiGLU: combined). Dequantizing costs 1 / M of the matmul's work."""
+    var M = pb.M
+    var N = pb.N
+    var K = pb.K
+    var rb = q8_row_bytes(K)
+    var rows_max = min(N, DEQUANT_ROWS)
+    var ws = List[Float32](unsafe_uninit_length=rows_max * K * (2 if SWIGLU else 1))  # gate rows, then up rows
+    var cs = List[Float32](unsafe_uninit_length=M * rows_max * (2 if SWIGLU else 1))  # x . their rows, [M, rows]
+    var wf = untracked(ws.unsafe_ptr())
+    var cf = untracked(cs.unsafe_ptr())
+    var uf = wf.unsafe_offset(rows_max * K)
+    var cu = cf.unsafe_offset(M * rows_max)
+    var x = TileTensor(pb.xf, row_major(M, K))
+    for n0 in range(0, N, DEQUANT_ROWS):
+        var nc = min(DEQUANT_ROWS, N - n0)
+
+        def dequantize(i: Int) {var pb, var wf, var uf, var n0, var K, var rb}:
+            q8_dequantize_row(pb.wa.unsafe_bitcast[UInt8]().unsafe_offset((n0 + i) * rb), wf.unsafe_offset(i * K), K)
+            comptime if SWIGLU:
+                q8_dequantize_row(pb.wb.unsafe_bitcast[UInt8]().unsafe_offset((n0 + i) * rb), uf.unsafe_offset(i * K),
+                                  K)
+
+        parallelize(dequantize, nc)
+        cpu_matmul[transpose_b=True](TileTensor(cf, row_major(M, nc)), x, TileTensor(wf, row_major(nc, K)), 0,
+                                     num_threads=-1)
+        comptime if SWIGLU:
+            cpu_matmul[transpose_b=True](TileTensor(cu, row_major(M, nc)), x, TileTensor(uf, row_major(nc, K)), 0,
+                                         num_threads=-1)
+
+        def store_row(m: Int) {var pb, var cf, var cu, var n0, var nc, var N}:
+            var j = 0
+            while j < nc:
+                var n = min(W, nc - j)
+                var g = SIMD[DType.float32, W](0)
+                var u = SIMD[DType.float32, W](0)
+                for i in range(n):
+                    g[i] = cf[unsafe_offset=m * nc + j + i]
+                    comptime if SWIGLU:
+                        u[i] = cu[unsafe_offset=m * nc + j + i]
+                comptime if SWIGLU:
+                    g = silu[W](g) * u
+                _store_cols[dt](pb.yp, m * N, n0 + j, n0 + j + n, g)
+                j += W
+
+        parallelize(store_row, M)
+    _ = ws^
+    _ = cs^
+
+
+def _path[dt: DType, Q8: Bool](M: Int, K: Int) -> Int:
+    """STREAM, AMX, DOT, MATMUL or DEQUANT for this call (the header's rules)."""
     if M <= STREAM_MAX_M:
         return STREAM
+    comptime if Q8:
+        return DEQUANT
     comptime if dt == DType.float32:
         return MATMUL
     else:
@@ -337,10 +413,12 @@ def _path[dt: DType](M: Int, K: Int) -> Int:
         return DOT if K % 2 == 0 and use_bf16_dot() else STREAM
 
 
-def _run[dt: DType, SWIGLU: Bool](
+def _run[dt: DType, SWIGLU: Bool, Q8: Bool](
     y: Pointer[mut=True, Scalar[dt], _], x: Pointer[mut=True, Scalar[dt], _], wa: Pointer[mut=True, Scalar[dt], _],
     wb: Pointer[mut=True, Scalar[dt], _], M: Int, N: Int, K: Int,
 ) raises:
+    """One call of any of the ops: y = x . wa^T (SwiGLU: silu(x . wa^T) * (x . wb^T)); Q8: wa and wb are Q8_0
+    bytes (K a multiple of 32, checked by the caller)."""
     comptime assert dt == DType.float32 or dt == DType.bfloat16, "linear: float32 or bfloat16"
     if M == 0 or N == 0:
         return
@@ -349,10 +427,11 @@ def _run[dt: DType, SWIGLU: Bool](
         for i in range(M * N):
             _store[dt, 1](yu, i, SIMD[DType.float32, 1](0))
         return
-    var path = _path[dt](M, K)
-    var pairs = dt == DType.bfloat16 and use_bf16_dot()  # streaming on vdpbf16ps
-    # The portable streaming path reads x as float32: x itself, or a bf16 x widened once.
-    var widened = List[Float32](unsafe_uninit_length=M * K if path == STREAM and dt != DType.float32 and not pairs else 0)
+    var path = _path[dt, Q8](M, K)
+    var pairs = dt == DType.bfloat16 and use_bf16_dot() and not Q8  # streaming on vdpbf16ps
+    # The portable streaming path and the Q8_0 paths read x as float32: x itself, or a bf16 x widened once.
+    var widen = dt != DType.float32 and (Q8 or (path == STREAM and not pairs))
+    var widened = List[Float32](unsafe_uninit_length=M * K if widen else 0)
     var xf = untracked(x).unsafe_bitcast[Float32]()
     comptime if dt != DType.float32:
         if len(widened) > 0:
@@ -362,16 +441,22 @@ def _run[dt: DType, SWIGLU: Bool](
     var pb = _Problem[dt](M, N, K, untracked(x), untracked(wa), untracked(wb), yu, xf)
 
     if path == STREAM:
-        var cols = _stream_cols_per_task(N, K * size_of[dt]() * (2 if SWIGLU else 1))
+        var row_bytes = q8_row_bytes(K) if Q8 else K * size_of[dt]()
+        var cols = _stream_cols_per_task(N, row_bytes * (2 if SWIGLU else 1))
         var tasks = (N + cols - 1) // cols
 
         def stream_pairs(task: Int) {var pb, var cols}:
-            _stream_task[dt, SWIGLU, True](pb, cols, task)
+            _stream_task[dt, SWIGLU, READ_PAIRS](pb, cols, task)
 
         def stream_widened(task: Int) {var pb, var cols}:
-            _stream_task[dt, SWIGLU, False](pb, cols, task)
+            _stream_task[dt, SWIGLU, READ_WIDEN](pb, cols, task)
 
-        comptime if dt == DType.bfloat16:
+        def stream_q8(task: Int) {var pb, var cols}:
+            _stream_task[dt, SWIGLU, READ_Q8](pb, cols, task)
+
+        comptime if Q8:
+            parallelize_dynamic(stream_q8, tasks)
+        elif dt == DType.bfloat16:
             if pairs:
                 parallelize_dynamic(stream_pairs, tasks)
             else:
@@ -411,6 +496,8 @@ def _run[dt: DType, SWIGLU: Bool](
 
             parallelize_dynamic(dot, chunks * n_tiles)
         _ = packed^
+    elif path == DEQUANT:
+        _dequant_matmul[dt, SWIGLU](pb)
     else:
         comptime if dt == DType.float32:
             _matmul[SWIGLU](rebind[_Problem[DType.float32]](pb))
@@ -444,7 +531,7 @@ struct Linear:
         _check_contiguous("x", M, K, x.stride_length(0), x.stride_length(1))
         _check_contiguous("w", N, K, w.stride_length(0), w.stride_length(1))
         _check_contiguous("y", M, N, output.stride_length(0), output.stride_length(1))
-        _run[output.dtype, False](output.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), w.unsafe_ptr(), M, N, K)
+        _run[output.dtype, False, False](output.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), w.unsafe_ptr(), M, N, K)
 
 
 @extensibility.register("linear_swiglu")
@@ -471,7 +558,71 @@ struct LinearSwiglu:
         _check_contiguous("gate", I, K, gate.stride_length(0), gate.stride_length(1))
         _check_contiguous("up", I, K, up.stride_length(0), up.stride_length(1))
         _check_contiguous("y", M, I, output.stride_length(0), output.stride_length(1))
-        _run[output.dtype, True](output.unsafe_ptr(), x.unsafe_ptr(), gate.unsafe_ptr(), up.unsafe_ptr(), M, I, K)
+        _run[output.dtype, True, False](output.unsafe_ptr(), x.unsafe_ptr(), gate.unsafe_ptr(), up.unsafe_ptr(), M, I,
+                                        K)
+
+
+def _check_q8(op: StaticString, name: StaticString, rows: Int, K: Int, w_cols: Int, s0: Int, s1: Int) raises:
+    """A Q8_0 weight [rows, K / 32 * 34] of uint8 for an x with K columns; K a multiple of 32 (no padding)."""
+    if K % Q8_BLOCK != 0:
+        raise Error(op, ": K = ", K, " is not a multiple of ", Q8_BLOCK, " (Q8_0 blocks)")
+    if w_cols != q8_row_bytes(K):
+        raise Error(op, ": ", name, " must be Q8_0 bytes [N, K / 32 * 34] = [N, ", q8_row_bytes(K), "] for K ", K,
+                    "; got ", w_cols, " columns")
+    _check_contiguous(name, rows, w_cols, s0, s1)
+
+
+@extensibility.register("linear_q8_0")
+struct LinearQ8_0:
+    @staticmethod
+    def execute[
+        target: StaticString,
+    ](
+        output: OutputTensor[rank=2, ...],
+        x: InputTensor[dtype = output.dtype, rank=2, ...],
+        w: InputTensor[dtype = DType.uint8, rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        """y [M, N] = x [M, K] . dequantize(w)^T, w Q8_0 bytes [N, K / 32 * 34]."""
+        comptime assert target == "cpu", "linear_q8_0: CPU-only kernel"
+        var M = x.dim_size(0)
+        var K = x.dim_size(1)
+        var N = w.dim_size(0)
+        _check_q8("linear_q8_0", "w", N, K, w.dim_size(1), w.stride_length(0), w.stride_length(1))
+        if output.dim_size(0) != M or output.dim_size(1) != N:
+            raise Error("linear_q8_0: expected y [M, N] = [", M, ", ", N, "]")
+        _check_contiguous("x", M, K, x.stride_length(0), x.stride_length(1))
+        _check_contiguous("y", M, N, output.stride_length(0), output.stride_length(1))
+        var wp = w.unsafe_ptr().unsafe_bitcast[Scalar[output.dtype]]()
+        _run[output.dtype, False, True](output.unsafe_ptr(), x.unsafe_ptr(), wp, wp, M, N, K)
+
+
+@extensibility.register("linear_swiglu_q8_0")
+struct LinearSwigluQ8_0:
+    @staticmethod
+    def execute[
+        target: StaticString,
+    ](
+        output: OutputTensor[rank=2, ...],
+        x: InputTensor[dtype = output.dtype, rank=2, ...],
+        gate: InputTensor[dtype = DType.uint8, rank=2, ...],
+        up: InputTensor[dtype = DType.uint8, rank=2, ...],
+        ctx: DeviceContext,
+    ) raises:
+        """y [M, I] = silu(x . dequantize(gate)^T) * (x . dequantize(up)^T), gate and up Q8_0 [I, K / 32 * 34]."""
+        comptime assert target == "cpu", "linear_swiglu_q8_0: CPU-only kernel"
+        var M = x.dim_size(0)
+        var K = x.dim_size(1)
+        var I = gate.dim_size(0)
+        _check_q8("linear_swiglu_q8_0", "gate", I, K, gate.dim_size(1), gate.stride_length(0), gate.stride_length(1))
+        _check_q8("linear_swiglu_q8_0", "up", I, K, up.dim_size(1), up.stride_length(0), up.stride_length(1))
+        if up.dim_size(0) != I or output.dim_size(0) != M or output.dim_size(1) != I:
+            raise Error("linear_swiglu_q8_0: expected gate and up with the same rows, y [M, I]")
+        _check_contiguous("x", M, K, x.stride_length(0), x.stride_length(1))
+        _check_contiguous("y", M, I, output.stride_length(0), output.stride_length(1))
+        var gp = gate.unsafe_ptr().unsafe_bitcast[Scalar[output.dtype]]()
+        var upp = up.unsafe_ptr().unsafe_bitcast[Scalar[output.dtype]]()
+        _run[output.dtype, True, True](output.unsafe_ptr(), x.unsafe_ptr(), gp, upp, M, I, K)
 
 
 @extensibility.register("linear_dot_peak")

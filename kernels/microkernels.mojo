@@ -6,6 +6,9 @@
 #   * stream_dots_bf16: the same with bfloat16 activations and weights on vdpbf16ps (AVX512_BF16): both operands
 #     in their stored layout (adjacent elements along the reduction dim are vdpbf16ps's pairs), nothing packed.
 #     linear's decode path for a bf16 model, whose activations are bf16 already, so nothing is rounded.
+#   * stream_dots_q8_0, q8_dequantize_row: Q8_0 weight rows (llama.cpp's blocks of 32 int8 and a float16 scale)
+#     widened exactly and dotted with float32 activation rows; dequantized into float32 rows for a GEMM. linear's
+#     Q8_0 paths (decode; prefill through MAX's float32 matmul), portable SIMD.
 #   * dot_tile / dot_panel: the bf16-dot GEMM (vdpbf16ps), compute bound: MR weight rows read in place, a bf16
 #     pair broadcast against MB activation rows packed [K/2][MB] (each op packs its own: moe_experts rounds float32
 #     rows, linear copies bf16 ones). moe_experts' bf16 experts with many rows and linear's bf16 prefill.
@@ -157,6 +160,79 @@ def stream_dots_bf16[NW: Int](
     if n_rows == 2:
         return stream_dots_bf16[2](w, w_rows, x, x_stride, n_rows, K)
     return stream_dots_bf16[MAX_STREAM_ROWS](w, w_rows, x, x_stride, n_rows, K)
+
+
+comptime Q8_BLOCK = 32  # Q8_0: weights per block (hyv3_graph/q8_0.py has the format)
+comptime Q8_BLOCK_BYTES = 34  # Q8_0: the float16 scale, then 32 int8
+
+
+@always_inline
+def q8_row_bytes(K: Int) -> Int:
+    """Bytes of a Q8_0 row of K weights (K a multiple of Q8_BLOCK)."""
+    return K // Q8_BLOCK * Q8_BLOCK_BYTES
+
+
+@always_inline
+def q8_block[n: Int](blk: Pointer[UInt8, _], i: Int) -> SIMD[DType.float32, n]:
+    """Weights i .. i + n of the Q8_0 block at blk (i + n <= 32), dequantized: d * q, exact in float32."""
+    var d = bitcast[DType.float16, 1](blk.unsafe_bitcast[UInt16]().unsafe_load[width=1](0)).cast[DType.float32]()
+    return blk.unsafe_offset(2 + i).unsafe_bitcast[Int8]().unsafe_load[width=n](0).cast[DType.float32]() * d
+
+
+def q8_dequantize_row(w: Pointer[UInt8, _], dst: Pointer[mut=True, Float32, _], K: Int):
+    """dst[0 .. K) = the Q8_0 row at w, dequantized (float32, exact)."""
+    for b in range(K // Q8_BLOCK):
+        var blk = w.unsafe_offset(b * Q8_BLOCK_BYTES)
+        dst.unsafe_store(b * Q8_BLOCK, q8_block[W](blk, 0))
+        dst.unsafe_store(b * Q8_BLOCK + W, q8_block[W](blk, W))
+
+
+@always_inline
+def stream_dots_q8_0[R: Int, NW: Int](
+    w: Pointer[UInt8, _], w_rows: StaticTuple[Int, NW], x: Pointer[Float32, _], x_stride: Int, n_rows: Int, K: Int,
+) -> StaticTuple[SIMD[DType.float32, 4], NW]:
+    """stream_dots for Q8_0 weight rows (at byte offsets w_rows in w; K a multiple of 32): each block's int8 are
+    widened and multiplied by its scale (exact in float32), then FMA'd into the float32 activation rows as
+    stream_dots does, so the sums are those of stream_dots on the dequantized rows: the int8 bytes are read once,
+    half of bf16's. Portable SIMD (any x86-64 with FMA)."""
+    var r = StaticTuple[Int, R](fill=0)
+    comptime for j in range(1, R):
+        r[j] = min(j, n_rows - 1) * x_stride
+    var acc = StaticTuple[F32x, NW * R](fill=F32x(0))
+    var b = 0  # byte offset of the block in each row
+    var i = 0
+    while i < K:
+        var x0 = StaticTuple[F32x, R](fill=F32x(0))
+        var x1 = StaticTuple[F32x, R](fill=F32x(0))
+        comptime for j in range(R):
+            x0[j] = x.unsafe_load[width=W](r[j] + i)
+            x1[j] = x.unsafe_load[width=W](r[j] + i + W)
+        comptime for v in range(NW):
+            var blk = w.unsafe_offset(w_rows[v] + b)
+            prefetch[PrefetchOptions().for_read().low_locality()](blk.unsafe_offset(PREFETCH_AHEAD))
+            var a0 = q8_block[W](blk, 0)
+            var a1 = q8_block[W](blk, W)
+            comptime for j in range(R):
+                acc[v * R + j] = a1.fma(x1[j], a0.fma(x0[j], acc[v * R + j]))
+        i += Q8_BLOCK
+        b += Q8_BLOCK_BYTES
+    var out = StaticTuple[SIMD[DType.float32, 4], NW](fill=SIMD[DType.float32, 4](0))
+    comptime for v in range(NW):
+        comptime for j in range(R):
+            out[v][j] = acc[v * R + j].reduce_add()
+    return out
+
+
+@always_inline
+def stream_dots_q8_0[NW: Int](
+    w: Pointer[UInt8, _], w_rows: StaticTuple[Int, NW], x: Pointer[Float32, _], x_stride: Int, n_rows: Int, K: Int,
+) -> StaticTuple[SIMD[DType.float32, 4], NW]:
+    """stream_dots_q8_0 with the smallest register tile that holds n_rows (1..MAX_STREAM_ROWS)."""
+    if n_rows == 1:
+        return stream_dots_q8_0[1](w, w_rows, x, x_stride, n_rows, K)
+    if n_rows == 2:
+        return stream_dots_q8_0[2](w, w_rows, x, x_stride, n_rows, K)
+    return stream_dots_q8_0[MAX_STREAM_ROWS](w, w_rows, x, x_stride, n_rows, K)
 
 
 @always_inline

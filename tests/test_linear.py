@@ -1,4 +1,5 @@
-"""Fuzz `kernels/linear.mojo` (`linear`, `linear_swiglu`) against `linear_reference` (float64).
+"""Fuzz `kernels/linear.mojo` (`linear`, `linear_swiglu`, and their Q8_0-weight forms) against `linear_reference`
+(float64; for Q8_0 weights, on the dequantized weights, which the ops compute with exactly).
 
 One graph per dtype, compiled once per session, computes both ops on the same x (the weight doubles as
 SwiGLU's gate); M, N and K are symbolic, so hypothesis varies every shape at run time without recompiling.
@@ -9,19 +10,21 @@ K, AVX512_BF16; HYV3_DISABLE_AMX=1 where AMX would run), MATMUL (float32, M > 16
 Tolerance, per element: float32 sums against float64 are held to RTOL x (|x| @ |w|^T), the sum of the
 magnitudes (SwiGLU: that bound carried through silu(g) * u); a bf16 output adds one rounding, 2^-8 x |y|
 (round to nearest even is within 2^-9). bf16 inputs are exact in float64 and bf16 products exact in float32, so
-no activation rounding needs modelling: the dot and AMX paths use x's own bf16 values.
+no activation rounding needs modelling: the dot and AMX paths use x's own bf16 values. The Q8_0 ops keep x as it
+is (float32, or bf16 widened exactly) and dequantize the weights exactly (d * q fits float32): the same bound.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 from max.driver import CPU
 from max.dtype import DType
 from max.engine import InferenceSession
 from max.graph import DeviceRef, Graph, TensorType
 
+from hyv3_graph import q8_0
 from hyv3_graph.dtypes import bf16_rounded, buffer_numpy, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
 from hyv3_graph.kernels.cpu_isa import DISABLE_AMX_ENV, PORTABLE_ENV, cpu_has_avx512_bf16
@@ -49,6 +52,22 @@ def linear_models():
     return models
 
 
+@pytest.fixture(scope="session")
+def q8_models():
+    """The same two ops with Q8_0 weights (uint8 [N, K / 32 * 34]), one graph per activation dtype."""
+    cpu = DeviceRef.CPU()
+    session = InferenceSession(devices=[CPU()])
+    models = {}
+    for dt in DTYPES:
+        types = [TensorType(dt, ["M", "K"], device=cpu), TensorType(DType.uint8, ["N", "KQ"], device=cpu),
+                 TensorType(DType.uint8, ["N", "KQ"], device=cpu)]
+        with Graph(f"linear_q8_0_{dt}", input_types=types, custom_extensions=[MOJO_KERNELS]) as g:
+            x, w, up = (v.tensor for v in g.inputs)
+            g.output(linear(x, w), linear_swiglu(x, w, up))
+        models[dt] = session.load(g)
+    return models
+
+
 def _values(rng, shape, dt, scale=1.0):
     """Random values of dtype dt, as float32 (bf16: rounded, so they are exactly what the op sees)."""
     a = (rng.standard_normal(shape) * scale).astype(np.float32)
@@ -61,8 +80,23 @@ def run(models, dt, x, w, up):
     return tuple(to_dtype(buffer_numpy(o), DType.float32) for o in (y, z))
 
 
+def run_q8(models, dt, x, wq, uq):
+    """(linear, linear_swiglu) outputs as float32, for Q8_0 weight bytes wq and uq."""
+    y, z = models[dt].execute(to_buffer(to_dtype(x, dt), dt), to_buffer(wq, DType.uint8), to_buffer(uq, DType.uint8))
+    return tuple(to_dtype(buffer_numpy(o), DType.float32) for o in (y, z))
+
+
 def check(models, dt, x, w, up):
-    y, z = run(models, dt, x, w, up)
+    return check_outputs(run(models, dt, x, w, up), dt, x, w, up)
+
+
+def check_q8(models, dt, x, wq, uq):
+    """The Q8_0 ops against the reference on the dequantized weights."""
+    return check_outputs(run_q8(models, dt, x, wq, uq), dt, x, q8_0.dequantize(wq), q8_0.dequantize(uq))
+
+
+def check_outputs(outputs, dt, x, w, up):
+    y, z = outputs
     M, N = x.shape[0], w.shape[0]
     assert y.shape == (M, N) and z.shape == (M, N)
     out_round = BF16_OUT if dt == DType.bfloat16 else 0.0
@@ -76,7 +110,8 @@ def check(models, dt, x, w, up):
         tol_y = RTOL * s_g + out_round * np.abs(g) + 1e-30
         tol_z = RTOL * (1.1 * s_g * (np.abs(u) + RTOL * s_u) + np.abs(silu_g) * s_u) + out_round * np.abs(ref_z) + 1e-30
         assert np.all(np.abs(yc - g) <= tol_y), f"linear: worst {np.max(np.abs(yc - g) / tol_y):.3g} x tolerance"
-        assert np.all(np.abs(zc - ref_z) <= tol_z), f"swiglu: worst {np.max(np.abs(zc - ref_z) / tol_z):.3g} x tolerance"
+        worst_z = np.max(np.abs(zc - ref_z) / tol_z, initial=0)
+        assert np.all(np.abs(zc - ref_z) <= tol_z), f"swiglu: worst {worst_z:.3g} x tolerance"
     return y, z
 
 
@@ -96,6 +131,48 @@ def linear_case(draw):
     x = _values(rng, (M, K), dt)
     w, up = (_values(rng, (N, K), dt, 1 / np.sqrt(max(K, 1))) for _ in range(2))
     return dt, x, w, up, isa
+
+
+@st.composite
+def q8_case(draw):
+    dt = draw(st.sampled_from(DTYPES))
+    M = draw(st.one_of(st.sampled_from([0, 1, 2, 4, 5, 16, 17, 48, 97]), st.integers(0, 600)))
+    N = draw(st.one_of(st.sampled_from(SIZES + [255, 256, 257, 600]), st.integers(1, 300)))
+    K = 32 * draw(st.one_of(st.sampled_from([0, 1, 2, 3, 16, 17, 33]), st.integers(1, 40)))
+    while M * N * max(K, 1) > 3_000_000:
+        M //= 2
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = _values(rng, (M, K), dt)
+    wq, uq = (q8_0.quantize(_values(rng, (N, K), DType.float32, 1 / np.sqrt(max(K, 1)))) for _ in range(2))
+    return dt, x, wq, uq
+
+
+@settings(max_examples=120)
+@given(q8_case())
+def test_q8_0_matches_reference(q8_models, case):
+    """Q8_0 weights, both activation dtypes: STREAM (M <= 16) and DEQUANT (more rows; N past one chunk of 256
+    dequantized rows), K in whole blocks, including one block and K beyond one streaming K slice (512)."""
+    check_q8(q8_models, *case)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("M", [1, 5, STREAM_MAX_M + 1, 200])
+def test_q8_0_deterministic_bit_for_bit(q8_models, dt, M):
+    rng = np.random.default_rng(M)
+    x = _values(rng, (M, 1024), dt)
+    wq, uq = (q8_0.quantize(_values(rng, (300, 1024), DType.float32, 0.03)) for _ in "wu")
+    a, b = run_q8(q8_models, dt, x, wq, uq), run_q8(q8_models, dt, x, wq, uq)
+    assert all(np.array_equal(p, q) for p, q in zip(a, b))
+    assert linear_path(M, 1024, bf16=dt == DType.bfloat16, q8=True) == ("stream" if M <= STREAM_MAX_M else "dequant")
+
+
+@pytest.mark.parametrize("K,cols", [(33, 34), (64, 34), (64, 70)])
+def test_q8_0_bad_k_is_refused(q8_models, K, cols):
+    """K no multiple of 32 (Q8_0 rows are whole blocks: no padding), or weight bytes that are not K's blocks."""
+    x = np.ones((2, K), np.float32)
+    w = np.zeros((3, cols), np.uint8)
+    with pytest.raises(Exception, match="multiple of 32|Q8_0 bytes"):
+        run_q8(q8_models, DType.float32, x, w, w)
 
 
 @given(linear_case())
@@ -124,7 +201,8 @@ def test_bf16_paths_are_taken(linear_models, monkeypatch):
     monkeypatch.delenv(DISABLE_AMX_ENV, raising=False)
     rng = np.random.default_rng(3)
     for M in (3, 64):  # K = 2000 is no multiple of 32: the vdpbf16ps GEMM even where AMX is present
-        x, w, up = _values(rng, (M, 2000), DType.bfloat16), *(_values(rng, (256, 2000), DType.bfloat16, 0.02) for _ in "wu")
+        x = _values(rng, (M, 2000), DType.bfloat16)
+        w, up = (_values(rng, (256, 2000), DType.bfloat16, 0.02) for _ in "wu")
         assert linear_path(M, 2000, bf16=True) == ("stream" if M <= STREAM_MAX_M else "dot")
         fast = check(linear_models, DType.bfloat16, x, w, up)
         monkeypatch.setenv(PORTABLE_ENV, "1")
@@ -158,8 +236,9 @@ HY3_SHAPES = {"qkv": (10240, 4096), "o_proj": (4096, 8192), "gate_up": (13312, 4
 
 
 @pytest.mark.parametrize("shape", sorted(HY3_SHAPES))
-def test_hy3_shapes(linear_models, shape):
-    """One example at each Hy3 shape, both dtypes: M = 1 (decode) and, except lm_head, M = 24 (the GEMM paths)."""
+def test_hy3_shapes(linear_models, q8_models, shape):
+    """One example at each Hy3 shape, both dtypes: M = 1 (decode) and, except lm_head, M = 24 (the GEMM paths);
+    with Q8_0 weights too, except lm_head (its K is qkv's)."""
     N, K = HY3_SHAPES[shape]
     rng = np.random.default_rng(len(shape))
     w32 = (rng.standard_normal((N, K), dtype=np.float32) / np.float32(np.sqrt(K)))
@@ -168,3 +247,8 @@ def test_hy3_shapes(linear_models, shape):
         w, up = (bf16_rounded(a) for a in (w32, up32)) if dt == DType.bfloat16 else (w32, up32)
         for M in (1,) if shape == "lm_head" else (1, 24):
             check(linear_models, dt, _values(rng, (M, K), dt), w, up)
+    if shape != "lm_head":
+        wq, uq = q8_0.quantize(w32), q8_0.quantize(up32)
+        for dt in DTYPES:
+            for M in (1, 24):
+                check_q8(q8_models, dt, _values(rng, (M, K), dt), wq, uq)

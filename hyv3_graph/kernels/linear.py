@@ -1,8 +1,9 @@
 """Dense linear layers: y = x @ w^T, and the fused SwiGLU silu(x @ gate^T) * (x @ up^T).
 
-Our Mojo ops: `kernels/linear.mojo` (`linear`, `linear_swiglu`; its header explains the three paths). Here: their
-graph wrappers, the MAX built-in peer (`linear_builtin`), which path a call takes (`linear_path`), and the float64
-numpy reference. Fuzz test: tests/test_linear.py; bench: bench/cases/linear.py.
+Our Mojo ops: `kernels/linear.mojo` (`linear`, `linear_swiglu`, and their Q8_0-weight forms `linear_q8_0`,
+`linear_swiglu_q8_0`; its header explains the paths). Here: their graph wrappers (a uint8 weight is Q8_0 bytes,
+hyv3_graph/q8_0.py, and takes the Q8_0 op), the MAX built-in peer (`linear_builtin`), which path a call takes
+(`linear_path`), and the float64 numpy reference. Fuzz test: tests/test_linear.py; bench: bench/cases/linear.py.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ STREAM_MAX_M = 16  # kernels/linear.mojo: at most this many rows stream the weig
 DOT_TILE_FLOPS = 8 * 3 * 128 * 64  # one microkernels.dot_tile call: MR x NVMAX x KC vdpbf16ps of 64 flops each
 
 
-def linear_path(M: int, K: int, bf16: bool) -> str:
+def linear_path(M: int, K: int, bf16: bool, q8: bool = False) -> str:
     """The path kernels/linear.mojo takes for an [M, K] input: "stream", "amx" (AMX bf16 tiles), "dot" (bf16-dot
-    GEMM) or "matmul" (MAX's float32 matmul). Mirrors `_path` there; the tests use it to cover every path."""
+    GEMM), "matmul" (MAX's float32 matmul) or, for Q8_0 weights (q8), "dequant" (float32 rows into that matmul).
+    Mirrors `_path` there; the tests use it to cover every path."""
     if M <= STREAM_MAX_M:
         return "stream"
+    if q8:
+        return "dequant"
     if not bf16:
         return "matmul"
     if K > 0 and K % AMX_K_STEP == 0 and amx_available():
@@ -40,15 +44,22 @@ def linear_reference(x, w, up=None) -> np.ndarray:
     return y / (1.0 + np.exp(-y)) * (x @ np.asarray(up, np.float64).T)
 
 
+def _op(name: str, w: TensorValue) -> str:
+    """The dense op, or its Q8_0 form for a uint8 weight (Q8_0 bytes [N, K / 32 * 34])."""
+    return f"{name}_q8_0" if w.dtype == DType.uint8 else name
+
+
 def linear(x: TensorValue, w: TensorValue) -> TensorValue:
-    """Our op: x [M, K] @ w[N, K]^T -> [M, N], all in x's dtype (float32 or bfloat16)."""
-    return ops.custom("linear", device=DeviceRef.CPU(), values=[x, w],
+    """Our op: x [M, K] @ w[N, K]^T -> [M, N] in x's dtype (float32 or bfloat16); w in x's dtype, or Q8_0 bytes
+    (uint8 [N, K / 32 * 34]: x @ dequantize(w)^T)."""
+    return ops.custom(_op("linear", w), device=DeviceRef.CPU(), values=[x, w],
                       out_types=[TensorType(x.dtype, [x.shape[0], w.shape[0]], device=DeviceRef.CPU())])[0].tensor
 
 
 def linear_swiglu(x: TensorValue, gate: TensorValue, up: TensorValue) -> TensorValue:
-    """Our op: silu(x @ gate^T) * (x @ up^T) -> [M, I], gate and up [I, K] (no concatenated copy)."""
-    return ops.custom("linear_swiglu", device=DeviceRef.CPU(), values=[x, gate, up],
+    """Our op: silu(x @ gate^T) * (x @ up^T) -> [M, I], gate and up [I, K] (no concatenated copy), both in x's dtype
+    or both Q8_0 bytes."""
+    return ops.custom(_op("linear_swiglu", gate), device=DeviceRef.CPU(), values=[x, gate, up],
                       out_types=[TensorType(x.dtype, [x.shape[0], gate.shape[0]], device=DeviceRef.CPU())])[0].tensor
 
 
