@@ -1,7 +1,9 @@
 # Machine-specific instructions, chosen at run time: MAX compiles our kernels for the build machine's CPU
-# model (rocketlake on the Intel hosts, znver4 on the AMD ones), not for every CPU the same code may meet, and
-# its bf16 intrinsics crash the compile where the target lacks them. So the instructions go in as inline
-# assembly, which assembles for any x86-64 target, and execute only after cpuid says the CPU has them.
+# model (rocketlake on the Intel hosts, znver4/znver5 on the AMD ones, znver3 on an AVX2-only Zen 3), not for every
+# CPU the same code may meet, and its bf16 intrinsics crash the compile where the target lacks them. So the
+# instructions go in as inline assembly, which assembles for any x86-64 target, and execute only after cpuid says
+# the CPU has them. A target without AVX-512 has no zmm registers to give the asm ("could not allocate output
+# register" on every compile), so there the zmm asm is not emitted and use_bf16_dot() is False.
 # HYV3_PORTABLE_KERNELS=1 forces the portable SIMD paths, HYV3_DISABLE_AMX=1 the AVX512_BF16 ones where AMX
 # would run (both read on every call: tests flip them in-process to reach every path on one machine).
 #
@@ -10,6 +12,7 @@
 # again is harmless. The tile configuration is per thread: every task that uses tiles loads it first
 # (amx_configure). One configuration serves every user: all eight tiles 16 rows x 64 bytes.
 from std.sys._assembly import inlined_assembly
+from std.sys.info import CompilationTarget
 from std.memory import bitcast
 from std.os import getenv
 from std.ffi import external_call
@@ -29,7 +32,7 @@ def has_avx512_bf16() -> Bool:
 
 
 def use_bf16_dot() -> Bool:
-    return has_avx512_bf16() and not portable_only()
+    return CompilationTarget.has_avx512f() and has_avx512_bf16() and not portable_only()
 
 
 def has_amx_bf16() -> Bool:
@@ -74,7 +77,12 @@ def amx_release():
 def dot_bf16_pairs(acc: F32x, a: I32x, b: I32x) -> F32x:
     """vdpbf16ps: acc[i] += a.bf16[2i] * b.bf16[2i] + a.bf16[2i+1] * b.bf16[2i+1], fp32 accumulation.
     Only after use_bf16_dot(). Operands travel as int32 lanes (bf16 vectors find no register class)."""
-    return inlined_assembly["vdpbf16ps $2, $1, $0", F32x, constraints="=v,v,v,0"](a, b, acc)
+    comptime if CompilationTarget.has_avx512f():
+        return inlined_assembly["vdpbf16ps $2, $1, $0", F32x, constraints="=v,v,v,0"](a, b, acc)
+    else:  # no zmm registers in this target (never reached: use_bf16_dot() is False): the same sums in SIMD
+        var hi = I32x(-65536)  # 0xFFFF0000
+        return (acc + bitcast[DType.float32, 16](a << 16) * bitcast[DType.float32, 16](b << 16)
+                + bitcast[DType.float32, 16](a & hi) * bitcast[DType.float32, 16](b & hi))
 
 
 @always_inline

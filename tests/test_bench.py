@@ -63,6 +63,9 @@ def test_bench_quick_json(tmp_path):
     linear = [r for r in rows if r["bench"] == "linear"]
     assert {r["impl"] for r in linear if r["case"].endswith("_f32")} == {"mojo", "max", "torch", "numpy"}
     assert {r["impl"] for r in linear if r["case"].endswith("_bf16")} == {"mojo", "max", "torch"}
+    q8 = [r for r in linear if r["case"].endswith("_q8_0")]
+    ours_f32 = [r for r in linear if r["case"].endswith("_f32") and r["impl"] == "mojo"]
+    assert {r["impl"] for r in q8} == {"mojo", "numpy"} and len(q8) == 2 * len(ours_f32)  # every shape, in Q8_0
     assert any(r["case"].startswith("dot_peak") for r in linear) == bf16_dot_available()
     if bf16_dot_available():  # the bf16 GEMM rows against the micro-kernel's own peak
         assert all("dot_peak_frac" in r for r in linear if r["case"].endswith("_bf16") and r["gflops"])

@@ -7,6 +7,10 @@ decode, a small batch, a prefill chunk; lm_head only at M = 1 and 8 (it runs on 
 float32 and bfloat16 (x, W and y in one dtype, as in the model). Peers at the same dtype: MAX's graph matmul
 (`x @ transpose(W)`, what `--kernels builtin` runs), torch's F.linear (oneDNN; for SwiGLU two calls and
 silu * up), numpy (float32 only).
+`_q8_0` rows: Q8_0 weights (llama.cpp's int8 blocks, hyv3_graph/q8_0.py) quantized from the same float32 weights,
+float32 x and y: our `linear_q8_0` / `linear_swiglu_q8_0` against numpy float32 on the dequantized weights (no
+other peer has a CPU Q8_0 matmul op; llama.cpp's q8_0 is in the e2e rows). Their roofline counts the int8 bytes
+(34 per 32 weights); compare with the `_f32` and `_bf16` rows of the same shape in the same run.
 Check: every output within a tolerance of the float32 numpy result on the same values (bf16: widened), relative
 to max |y|. Rooflines: M <= 8 against the weight bytes (each read once) over the measured bandwidth; M = 512
 against 2 M N K FLOPs (two GEMMs for SwiGLU) over the measured fp32 GEMM peak.
@@ -25,6 +29,7 @@ from max.dtype import DType
 from max.engine import InferenceSession
 from max.graph import DeviceRef, Graph, TensorType
 
+from hyv3_graph import q8_0
 from hyv3_graph.dtypes import bf16_bits_to_f32, buffer_numpy, f32_to_bf16_bits, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
 from hyv3_graph.kernels.cpu_isa import bf16_dot_available
@@ -63,6 +68,47 @@ def _graph(session, dt, swiglu: bool, ours: bool):
         else:
             g.output((linear if ours else linear_builtin)(*args))
     return session.load(g)
+
+
+def _q8_graph(session, swiglu: bool):
+    cpu = DeviceRef.CPU()
+    types = [TensorType(DType.float32, ["M", "K"], device=cpu), TensorType(DType.uint8, ["N", "KQ"], device=cpu)]
+    if swiglu:
+        types.append(TensorType(DType.uint8, ["N", "KQ"], device=cpu))
+    with Graph(f"bench_linear_mojo_{'swiglu' if swiglu else 'plain'}_q8_0", input_types=types,
+               custom_extensions=[MOJO_KERNELS]) as g:
+        g.output((linear_swiglu if swiglu else linear)(*(v.tensor for v in g.inputs)))
+    return session.load(g)
+
+
+def _q8_case(models, rng, model, name, N, K, swiglu, M) -> Case:
+    """Q8_0 weights, float32 x and y: ours against numpy on the dequantized weights."""
+    quantized = [q8_0.quantize(rng.standard_normal((N, K), dtype=np.float32) / np.float32(np.sqrt(K)))
+                 for _ in range(2 if swiglu else 1)]
+    weights = [q8_0.dequantize(q) for q in quantized]
+    x = rng.standard_normal((M, K), dtype=np.float32)
+    bufs = [Buffer.from_numpy(a) for a in (x, *quantized)]
+    ours = models["mojo", swiglu, "q8_0"]
+
+    def run_numpy():
+        y = x @ weights[0].T
+        return y / (1 + np.exp(-y)) * (x @ weights[1].T) if swiglu else y
+
+    ref = run_numpy()
+    tol = TOL[DType.float32]
+
+    def check(outputs):
+        assert_close("linear q8_0 (mojo vs numpy float32, dequantized)", outputs["mojo"], ref, rtol=0,
+                     atol=tol * max(1.0, float(np.abs(ref).max())))
+    check.__doc__ = f"within {tol:g} x max(1, max|y|) of numpy float32 on the dequantized weights"
+
+    n_w = len(quantized)
+    return Case(bench=BENCH, name=f"{model}_{name}_M{M}_{'N%dx2' % N if swiglu else 'N%d' % N}_K{K}_q8_0",
+                impls={"mojo": lambda: buffer_numpy(ours.execute(*bufs)[0]), "numpy": run_numpy}, check=check,
+                flops=2.0 * M * N * K * n_w if M > 8 else None,
+                bytes=n_w * N * q8_0.row_bytes(K) if M <= 8 else None,
+                versions={"mojo": f"kernels/linear.mojo ({linear_path(M, K, False, q8=True)} path, Q8_0)",
+                          "numpy": f"numpy {np.__version__} (dequantized float32)"})
 
 
 def _case(torch, models, rng, model, name, N, K, swiglu, M, dt) -> Case:
@@ -143,6 +189,7 @@ def cases(quick: bool, cores: int = 1):
     session = InferenceSession(devices=[CPU()])
     models = {(impl, swiglu, dt): _graph(session, dt, swiglu, impl == "mojo")
               for impl in ("mojo", "max") for swiglu in (False, True) for dt in (DType.float32, DType.bfloat16)}
+    models.update({("mojo", swiglu, "q8_0"): _q8_graph(session, swiglu) for swiglu in (False, True)})
     if bf16_dot_available():
         yield _dot_peak_case(session, cores)
     rng = np.random.default_rng(0)
@@ -151,6 +198,8 @@ def cases(quick: bool, cores: int = 1):
             for dt in (DType.float32, DType.bfloat16):
                 for M in Ms:
                     yield _case(torch, models, rng, model, name, N, K, swiglu, M, dt)
+            for M in Ms:
+                yield _q8_case(models, rng, model, name, N, K, swiglu, M)
 
 
 def results(quick: bool, machine: dict) -> list[dict]:
