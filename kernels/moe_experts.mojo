@@ -72,9 +72,9 @@ from linalg.matmul.cpu import matmul as cpu_matmul
 from std.utils import StaticTuple
 from std.sys import size_of
 from .cpu_isa import F32x, adjacent_bf16_pairs, amx_configure, amx_release, bf16_pairs, use_amx, use_bf16_dot
-from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, AMX_TILE, align64, amx_c_tile, amx_c_tiles, amx_k_ok,
-                           amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token, dot_panel, n_blocks, n_vec, silu,
-                           stream_dots, swiglu_row, untracked)
+from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, AMX_TILE, Q8_BLOCK, Q8_BLOCK_BYTES, align64, amx_c_tile,
+                           amx_c_tiles, amx_k_ok, amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token, dot_panel,
+                           n_blocks, n_vec, q8_row_bytes, silu, stream_dots, stream_dots_q8_0, swiglu_row, untracked)
 
 comptime SMALL_ROWS = MAX_STREAM_ROWS  # experts with at most this many rows take the streaming path
 comptime STREAM_ROWS = 4  # streaming path: weight rows per pass over the activations (stream_dots' NW)
@@ -92,6 +92,24 @@ def _stream_rows_per_task(row_bytes: Int) -> Int:
     """Weight rows per streaming task: about STREAM_TASK_BYTES of weights (so that the pool's per-task cost is
     noise), a multiple of STREAM_ROWS."""
     return max(1, STREAM_TASK_BYTES // (row_bytes * STREAM_ROWS)) * STREAM_ROWS
+
+
+@always_inline
+def _row_len[wdt: DType](K: Int) -> Int:
+    """Elements of wdt in one weight row over K: K, or the bytes of a Q8_0 row (wdt uint8)."""
+    return q8_row_bytes(K) if wdt == DType.uint8 else K
+
+
+@always_inline
+def _stream_dots_w[wdt: DType](
+    w: Pointer[mut=True, Scalar[wdt], MutUntrackedOrigin], w_rows: StaticTuple[Int, STREAM_ROWS],
+    x: Pointer[mut=True, Float32, MutUntrackedOrigin], n_rows: Int, K: Int,
+) -> StaticTuple[SIMD[DType.float32, 4], STREAM_ROWS]:
+    """The streaming dots for this weight format: stream_dots (float32, bf16 widened) or stream_dots_q8_0."""
+    comptime if wdt == DType.uint8:
+        return stream_dots_q8_0(w.unsafe_bitcast[UInt8](), w_rows, x, K, n_rows, K)
+    else:
+        return stream_dots(w, w_rows, x, K, n_rows, K)
 
 
 @always_inline
@@ -239,14 +257,15 @@ def _stream_gate_up[wdt: DType](
     var n = Int(offp[unsafe_offset=e + 1]) - r0
     var w = gup.unsafe_offset(e * gu_es)
     var o0 = (task % gu_tiles) * gu_rows
+    var row_len = _row_len[wdt](H)
     for o in range(o0, min(I, o0 + gu_rows), STREAM_GATES):  # gate rows o.. with up rows I + o..
         var w_rows = StaticTuple[Int, STREAM_ROWS](fill=0)
         comptime for v in range(STREAM_GATES):  # rows past I alias I - 1 (same value stored)
-            w_rows[v] = min(o + v, I - 1) * H
-            w_rows[STREAM_GATES + v] = (I + min(o + v, I - 1)) * H
+            w_rows[v] = min(o + v, I - 1) * row_len
+            w_rows[STREAM_GATES + v] = (I + min(o + v, I - 1)) * row_len
         for g0 in range(0, n, SMALL_ROWS):
             var gn = min(SMALL_ROWS, n - g0)
-            var gu = stream_dots(w, w_rows, rp.unsafe_offset((r0 + g0) * H), H, gn, H)
+            var gu = _stream_dots_w[wdt](w, w_rows, rp.unsafe_offset((r0 + g0) * H), gn, H)
             for r in range(gn):
                 comptime for v in range(STREAM_GATES):
                     ap[unsafe_offset=(r0 + g0 + r) * I + min(o + v, I - 1)] = (
@@ -273,13 +292,14 @@ def _stream_down[wdt: DType](
     var n = Int(offp[unsafe_offset=e + 1]) - r0
     var w = dnp.unsafe_offset(e * dn_es)
     var h0 = (task % dn_tiles) * dn_rows
+    var row_len = _row_len[wdt](I)
     for h in range(h0, min(H, h0 + dn_rows), STREAM_ROWS):  # rows past H alias H - 1 (same value stored)
         var w_rows = StaticTuple[Int, STREAM_ROWS](fill=0)
         comptime for v in range(STREAM_ROWS):
-            w_rows[v] = min(h + v, H - 1) * I
+            w_rows[v] = min(h + v, H - 1) * row_len
         for g0 in range(0, n, SMALL_ROWS):
             var gn = min(SMALL_ROWS, n - g0)
-            var y = stream_dots(w, w_rows, ap.unsafe_offset((r0 + g0) * I), I, gn, I)
+            var y = _stream_dots_w[wdt](w, w_rows, ap.unsafe_offset((r0 + g0) * I), gn, I)
             for r in range(gn):
                 comptime for v in range(STREAM_ROWS):
                     yp[unsafe_offset=(r0 + g0 + r) * H + min(h + v, H - 1)] = y[v][r]
@@ -582,19 +602,28 @@ struct MoeExperts:
     ) raises:
         comptime assert target == "cpu", "moe_experts: CPU-only kernel"
         comptime wdt = gate_up.dtype
-        comptime assert wdt == DType.float32 or wdt == DType.bfloat16, "moe_experts: float32 or bfloat16 weights"
+        comptime assert wdt == DType.float32 or wdt == DType.bfloat16 or wdt == DType.uint8, (
+            "moe_experts: float32, bfloat16 or Q8_0 (uint8) weights")
+        comptime Q8 = wdt == DType.uint8
         var T = x.dim_size(0)
         var H = x.dim_size(1)
         var k = topk_weights.dim_size(1)
         var E = gate_up.dim_size(0)
-        var I = down.dim_size(2)
-        if gate_up.dim_size(1) != 2 * I or gate_up.dim_size(2) != H or down.dim_size(0) != E or down.dim_size(1) != H:
-            raise Error("moe_experts: weights must be gate_up [E, 2I, H] and down [E, H, I]")
+        var I = down.dim_size(2) // Q8_BLOCK_BYTES * Q8_BLOCK if Q8 else down.dim_size(2)
+        if Q8 and (H % Q8_BLOCK != 0 or down.dim_size(2) % Q8_BLOCK_BYTES != 0):
+            raise Error("moe_experts: Q8_0 weights need H and I multiples of ", Q8_BLOCK, "; got H ", H,
+                        " and down rows of ", down.dim_size(2), " bytes")
+        var h_len = _row_len[wdt](H)  # a gate_up row, in elements of wdt
+        var i_len = _row_len[wdt](I)  # a down row
+        if (gate_up.dim_size(1) != 2 * I or gate_up.dim_size(2) != h_len or down.dim_size(0) != E
+                or down.dim_size(1) != H):
+            raise Error("moe_experts: weights must be gate_up [E, 2I, H] and down [E, H, I] (Q8_0: the last dim in ",
+                        "bytes, K / 32 * 34)")
         if expert_offsets.dim_size(0) != E + 1 or sorted_slots.dim_size(0) != T * k or topk_weights.dim_size(0) != T:
             raise Error("moe_experts: routing shapes do not match T=", T, " k=", k, " E=", E)
         if (x.stride_length(1) != 1 or x.stride_length(0) != H or output.stride_length(0) != H
-                or gate_up.stride_length(2) != 1 or gate_up.stride_length(1) != H
-                or down.stride_length(2) != 1 or down.stride_length(1) != I or topk_weights.stride_length(0) != k):
+                or gate_up.stride_length(2) != 1 or gate_up.stride_length(1) != h_len
+                or down.stride_length(2) != 1 or down.stride_length(1) != i_len or topk_weights.stride_length(0) != k):
             raise Error("moe_experts: expected contiguous tensors")
         var op = output.unsafe_ptr()
         if T == 0:
@@ -670,8 +699,8 @@ struct MoeExperts:
         # expert's rows in groups of SMALL_ROWS (the weight rows stay in L1 meanwhile).
         var n_small = len(small)
         var sp = small.unsafe_ptr()
-        var gu_rows = _stream_rows_per_task(2 * H * size_of[wdt]())  # gate rows (each with its up row) per task
-        var dn_rows = _stream_rows_per_task(I * size_of[wdt]())
+        var gu_rows = _stream_rows_per_task(2 * h_len * size_of[wdt]())  # gate rows (each with its up row) per task
+        var dn_rows = _stream_rows_per_task(i_len * size_of[wdt]())
         var gu_tiles = (I + gu_rows - 1) // gu_rows
         var dn_tiles = (H + dn_rows - 1) // dn_rows
         var st = _Stream(untracked(sp), gu_rows, gu_tiles, dn_rows, dn_tiles)

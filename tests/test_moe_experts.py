@@ -1,20 +1,22 @@
 """Fuzz `kernels/moe_experts.mojo` against `moe_experts_reference` (float64), routing from `moe_router`.
 
 One graph (router + experts) is compiled once per session per variant (three k with float32 weights, one
-with bfloat16 weights); T, E, H, I are symbolic, so hypothesis varies every shape at run time without
-recompiling.
+with bfloat16 weights, one with Q8_0 weights); T, E, H, I are symbolic, so hypothesis varies every shape at run
+time without recompiling. Q8_0 weights are checked against the reference on their dequantized values (the op
+computes with exactly those), at the float32 tolerance.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 from max.driver import CPU
 from max.dtype import DType
 from max.engine import InferenceSession
 from max.graph import DeviceRef, Graph, TensorType
 
+from hyv3_graph import q8_0
 from hyv3_graph.dtypes import bf16_rounded, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
 from hyv3_graph.kernels.cpu_isa import DISABLE_AMX_ENV, PORTABLE_ENV, bf16_dot_available, cpu_has_avx512_bf16
@@ -25,6 +27,7 @@ from conftest import ISA_MODES, set_isa
 
 TOP_K = (1, 3, 8)
 BF16_TOP_K = 3  # one bfloat16-weights variant
+Q8_TOP_K = 8  # one Q8_0-weights variant (Hy3's k)
 # float32 products and sums against a float64 reference, relative to the output's scale
 RTOL = 2e-5
 # bf16-dot path against the reference that rounds the same activations: float32 sums, plus the rare SwiGLU
@@ -37,9 +40,11 @@ def experts_models():
     cpu, f32 = DeviceRef.CPU(), DType.float32
     session = InferenceSession(devices=[CPU()])
     models = {}
-    for k, wdt in [(k, f32) for k in TOP_K] + [(BF16_TOP_K, DType.bfloat16)]:
+    for k, wdt in [(k, f32) for k in TOP_K] + [(BF16_TOP_K, DType.bfloat16), (Q8_TOP_K, DType.uint8)]:
+        q8 = wdt == DType.uint8  # Q8_0 bytes: the rows' last dim is K / 32 * 34
         types = [TensorType(f32, ["T", "H"], device=cpu), TensorType(f32, ["T", "E"], device=cpu),
-                 TensorType(wdt, ["E", "I2", "H"], device=cpu), TensorType(wdt, ["E", "H", "I"], device=cpu)]
+                 TensorType(wdt, ["E", "I2", "HQ" if q8 else "H"], device=cpu),
+                 TensorType(wdt, ["E", "H", "IQ" if q8 else "I"], device=cpu)]
         with Graph(f"moe_experts_k{k}_{wdt}", input_types=types, custom_extensions=[MOJO_KERNELS]) as g:
             x, logits, gate_up, down = (v.tensor for v in g.inputs)
             bias = logits[0] * 0  # [E] zeros: the routing itself is the router's business
@@ -57,6 +62,22 @@ def run(models, k, x, logits, gate_up, down, bf16=False):
     out, ids, w = (o.to_numpy() for o in models[k, wdt].execute(x, logits, to_buffer(to_dtype(gate_up, wdt), wdt),
                                                                   to_buffer(to_dtype(down, wdt), wdt)))
     return out, ids, w, gate_up, down
+
+
+def run_q8(models, x, logits, gate_up, down):
+    """Q8_0 weights (quantized here from float32 [E, 2I, H] and [E, H, I]); returns the dequantized weights."""
+    gq, dq = q8_0.quantize(gate_up), q8_0.quantize(down)
+    out, ids, w = (o.to_numpy() for o in models[Q8_TOP_K, DType.uint8].execute(x, logits, to_buffer(gq, DType.uint8),
+                                                                               to_buffer(dq, DType.uint8)))
+    return out, ids, w, q8_0.dequantize(gq), q8_0.dequantize(dq)
+
+
+def check_q8(models, x, logits, gate_up, down):
+    out, ids, w, gate_up, down = run_q8(models, x, logits, gate_up, down)
+    ref = moe_experts_reference(x, ids, w, gate_up, down)
+    assert out.shape == x.shape and out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, rtol=0, atol=RTOL * max(1.0, float(np.abs(ref).max(initial=0))))
+    return out
 
 
 def check(models, k, x, logits, gate_up, down, bf16=False):
@@ -104,6 +125,33 @@ def test_moe_experts_matches_reference(experts_models, case):
     with pytest.MonkeyPatch.context() as m:
         set_isa(m, isa)
         check(experts_models, *args)
+
+
+@settings(max_examples=60)
+@given(st.integers(Q8_TOP_K, 40), st.one_of(st.sampled_from([0, 1, 2, 5]), st.integers(0, 300)),
+       st.sampled_from([32, 64, 96]), st.sampled_from([32, 64, 160]), st.booleans(), st.integers(0, 2**32 - 1))
+def test_q8_0_experts_match_reference(experts_models, E, T, H, I, one_expert, seed):
+    """Q8_0 expert weights (H and I multiples of 32): every expert streams its int8 blocks, whatever its rows."""
+    if T * max(H, I) * Q8_TOP_K > 600_000:
+        T = 600_000 // (max(H, I) * Q8_TOP_K)
+    rng = np.random.default_rng(seed)
+    logits = np.tile(np.arange(E, dtype=np.float32), (T, 1)) if one_expert else rng.standard_normal((T, E))
+    check_q8(experts_models, rng.standard_normal((T, H)).astype(np.float32), logits.astype(np.float32),
+             (rng.standard_normal((E, 2 * I, H)) / np.sqrt(H)).astype(np.float32),
+             (rng.standard_normal((E, H, I)) / np.sqrt(I)).astype(np.float32))
+
+
+def test_q8_0_experts_deterministic_and_bad_k_refused(experts_models):
+    rng = np.random.default_rng(9)
+    T, E, H, I = 200, 16, 64, 96
+    args = (rng.standard_normal((T, H)).astype(np.float32), rng.standard_normal((T, E)).astype(np.float32),
+            (rng.standard_normal((E, 2 * I, H)) / 8).astype(np.float32), (rng.standard_normal((E, H, I)) / 9).astype(np.float32))
+    assert np.array_equal(check_q8(experts_models, *args), check_q8(experts_models, *args))
+    x = np.ones((2, 33), np.float32)  # H = 33: no whole Q8_0 blocks
+    with pytest.raises(Exception, match="multiples of 32"):
+        experts_models[Q8_TOP_K, DType.uint8].execute(x, rng.standard_normal((2, E)).astype(np.float32),
+                                                        to_buffer(np.zeros((E, 2 * 32, 34), np.uint8), DType.uint8),
+                                                        to_buffer(np.zeros((E, 33, 34), np.uint8), DType.uint8))
 
 
 def test_deterministic_bit_for_bit(experts_models):
