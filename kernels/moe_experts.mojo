@@ -12,7 +12,9 @@
 # expert_offsets [E + 1] and sorted_slots [T * k] (slot = t * k + j, grouped by expert, ascending t).
 # Weights in HF's stacked layout, as loaded (hyv3_graph/weights.py): gate_up [E, 2I, H] (rows 0..I-1
 # gate, I..2I-1 up) and down [E, H, I]; both are read row-wise (a weight row is contiguous over the
-# reduction dim), which is what a dot-product micro-kernel and MAX's transpose_b matmul want. Output [T, H]
+# reduction dim), which is what a dot-product micro-kernel and MAX's transpose_b matmul want. Weights are float32,
+# bfloat16, or Q8_0 (uint8: each row as llama.cpp's blocks of 32 int8 with a float16 scale, hyv3_graph/q8_0.py;
+# gate_up [E, 2I, H / 32 * 34], down [E, H, I / 32 * 34]; H and I multiples of 32, else an error). Output [T, H]
 # float32. Deterministic bit for bit, whatever the thread count.
 #
 # Design, and why:
@@ -44,6 +46,10 @@
 #     are 16 weight rows read in place (gate_up: 16 gate rows with their 16 up rows, so SwiGLU fuses as above; a
 #     C tile row is one output for 16 tokens, which is exactly a row of the down GEMM's packed input), B tiles
 #     16 tokens of a packed block; tasks are (expert, AMX_RB row blocks).
+#   * Q8_0 weights: every expert streams (microkernels.stream_dots_q8_0: each block widened and scaled, exact in
+#     float32, against exact float32 activations), so decode reads 34 bytes per 32 weights, 53% of bf16. Experts
+#     with many rows stream too for now: correct, but compute bound on the widening (prefill). Not built yet: a
+#     GEMM for them (dequantized rows into the float32 matmul, as linear's DEQUANT path, or int8 dot products).
 #   * The streaming and bf16-dot tasks go to whichever core is free (work_queue.mojo): MAX's parallelize
 #     gives each core a fixed half of the task list, which leaves one idle when experts' row counts differ.
 #   * Combine is deterministic, without atomics: out[t] accumulates its experts in ascending expert
