@@ -13,8 +13,8 @@ table). This one writes the `hy_v3` architecture string and keys directly with `
   `ffn_{gate,up,down}_exps` [E, ...]; the MTP layer (`model.layers.{num_hidden_layers}.*`) dropped;
 - dtypes: norms, the router (`ffn_gate_inp`) and its correction bias (`exp_probs_b`) stay F32 in every
   variant (a lower-precision router changes which experts win); the rest is F32, BF16 (round to nearest
-  even, as ggml does) or Q8_0 (blocks of 32 along each row, one fp16 scale: `gguf.quants`, llama.cpp's own
-  reference quantizer). A row length that is not a multiple of 32 stays F32 in a q8_0 file;
+  even, as ggml does) or Q8_0 (blocks of 32 along each row, one fp16 scale: `q8_0.quantize`, bit-identical to
+  llama.cpp's own reference quantizer, and the bytes our ops take). A row length that is not a multiple of 32 stays F32 in a q8_0 file;
 - the tokenizer: byte-level BPE as `gpt2` with pre-tokenizer `gpt-2`, padded with unused tokens up to the
   model's vocab size (llama.cpp requires the two to match); its chat template when it has one.
 
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import q8_0
 from .config import ConfigError, HYV3Config
 from .dtypes import bf16_bits_to_f32, f32_to_bf16_bits
 from .weights import _RENAMES, CheckpointReader, WeightError, validate_checkpoint
@@ -39,7 +40,6 @@ from .weights import _RENAMES, CheckpointReader, WeightError, validate_checkpoin
 ARCH = "hy_v3"
 FORMAT_VERSION = 1  # bump when what is written changes: cached GGUFs are keyed by it
 TYPES = ("f32", "bf16", "q8_0")
-Q8_0_BLOCK = 32
 
 # Our per-layer checkpoint names (raw naming, before `_RENAMES`) -> GGUF names under `blk.{i}.`.
 _LAYER_TENSORS = {
@@ -83,7 +83,7 @@ def _ggml_type(gguf_name: str, shape: tuple[int, ...], out_type: str) -> str:
         return "F32"
     if out_type == "bf16":
         return "BF16"
-    return "Q8_0" if shape[-1] % Q8_0_BLOCK == 0 else "F32"
+    return "Q8_0" if shape[-1] % q8_0.BLOCK == 0 else "F32"
 
 
 def _plan(reader: CheckpointReader, cfg: HYV3Config, naming: str, out_type: str) -> list[_Planned]:
@@ -125,13 +125,11 @@ def _as_f32(a: np.ndarray) -> np.ndarray:
 
 
 def _encode(t: _Planned, data: np.ndarray) -> np.ndarray:
-    import gguf
-
     if t.qtype == "F32":
         return np.ascontiguousarray(data, np.float32)
     if t.qtype == "BF16":
         return f32_to_bf16_bits(data)
-    return gguf.quants.quantize(np.ascontiguousarray(data, np.float32), gguf.GGMLQuantizationType.Q8_0)
+    return q8_0.quantize(data)
 
 
 def _byte_shape(t: _Planned) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -141,7 +139,7 @@ def _byte_shape(t: _Planned) -> tuple[tuple[int, ...], np.dtype, int]:
         return t.shape, np.dtype(np.float32), 4 * n
     if t.qtype == "BF16":
         return t.shape, np.dtype(np.uint16), 2 * n
-    row_bytes = t.shape[-1] // Q8_0_BLOCK * (2 + Q8_0_BLOCK)  # fp16 scale + 32 int8 per block
+    row_bytes = q8_0.row_bytes(t.shape[-1])
     return (*t.shape[:-1], row_bytes), np.dtype(np.uint8), n // t.shape[-1] * row_bytes
 
 
