@@ -6,7 +6,7 @@
     --chat [--system TEXT] [--reasoning-effort no_think|low|high]   wrap prompts in the tokenizer's chat template
     --interactive             prompt after prompt on the compiled engine (Ctrl-D to leave)
     --max-new-tokens N --temperature T (0 = greedy) --top-k K --top-p P --seed S --ignore-eos
-    --dtype auto|float32|bfloat16 --kernels custom|builtin --max-batch-size N --max-length N --page-size N
+    --dtype auto|float32|bfloat16|q8_0 --kernels custom|builtin --max-batch-size N --max-length N --page-size N
     --check-weights           scan every weight for NaN/inf before loading
     --expert-stats [PATH.png] tokens per expert per sparse layer, prefill and decode apart (and a heatmap)
     --skip-memory-check       load even when weights + KV cache + activations exceed MemAvailable
@@ -166,6 +166,14 @@ def expert_heatmap(counts: dict, path: Path) -> None:
 
 # --- the command line ---------------------------------------------------------------------------
 
+QUANT = "q8_0"  # --dtype q8_0: Q8_0 matmul weights (hyv3_graph/q8_0.py)
+
+
+def _precision(engine) -> str:
+    """What --json reports as "dtype": the model dtype, or "q8_0" for Q8_0 weights (float32 activations)."""
+    return engine.quant or str(engine.dtype)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one `error:` line (what every error of this CLI looks like), exit 2."""
 
@@ -228,8 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-p", type=_top_p, default=1.0, help="in (0, 1]")
     ap.add_argument("--seed", type=_int_in(0, SEED_MAX), default=0, help=f"in [0, {SEED_MAX}]")
     ap.add_argument("--ignore-eos", action="store_true")
-    ap.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
-                    help="model dtype; auto = the checkpoint's own (config dtype, else its tensors')")
+    ap.add_argument("--dtype", choices=["auto", *sorted(DTYPES), QUANT], default="auto",
+                    help="model dtype; auto = the checkpoint's own (config dtype, else its tensors'); q8_0 = the "
+                         "matmul weights quantized to llama.cpp's Q8_0 at load, float32 activations and KV cache "
+                         "(--kernels custom)")
     ap.add_argument("--kernels", choices=KERNEL_BACKENDS, default="custom",
                     help="custom = our Mojo kernels (default); builtin = MAX's own ops, the reference")
     ap.add_argument("--max-batch-size", type=_int_in(1, 4096), default=8, help="sequences in the KV cache, 1..4096")
@@ -269,6 +279,8 @@ def _check_args(args, cfg) -> None:
         raise RequestError("--system and --reasoning-effort go with --chat")
     if args.interactive and args.json:
         raise RequestError("--interactive prints text as it streams; it does not go with --json")
+    if args.dtype == QUANT and args.kernels != "custom":
+        raise RequestError("--dtype q8_0 runs on our ops only: it needs --kernels custom")
     if args.expert_stats is not None:
         if args.kernels != "custom":
             raise RequestError("--expert-stats comes from our router op: it needs --kernels custom")
@@ -354,11 +366,12 @@ def _run(args, log) -> int:
 
     from .runtime import HYV3Engine
 
-    engine = HYV3Engine(model_path, dtype=None if args.dtype == "auto" else DTYPES[args.dtype], kernels=args.kernels,
+    quant = QUANT if args.dtype == QUANT else None
+    engine = HYV3Engine(model_path, dtype=DTYPES.get(args.dtype), kernels=args.kernels, quant=quant,
                         max_batch_size=args.max_batch_size, max_length=args.max_length, page_size=args.page_size,
                         progress=log, check_memory_first=not args.skip_memory_check,
                         check_finite_weights=args.check_weights, expert_stats=args.expert_stats is not None)
-    log(f"{engine.dtype} model, --kernels {args.kernels}: compiled in {engine.compile_s:.1f}s")
+    log(f"{_precision(engine)} model, --kernels {args.kernels}: compiled in {engine.compile_s:.1f}s")
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos)
     if args.interactive:
@@ -372,7 +385,7 @@ def _batch(engine, tokenizer, prompts, args, sampling, log, echo_prompt: bool) -
         print(tokenizer.decode(prompts[0]), end="", flush=True)
     on_token = TextStream(tokenizer) if stream else None
     outputs, stats = generate(engine, prompts, on_token=on_token, **sampling)
-    stats = {"compile_s": engine.compile_s, "load_s": engine.load_s, "dtype": str(engine.dtype),
+    stats = {"compile_s": engine.compile_s, "load_s": engine.load_s, "dtype": _precision(engine),
              "kernels": args.kernels, **stats}
     failed = {e["sequence"]: e["error"] for e in stats["errors"]}
     if args.json:

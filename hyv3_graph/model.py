@@ -10,6 +10,10 @@ Output: float32 logits [B, V] of each sequence's last new token; with `expert_st
 also int32 [n_sparse, E]: how many of the step's tokens each expert took in each sparse layer, the
 differences of the router op's own dispatch offsets (no extra pass over the router logits).
 
+Weights are in the model dtype, except with quant="q8_0": every matmul weight is then Q8_0 bytes (uint8, the last
+dim K / 32 * 34: hyv3_graph/q8_0.py), read by our ops only (--kernels custom), and the model dtype (activations,
+KV cache, embedding, norms) is float32.
+
 Shapes: T = total new tokens, H = hidden, Hq/Hkv = heads, D = head_dim, E = experts,
 k = experts per token, I = expert width, S = shared-expert width, V = vocab.
 """
@@ -23,6 +27,7 @@ from max.dtype import DType
 from max.graph import DeviceRef, Graph, TensorType, TensorValue, Weight, ops
 from max.nn.kv_cache import MHAKVCacheParams
 
+from . import q8_0
 from .config import HYV3Config
 from .kernels import MOJO_KERNELS
 from .kernels.attention import attention, attention_builtin
@@ -76,11 +81,24 @@ def _rms_norm(x: TensorValue, w: TensorValue, eps: float) -> TensorValue:
 
 class HYV3Graph:
     def __init__(self, cfg: HYV3Config, dtype: DType, kv_params: MHAKVCacheParams, n_positions: int,
-                 kernels: Kernels = Kernels(), expert_stats: bool = False):
+                 kernels: Kernels = Kernels(), expert_stats: bool = False, quant: str | None = None):
         if expert_stats and not kernels.custom:
             raise ValueError("expert stats come from our router op: they need --kernels custom")
+        if quant is not None and (quant != "q8_0" or not kernels.custom or dtype != DType.float32):
+            raise ValueError(f"quant={quant!r}: only q8_0, with --kernels custom and float32 activations")
+        self.quant = quant
         self.cfg, self.dtype, self.kv_params, self.n_positions, self.kernels = cfg, dtype, kv_params, n_positions, kernels
         self.expert_stats = expert_stats
+
+    def _mat_type(self, *shape: int) -> tuple[DType, list[int]]:
+        """(dtype, shape) of a matmul weight [..., K]: the model dtype, or Q8_0 bytes [..., K / 32 * 34]."""
+        if self.quant:
+            return DType.uint8, [*shape[:-1], q8_0.row_bytes(shape[-1])]
+        return self.dtype, list(shape)
+
+    def _mw(self, name: str, *shape: int) -> TensorValue:
+        """A layer's matmul weight placeholder (see `_mat_type`)."""
+        return _w(name, *self._mat_type(*shape))
 
     def _linear(self, x: TensorValue, w: TensorValue) -> TensorValue:
         """x [T, in] @ w[out, in]^T -> [T, out] (HF's nn.Linear layout): our `linear` op or MAX's matmul."""
@@ -117,7 +135,7 @@ class HYV3Graph:
 
             last = ops.cast(row_offsets.tensor[1:], DType.int64) - 1  # [B] index of each sequence's last token
             h = _rms_norm(ops.gather(x, last, axis=0), Weight("norm.weight", dt, [H], device=CPU), cfg.rms_norm_eps)  # [B, H]
-            logits = self._linear(h, Weight("lm_head.weight", dt, [V, H], device=CPU))  # [B, V]
+            logits = self._linear(h, Weight("lm_head.weight", *self._mat_type(V, H), device=CPU))  # [B, V]
             if self.expert_stats and counts:
                 g.output(ops.cast(logits, DType.float32), ops.stack(counts, axis=0))  # [B, V], [n_sparse, E]
             else:
@@ -139,7 +157,7 @@ class HYV3Graph:
 
             h = _rms_norm(x, _w("input_layernorm.weight", dt, [H]), eps)  # [T, H]
             x = x + self._linear(self._attention(h, row_offsets, layer_idx, freqs.tensor, kv),
-                            _w("self_attn.o_proj.weight", dt, [H, cfg.q_dim]))  # [T, H]
+                                 self._mw("self_attn.o_proj.weight", H, cfg.q_dim))  # [T, H]
 
             h = _rms_norm(x, _w("post_attention_layernorm.weight", dt, [H]), eps)  # [T, H]
             if kind == "dense":
@@ -153,7 +171,7 @@ class HYV3Graph:
                    kv) -> TensorValue:
         """[T, H] -> [T, Hq*D]; writes this step's K/V into the paged cache."""
         cfg, dt, eps = self.cfg, self.dtype, self.cfg.rms_norm_eps
-        wqkv = _w("self_attn.qkv_proj.weight", dt, [cfg.q_dim + 2 * cfg.kv_dim, cfg.hidden_size])
+        wqkv = self._mw("self_attn.qkv_proj.weight", cfg.q_dim + 2 * cfg.kv_dim, cfg.hidden_size)
         q_norm, k_norm = _w("self_attn.q_norm.weight", dt, [cfg.head_dim]), _w("self_attn.k_norm.weight", dt, [cfg.head_dim])
         if self.kernels.custom:
             qkv = self._linear(h, wqkv)  # [T, (Hq + 2Hkv) * D]
@@ -165,9 +183,9 @@ class HYV3Graph:
                                  eps=eps)  # [T, Hq*D]
 
     def _dense_mlp(self, h: TensorValue) -> TensorValue:
-        cfg, dt, H, I = self.cfg, self.dtype, self.cfg.hidden_size, self.cfg.intermediate_size
-        return swiglu_mlp(h, _w("mlp.gate_proj.weight", dt, [I, H]), _w("mlp.up_proj.weight", dt, [I, H]),
-                          _w("mlp.down_proj.weight", dt, [H, I]), self.kernels.custom)  # [T, H]
+        H, I = self.cfg.hidden_size, self.cfg.intermediate_size
+        return swiglu_mlp(h, self._mw("mlp.gate_proj.weight", I, H), self._mw("mlp.up_proj.weight", I, H),
+                          self._mw("mlp.down_proj.weight", H, I), self.kernels.custom)  # [T, H]
 
     def _moe(self, h: TensorValue) -> tuple[TensorValue, TensorValue | None]:
         """[T, H] -> ([T, H], tokens per expert [E] int32 with expert_stats, else None)."""
@@ -175,7 +193,7 @@ class HYV3Graph:
         H, E, I, S = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_intermediate_size
         router_logits = self._linear(ops.cast(h, DType.float32), _w("mlp.router.weight", DType.float32, [E, H]))  # [T, E]
         bias = _w("mlp.expert_bias", DType.float32, [E])
-        gate_up, down = _w("mlp.experts.gate_up", dt, [E, 2 * I, H]), _w("mlp.experts.down", dt, [E, H, I])
+        gate_up, down = self._mw("mlp.experts.gate_up", E, 2 * I, H), self._mw("mlp.experts.down", E, H, I)
         k, scale = cfg.num_experts_per_tok, cfg.router_scaling_factor
         if self.kernels.custom:
             _, topk_w, offsets, slots = moe_router(router_logits, bias, k, scale, cfg.route_norm)  # [T, k], [E+1], [T*k]
@@ -186,8 +204,8 @@ class HYV3Graph:
             routed = experts_builtin(h, topk_ids, topk_w, gate_up, down)  # [T, H] float32
             counts = None
         if cfg.num_shared_experts:
-            shared = swiglu_mlp(h, _w("mlp.shared.gate_proj.weight", dt, [S, H]),
-                                _w("mlp.shared.up_proj.weight", dt, [S, H]), _w("mlp.shared.down_proj.weight", dt, [H, S]),
+            shared = swiglu_mlp(h, self._mw("mlp.shared.gate_proj.weight", S, H),
+                                self._mw("mlp.shared.up_proj.weight", S, H), self._mw("mlp.shared.down_proj.weight", H, S),
                                 self.kernels.custom)  # [T, H]
             if cfg.enable_moe_fp32_combine:
                 return ops.cast(routed + ops.cast(shared, DType.float32), dt), counts

@@ -9,12 +9,18 @@ bits), so the ops' float32 dequantized weights are exactly the values of `dequan
 `quantize` reproduces ggml's reference quantizer (`quantize_row_q8_0_ref`, and the `gguf` package's numpy copy of
 it) bit for bit: d = max |w| / 127 in float32, q = round-half-away(w / d) computed as w * (1 / d), d stored
 rounded to float16; an all-zero block gets d = 0 and q = 0. tests/test_q8_0.py checks it against `gguf`.
-Ops that take Q8_0 weights: kernels/linear.mojo (`linear_q8_0`, `linear_swiglu_q8_0`).
+Ops that take Q8_0 weights: kernels/linear.mojo (`linear_q8_0`, `linear_swiglu_q8_0`) and kernels/moe_experts.mojo.
+
+In a `--dtype q8_0` model (`is_quantized` below) every matmul weight is Q8_0: the attention projections, the dense
+MLP, the shared and routed experts and lm_head. The embedding, the norms, the router and its correction bias stay
+float32 (a lower-precision router changes which experts win), and so do the activations and the KV cache.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from .dtypes import bf16_bits_to_f32
 
 BLOCK = 32  # weights per block (QK8_0)
 BLOCK_BYTES = 2 + BLOCK  # the float16 scale, then 32 int8
@@ -40,12 +46,31 @@ def k_of(row_nbytes: int) -> int:
     return row_nbytes // BLOCK_BYTES * BLOCK
 
 
+_CHUNK_BLOCKS = 1 << 20  # blocks quantized at a time: the float32 temporaries stay ~128 MB for any tensor
+
+
+def is_quantized(name: str) -> bool:
+    """Whether the weight of this name (our names, hyv3_graph/weights.py) is Q8_0 in a q8_0 model."""
+    return name == "lm_head.weight" or name.endswith(("_proj.weight", "mlp.experts.gate_up", "mlp.experts.down"))
+
+
 def quantize(w: np.ndarray) -> np.ndarray:
-    """w [..., K] (float32, or anything that widens to it exactly, such as bf16) -> uint8 [..., K / 32 * 34]."""
-    w = np.asarray(w, dtype=np.float32)
+    """w [..., K] (float32, float16, or bf16 bits as uint16, as the checkpoint reader gives them; a mapped view is
+    read in chunks, never widened whole) -> uint8 [..., K / 32 * 34]."""
+    w = np.asarray(w)
     *lead, K = w.shape
     check_k(K)
-    blocks = w.reshape(-1, BLOCK)  # [n_blocks, 32]
+    flat = w.reshape(-1, BLOCK)  # [n_blocks, 32]
+    out = np.empty((flat.shape[0], BLOCK_BYTES), np.uint8)
+    for b0 in range(0, flat.shape[0], _CHUNK_BLOCKS):
+        chunk = flat[b0:b0 + _CHUNK_BLOCKS]
+        out[b0:b0 + _CHUNK_BLOCKS] = _quantize_blocks(bf16_bits_to_f32(chunk) if chunk.dtype == np.uint16
+                                                      else chunk.astype(np.float32))
+    return out.reshape(*lead, K // BLOCK * BLOCK_BYTES)
+
+
+def _quantize_blocks(blocks: np.ndarray) -> np.ndarray:
+    """float32 [n, 32] -> uint8 [n, 34]: ggml's quantize_row_q8_0_ref."""
     d = np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)  # [n_blocks, 1] float32
     with np.errstate(divide="ignore"):
         inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
@@ -55,7 +80,7 @@ def quantize(w: np.ndarray) -> np.ndarray:
     out = np.empty((blocks.shape[0], BLOCK_BYTES), np.uint8)
     out[:, :2] = d.astype(np.float16).view(np.uint8)
     out[:, 2:] = q.astype(np.int8).view(np.uint8)
-    return out.reshape(*lead, K // BLOCK * BLOCK_BYTES)
+    return out
 
 
 def dequantize(q: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ from max.driver import CPU as CPUDevice
 from max.dtype import DType
 from max.engine import InferenceSession
 
+from . import q8_0
 from .config import HYV3Config
 from .dtypes import to_buffer
 from .kv_cache import KVCacheError, PagedKVCache
@@ -63,12 +64,16 @@ class MemoryEstimate:
 
 
 def memory_estimate(cfg: HYV3Config, dtype: DType, *, max_batch_size: int, max_length: int, page_size: int,
-                    total_pages: int | None = None) -> MemoryEstimate:
+                    total_pages: int | None = None, quant: str | None = None) -> MemoryEstimate:
     nbytes = 2 if dtype == DType.bfloat16 else 4
     weights = 0
     for name, shape in expected_shapes(cfg, "raw").items():
         fp32 = name.endswith(("router.gate.weight", "expert_bias"))
-        weights += int(np.prod(shape)) * (4 if fp32 else nbytes)
+        per_weight = 4 if fp32 else q8_0.BLOCK_BYTES / q8_0.BLOCK if quant and len(shape) > 1 and (
+            name.endswith("_proj.weight") or name == "lm_head.weight") else nbytes
+        weights += int(int(np.prod(shape)) * per_weight)
+    if quant and cfg.tie_word_embeddings:  # lm_head: a Q8_0 copy of the float32 embedding
+        weights += cfg.vocab_size * q8_0.row_bytes(cfg.hidden_size)
     pages = total_pages if total_pages is not None else max_batch_size * -(-max_length // page_size)
     kv = (pages + 1) * 2 * cfg.num_hidden_layers * page_size * cfg.kv_dim * nbytes
     H, k = cfg.hidden_size, cfg.num_experts_per_tok
@@ -158,8 +163,10 @@ class HYV3Engine:
     def __init__(self, model_path: str | Path, *, dtype: DType | None = None, kernels: str = "builtin",
                  max_batch_size: int = 8, max_length: int = 1024, page_size: int = 128,
                  total_pages: int | None = None, progress=None, session: InferenceSession | None = None,
-                 check_memory_first: bool = True, check_finite_weights: bool = False, expert_stats: bool = False):
-        """`dtype` None = the checkpoint's own (`checkpoint_dtype`). `progress(msg)` receives loading and compiling
+                 check_memory_first: bool = True, check_finite_weights: bool = False, expert_stats: bool = False,
+                 quant: str | None = None):
+        """`dtype` None = the checkpoint's own (`checkpoint_dtype`). `quant` "q8_0": the matmul weights quantized to
+        Q8_0 at load (hyv3_graph/q8_0.py), float32 activations and KV cache, --kernels custom only. `progress(msg)` receives loading and compiling
         messages, including a heartbeat every few seconds while MAX compiles. `expert_stats` (custom kernels):
         each step also records how many tokens each expert of each sparse layer took, in `last_expert_counts`."""
         self.model_path = Path(model_path)
@@ -167,10 +174,26 @@ class HYV3Engine:
         for name, v in (("max_batch_size", max_batch_size), ("max_length", max_length), ("page_size", page_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise RequestError(f"{name} must be a positive integer, got {v!r}")
-        self.dtype = dtype if dtype is not None else checkpoint_dtype(self.model_path, self.cfg)
+        own_dtype = checkpoint_dtype(self.model_path, self.cfg) if dtype is None or quant else None
+        self.dtype = dtype if dtype is not None else DType.float32 if quant else own_dtype
         self.kernels = Kernels(kernels)
+        self.quant = quant
+        if quant is not None:
+            if quant != "q8_0":
+                raise RequestError(f"unknown weight quantization {quant!r} (known: q8_0)")
+            if not self.kernels.custom:
+                raise RequestError("q8_0 weights run on our ops only: use --kernels custom")
+            if self.dtype != DType.float32:
+                raise RequestError("q8_0 weights run with float32 activations (dtype float32)")
+            cfg = self.cfg
+            for what, K in (("hidden_size", cfg.hidden_size), ("num_attention_heads * head_dim", cfg.q_dim),
+                            ("intermediate_size", cfg.intermediate_size),
+                            ("moe_intermediate_size", cfg.moe_intermediate_size)):
+                if K % q8_0.BLOCK:
+                    raise RequestError(f"q8_0: {what} = {K} is not a multiple of {q8_0.BLOCK} (Q8_0 blocks run "
+                                       f"along each matmul's reduced dim)")
         self.memory = memory_estimate(self.cfg, self.dtype, max_batch_size=max_batch_size, max_length=max_length,
-                                      page_size=page_size, total_pages=total_pages)
+                                      page_size=page_size, total_pages=total_pages, quant=quant)
         if check_memory_first:
             check_memory(self.memory, mem_available())
         self.cache = PagedKVCache(self.cfg, self.dtype, max_batch_size=max_batch_size, max_length=max_length,
@@ -181,10 +204,11 @@ class HYV3Engine:
         self.sparse_layers = [i for i in range(self.cfg.num_hidden_layers) if self.cfg.is_sparse(i)]
         self.last_expert_counts: np.ndarray | None = None  # [n_sparse, E] of the last step, with expert_stats
         self.graph = HYV3Graph(self.cfg, self.dtype, self.cache.params, n_positions=max_length, kernels=self.kernels,
-                               expert_stats=expert_stats)
+                               expert_stats=expert_stats, quant=quant)
         say = progress or (lambda msg: None)
 
-        weights = load_weights(self.model_path, self.cfg, self.dtype, check_finite=check_finite_weights, progress=say)
+        weights = load_weights(self.model_path, self.cfg, self.dtype, check_finite=check_finite_weights, progress=say,
+                               quant=quant, prepared_dtype=own_dtype if quant else None)
         self.load_s, self.weight_bytes, self.mapped_weight_bytes = weights.load_s, weights.nbytes, weights.mapped_bytes
         self.prepared_files = sorted(weights.prepared.glob("layer-*.safetensors")) if weights.prepared else []
         say(f"weights loaded in {self.load_s:.1f}s ({weights.nbytes / 1e9:.2f} GB, {weights.mapped_bytes / 1e9:.2f} GB "

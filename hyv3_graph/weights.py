@@ -39,6 +39,7 @@ import numpy as np
 from max.dtype import DType
 
 from .config import HYV3Config
+from . import q8_0
 from .dtypes import to_dtype
 from .safetensors_io import ST_DTYPES, TensorInfo, WeightError, read_safetensors_header
 
@@ -211,9 +212,10 @@ def validate_checkpoint(reader: CheckpointReader, cfg: HYV3Config, check_finite:
 
 @dataclass
 class LoadedWeights:
-    tensors: dict[str, np.ndarray]  # our names -> arrays in the model dtype's numpy form
+    tensors: dict[str, np.ndarray]  # our names -> arrays in the model dtype's numpy form (Q8_0: uint8 bytes)
     dtype: DType
     naming: str
+    quant: str | None = None  # "q8_0": the matmul weights are Q8_0 (q8_0.is_quantized), the rest in `dtype`
     nbytes: int = 0  # bytes of all the weights the model reads, one copy
     mapped_bytes: int = 0  # of those, views of mapped files (checkpoint or prepared layout): no anonymous memory
     load_s: float = 0.0
@@ -221,7 +223,8 @@ class LoadedWeights:
 
 
 def load_weights(path: str | Path, cfg: HYV3Config, dtype: DType = DType.float32, progress=None,
-                 check_finite: bool = False, prepared_root: Path | None = None, populate: bool = True) -> LoadedWeights:
+                 check_finite: bool = False, prepared_root: Path | None = None, populate: bool = True,
+                 quant: str | None = None, prepared_dtype: DType | None = None) -> LoadedWeights:
     """Validates the checkpoint and returns every weight under our names in `dtype`, without a second copy.
 
     - A tensor already in `dtype` and in our layout is a view of the memory-mapped shard (no copy at all).
@@ -229,6 +232,9 @@ def load_weights(path: str | Path, cfg: HYV3Config, dtype: DType = DType.float32
       prepared layout (`prepared.py`): converted once into files of their own, then mapped the same way.
     - A tensor in another dtype (a float32 checkpoint run in bf16, the fp32 router of a bf16 checkpoint) is
       converted in memory: that conversion is then its only copy.
+    - quant="q8_0": the matmul weights (q8_0.is_quantized) are quantized at load, a chunk at a time from the mapped
+      tensor (the Q8_0 bytes are then their only copy, 34/32 bytes a weight); the prepared layout is kept in
+      `prepared_dtype` (the checkpoint's own, so a bf16 checkpoint's is not doubled on disk).
 
     With `populate`, each layer's mapped bytes are faulted in as it is loaded (the first step would otherwise read
     the checkpoint from disk), and `progress(msg)` gets one line per layer with its GB/s. With `check_finite`, every
@@ -239,15 +245,21 @@ def load_weights(path: str | Path, cfg: HYV3Config, dtype: DType = DType.float32
     say = progress or (lambda msg: None)
     reader = CheckpointReader(path)
     naming = validate_checkpoint(reader, cfg, check_finite)
-    prepared = PreparedLayout.ensure(reader, cfg, naming, dtype, root=prepared_root, progress=say)
+    if quant not in (None, "q8_0"):
+        raise ValueError(f"unknown weight quantization {quant!r} (known: q8_0)")
+    prepared = PreparedLayout.ensure(reader, cfg, naming, prepared_dtype or dtype, root=prepared_root, progress=say)
     out: dict[str, np.ndarray] = {}
-    loaded = LoadedWeights(out, dtype, naming, prepared=prepared.folder)
+    loaded = LoadedWeights(out, dtype, naming, quant=quant, prepared=prepared.folder)
 
-    def get(name: str, as_dtype: DType = dtype) -> np.ndarray:
-        return to_dtype(reader.read(name), as_dtype)
+    def get(name: str, as_dtype: DType | None = None) -> np.ndarray:
+        """The tensor in as_dtype (default: the model dtype); quantized models convert in `take` instead."""
+        a = reader.read(name)
+        return a if as_dtype is None and quant else to_dtype(a, as_dtype or dtype)
 
     def take(group: dict[str, np.ndarray], what: str) -> None:
         t0 = time.perf_counter()
+        if quant:
+            group = {n: q8_0.quantize(a) if q8_0.is_quantized(n) else to_dtype(a, dtype) for n, a in group.items()}
         mapped = [a for a in group.values() if _is_mapped(a)]
         if populate:
             for a in mapped:
@@ -264,7 +276,10 @@ def load_weights(path: str | Path, cfg: HYV3Config, dtype: DType = DType.float32
         top["lm_head.weight"] = get("lm_head.weight")
     take(top, "embedding, final norm, lm_head")
     if cfg.tie_word_embeddings:
-        out["lm_head.weight"] = out["embed_tokens.weight"]
+        if quant:  # the embedding stays float32; lm_head is its own Q8_0 copy
+            take({"lm_head.weight": out["embed_tokens.weight"]}, "lm_head (tied, quantized)")
+        else:
+            out["lm_head.weight"] = out["embed_tokens.weight"]
     ren = _RENAMES[naming]
     for i in range(cfg.num_hidden_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."

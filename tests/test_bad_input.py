@@ -138,6 +138,7 @@ FLAG_ROWS = [  # (flags, what the error line must name)
     (["--max-length", "99999"], "max_position_embeddings"),
     (["--dtype", "float16"], "--dtype"),
     (["--kernels", "fast"], "--kernels"),
+    (["--dtype", "q8_0", "--kernels", "builtin"], "--kernels custom"),
     (["--prompt-ids", "1,a"], "--prompt-ids"),
     (["--prompt-ids", "1,99999"], "outside the vocab"),
     (["--prompt-ids", ""], "empty"),

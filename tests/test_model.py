@@ -165,3 +165,46 @@ def test_bfloat16_model_tracks_float32_hf(tiny_path, hf_models, kernels):
         assert np.abs(logits[i] - ref).max() <= 1.5 * hf_err + 0.05  # ours observed 0.14-0.60
         assert np.corrcoef(logits[i], ref)[0, 1] > 0.995
         assert int(np.argmax(logits[i])) in np.argsort(ref)[-3:]
+
+
+def test_q8_0_model_is_the_float32_model_on_dequantized_weights(engines, tiny_path, hf_models, tmp_path):
+    """--dtype q8_0 (matmul weights Q8_0, float32 activations and KV cache) computes with exactly the dequantized
+    weights: its logits match our float32 model run on a checkpoint whose matmul weights are their Q8_0 round trip
+    (the float32 tolerance). Against HF fp32 on the original weights it carries the quantization's error: bounded
+    here loosely, and the bench's e2e rows report it next to llama.cpp q8_0's."""
+    import json
+
+    from max.dtype import DType
+
+    from hyv3_graph import q8_0
+    from hyv3_graph.checkpoints import write_checkpoint
+    from hyv3_graph.dtypes import to_dtype
+    from hyv3_graph.runtime import HYV3Engine
+    from hyv3_graph.weights import CheckpointReader
+
+    reader = CheckpointReader(tiny_path)
+    tensors = {n: to_dtype(reader.read(n), DType.float32) for n in reader.tensors}
+    for n, a in tensors.items():  # the source names of what q8_0.is_quantized picks (q/k/v, experts, lm_head ...)
+        if a.ndim >= 2 and (n.endswith(("_proj.weight", "_proj")) or n == "lm_head.weight"):
+            tensors[n] = q8_0.dequantize(q8_0.quantize(a))
+    write_checkpoint(tmp_path, json.loads((tiny_path / "config.json").read_text()), tensors)
+    kw = dict(kernels="custom", max_batch_size=4, max_length=256, page_size=16, total_pages=40)
+    q8 = HYV3Engine(tiny_path, quant="q8_0", **kw)
+    assert q8.dtype == DType.float32 and q8.weight_bytes < 0.45 * engines.get(tiny_path, "custom").weight_bytes
+    on_dequantized = HYV3Engine(tmp_path, dtype=DType.float32, **kw)
+    prompts = prompts_for(q8)
+    logits = prefill_batch(q8, prompts)
+    np.testing.assert_allclose(logits, prefill_batch(on_dequantized, prompts), rtol=0, atol=LOGITS_ATOL)
+    for i, p in enumerate(prompts):
+        ref = hf_last_logits(hf_models(tiny_path), p)
+        assert np.corrcoef(logits[i], ref)[0, 1] > 0.995
+        assert int(np.argmax(logits[i])) in np.argsort(ref)[-3:]
+    outputs, _ = generate(q8, prompts, max_new_tokens=8, ignore_eos=True)
+    assert outputs == generate(on_dequantized, prompts, max_new_tokens=8, ignore_eos=True)[0]
+
+
+def test_q8_0_needs_our_kernels(tiny_path):
+    from hyv3_graph.runtime import HYV3Engine
+
+    with pytest.raises(RequestError, match="--kernels custom"):
+        HYV3Engine(tiny_path, quant="q8_0", kernels="builtin")

@@ -4,7 +4,8 @@ llama.cpp's native `hy_v3` (llama-cpp-python, on GGUFs written by `hyv3_graph.gg
 Full run: the `small` preset in float32: prefill of one 512-token prompt, greedy decode of 128 tokens at
 batch 1, and a ragged batch of 8 prompts of mixed lengths (greedy, 32 new tokens each). The `_bf16` cases run
 the same in bfloat16 (ours: `--kernels custom`, bf16 weights, activations and KV cache; HF's bf16 model;
-llama.cpp's bf16 GGUF), the `_q8_0` cases llama.cpp's Q8_0 GGUF (ours has no int8 path yet).
+llama.cpp's bf16 GGUF), the `_q8_0` cases Q8_0 weights (ours: `--dtype q8_0`, the matmul weights quantized at
+load, float32 activations and KV cache; llama.cpp's Q8_0 GGUF, whose tensors are the same bytes).
 `--quick` runs the same on `tiny` with shapes that fit the test suite's engine settings, so CI reuses the
 compiled graphs. llama.cpp's settings: `bench/llama_cpp_peer.py`; without llama-cpp-python its rows are
 skipped with one line saying how to install it.
@@ -157,13 +158,15 @@ def _impls(s: dict, path, cfg, machine) -> tuple[dict, dict]:
         ("torch", "f32"): _HF(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), torch),
         ("mojo", "bf16"): _Ours(HYV3Engine(path, dtype=DType.bfloat16, kernels="custom", **common)),
         ("torch", "bf16"): _HF(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval(), torch),
+        ("mojo", "q8_0"): _Ours(HYV3Engine(path, kernels="custom", quant="q8_0", **common)),
     }
     tf = f"HF transformers {version('transformers')}"
     versions = {("mojo", "f32"): "hyv3_graph --kernels custom",
                 ("max", "f32"): f"hyv3_graph --kernels builtin (max {version('max')})",
                 ("torch", "f32"): f"{tf} fp32, torch {torch.__version__}",
                 ("mojo", "bf16"): "hyv3_graph --kernels custom, bf16",
-                ("torch", "bf16"): f"{tf} bf16, torch {torch.__version__}"}
+                ("torch", "bf16"): f"{tf} bf16, torch {torch.__version__}",
+                ("mojo", "q8_0"): "hyv3_graph --kernels custom --dtype q8_0 (float32 activations and KV cache)"}
     ok, why = llama_cpp_peer.available()
     if not ok:
         print(f"e2e: llama.cpp rows skipped: {why}; install it with {llama_cpp_peer.INSTALL_HINT}", flush=True)
@@ -235,7 +238,8 @@ def results(quick: bool, machine: dict) -> list[dict]:
     for key, impl in impls.items():
         name, wt = key
         suffix, bytes_per = SUFFIX[wt], WEIGHT_BYTES[wt]
-        kv_bytes = 2 * cfg.num_hidden_layers * cfg.kv_dim * (4 if wt == "f32" else 2) * (len(short) + s["decode"] // 2)
+        kv_item = 4 if wt == "f32" or key == ("mojo", "q8_0") else 2  # llama.cpp: bf16 KV beside bf16/q8_0 weights
+        kv_bytes = 2 * cfg.num_hidden_layers * cfg.kv_dim * kv_item * (len(short) + s["decode"] // 2)
         decode_bytes = active_weight_bytes(cfg, bytes_per) + kv_bytes
         base = {"bench": BENCH, "impl": name, "weights": wt, "version": versions[key], **checks[key]}
         _, med, mn = _median_min(lambda: impl.prefill_logits(prompt), s["repeats"])
