@@ -53,6 +53,8 @@
 #   M 8:   f32 15-28 GB/s, bf16 16-22 GB/s (30-50%): below target (85%); torch bf16 is ahead on gate_up/qkv/o_proj;
 #   M 512: f32 = MAX's matmul (291-322 GFLOP/s); bf16 398-593 GFLOP/s = 58-87% of the micro-kernel's own peak
 #          (`dot_peak` 684 GFLOP/s), 1.4-2.4x MAX, 0.75-1.1x torch (oneDNN bf16).
+#   M 512 bf16 on AMX (2-core Intel Xeon with amx_bf16, 2026-12-03; a timing script, not the bench yet:
+#          docs/perf-notes.md "AMX"): 1.41-1.68 TFLOP/s, ~0.8x torch's oneDNN AMX (1.72-1.83).
 # History and the e2e effect: docs/perf-notes.md, "linear".
 import extensibility
 from extensibility import InputTensor, OutputTensor

@@ -65,6 +65,8 @@
 # Today's numbers (`python -m bench`, bench/results/latest.md, 2026-12-02, 2-core AMD EPYC family 26 (Zen 5); H 4096,
 # I 1536, E 32, k 8): fp32 T 1 17.1 ms (35 GB/s, 2.4x torch's eager loop), T 512 561 ms (275 GFLOP/s), T 2048
 # 1.90 s (326 GFLOP/s); bf16 T 1 10.9 ms (28 GB/s), T 512 323 ms (478 GFLOP/s), T 2048 1.31 s (472 GFLOP/s).
+# On AMX (`python -m bench --only experts`, 2026-12-03, 2-core Intel Xeon with amx_bf16): bf16 T 512 177-182 ms
+# (849-874 GFLOP/s, 1.66x torch's bf16 grouped_mm), T 2048 466-486 ms (1.27-1.33 TFLOP/s, 2.33x).
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
