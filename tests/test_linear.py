@@ -37,35 +37,30 @@ BF16_OUT = 2.0**-8  # one bf16 rounding of the output, relative to |y|
 DTYPES = (DType.float32, DType.bfloat16)
 
 
-@pytest.fixture(scope="session")
-def linear_models():
+def _both_ops(q8: bool) -> dict:
+    """{activation dtype: a graph computing (linear(x, w), linear_swiglu(x, w, up))}; M, N and K symbolic. q8: w and
+    up are Q8_0 bytes (uint8 [N, K / 32 * 34]), else in x's dtype."""
     cpu = DeviceRef.CPU()
     session = InferenceSession(devices=[CPU()])
     models = {}
     for dt in DTYPES:
-        types = [TensorType(dt, ["M", "K"], device=cpu), TensorType(dt, ["N", "K"], device=cpu),
-                 TensorType(dt, ["N", "K"], device=cpu)]
-        with Graph(f"linear_{dt}", input_types=types, custom_extensions=[MOJO_KERNELS]) as g:
+        w_type = TensorType(DType.uint8, ["N", "KQ"], device=cpu) if q8 else TensorType(dt, ["N", "K"], device=cpu)
+        with Graph(f"linear_{'q8_0_' if q8 else ''}{dt}", input_types=[TensorType(dt, ["M", "K"], device=cpu), w_type,
+                                                                        w_type], custom_extensions=[MOJO_KERNELS]) as g:
             x, w, up = (v.tensor for v in g.inputs)
             g.output(linear(x, w), linear_swiglu(x, w, up))
         models[dt] = session.load(g)
     return models
+
+
+@pytest.fixture(scope="session")
+def linear_models():
+    return _both_ops(q8=False)
 
 
 @pytest.fixture(scope="session")
 def q8_models():
-    """The same two ops with Q8_0 weights (uint8 [N, K / 32 * 34]), one graph per activation dtype."""
-    cpu = DeviceRef.CPU()
-    session = InferenceSession(devices=[CPU()])
-    models = {}
-    for dt in DTYPES:
-        types = [TensorType(dt, ["M", "K"], device=cpu), TensorType(DType.uint8, ["N", "KQ"], device=cpu),
-                 TensorType(DType.uint8, ["N", "KQ"], device=cpu)]
-        with Graph(f"linear_q8_0_{dt}", input_types=types, custom_extensions=[MOJO_KERNELS]) as g:
-            x, w, up = (v.tensor for v in g.inputs)
-            g.output(linear(x, w), linear_swiglu(x, w, up))
-        models[dt] = session.load(g)
-    return models
+    return _both_ops(q8=True)
 
 
 def _values(rng, shape, dt, scale=1.0):
