@@ -83,6 +83,22 @@ def _quantize_blocks(blocks: np.ndarray) -> np.ndarray:
     return out
 
 
+def quantize_activations(x: np.ndarray) -> np.ndarray:
+    """The int8 activations of the ops' vpdpbusd paths (kernels/microkernels.mojo::q8_quantize_activations), as the
+    float64 values they stand for: x [..., K] (float32 values; K a multiple of 32) in blocks of 32 along K, each
+    d = max |x| / 127 and q = round-half-even(x * (1 / d)) clipped to [-127, 127], in float32 arithmetic, like
+    llama.cpp's Q8_0 activations but with a float32 d; returns q * d [..., K] in float64 (exact)."""
+    x = np.asarray(x, np.float32)
+    *lead, K = x.shape
+    check_k(K, "Q8_0 activations")
+    blocks = x.reshape(-1, BLOCK)
+    d = np.abs(blocks).max(axis=1, keepdims=True, initial=np.float32(0)) / np.float32(127)  # float32
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    q = np.clip(np.rint(blocks * inv), -127, 127)
+    return (q.astype(np.float64) * d.astype(np.float64)).reshape(*lead, K)
+
+
 def dequantize(q: np.ndarray) -> np.ndarray:
     """uint8 [..., K / 32 * 34] -> float32 [..., K], exactly the values the ops compute with."""
     q = np.asarray(q, np.uint8)

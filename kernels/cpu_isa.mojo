@@ -4,6 +4,7 @@
 # instructions go in as inline assembly, which assembles for any x86-64 target, and execute only after cpuid says
 # the CPU has them. A target without AVX-512 has no zmm registers to give the asm ("could not allocate output
 # register" on every compile), so there the zmm asm is not emitted and use_bf16_dot() is False.
+# The same holds for AVX512_VNNI (vpdpbusd: use_vnni, dot_u8_i8), which the Q8_0 streaming paths use.
 # HYV3_PORTABLE_KERNELS=1 forces the portable SIMD paths, HYV3_DISABLE_AMX=1 the AVX512_BF16 ones where AMX
 # would run (both read on every call: tests flip them in-process to reach every path on one machine).
 #
@@ -33,6 +34,19 @@ def has_avx512_bf16() -> Bool:
 
 def use_bf16_dot() -> Bool:
     return CompilationTarget.has_avx512f() and has_avx512_bf16() and not portable_only()
+
+
+def has_avx512_vnni() -> Bool:
+    """cpuid leaf 7 subleaf 0, ECX bit 11: AVX512_VNNI (vpdpbusd)."""
+    var ecx = inlined_assembly["cpuid\n\tmovl %ecx, %eax\n\txorl %ecx, %ecx", Int32,  # ecx back to its input, 0
+                               constraints="={eax},{eax},{ecx},~{ebx},~{edx}"](Int32(7), Int32(0))
+    return (ecx >> 11) & 1 == 1
+
+
+def use_vnni() -> Bool:
+    """The Q8_0 streaming paths run vpdpbusd on int8-quantized activations: the CPU has AVX512_VNNI and the portable
+    paths are not asked for."""
+    return CompilationTarget.has_avx512f() and has_avx512_vnni() and not portable_only()
 
 
 def has_amx_bf16() -> Bool:
@@ -83,6 +97,21 @@ def dot_bf16_pairs(acc: F32x, a: I32x, b: I32x) -> F32x:
         var hi = I32x(-65536)  # 0xFFFF0000
         return (acc + bitcast[DType.float32, 16](a << 16) * bitcast[DType.float32, 16](b << 16)
                 + bitcast[DType.float32, 16](a & hi) * bitcast[DType.float32, 16](b & hi))
+
+
+@always_inline
+def dot_u8_i8[n: Int](
+    acc: SIMD[DType.int32, n], u: SIMD[DType.int32, n], s: SIMD[DType.int32, n],
+) -> SIMD[DType.int32, n]:
+    """vpdpbusd: acc[i] += sum over j < 4 of u.uint8[4i + j] * s.int8[4i + j], int32 (n = 16: zmm, 8: ymm). Only
+    after use_vnni(). Bytes travel as int32 lanes."""
+    comptime if CompilationTarget.has_avx512f():
+        return inlined_assembly["vpdpbusd $2, $1, $0", SIMD[DType.int32, n], constraints="=v,v,v,0"](u, s, acc)
+    else:  # no zmm registers in this target (never reached: use_vnni() is False): the same sums in SIMD
+        var p = bitcast[DType.uint8, 4 * n](u).cast[DType.int32]() * bitcast[DType.int8, 4 * n](s).cast[DType.int32]()
+        var pairs = p.deinterleave()
+        var quads = (pairs[0] + pairs[1]).deinterleave()
+        return acc + rebind[SIMD[DType.int32, n]](quads[0] + quads[1])
 
 
 @always_inline

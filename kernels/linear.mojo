@@ -67,11 +67,12 @@ from std.runtime import parallelism_level
 from std.sys import size_of
 from std.utils import StaticTuple
 from std.memory import bitcast
-from .cpu_isa import F32x, amx_configure, amx_release, round_to_bf16, use_amx, use_bf16_dot
+from .cpu_isa import F32x, amx_configure, amx_release, round_to_bf16, use_amx, use_bf16_dot, use_vnni
 from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, KC, NVMAX, AMX_TILE, Q8_BLOCK, Q8_BLOCK_BYTES, align64,
                            amx_c_tiles, amx_k_ok, amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token, transpose16,
-                           dot_panel, dot_tile, n_blocks, q8_dequantize_row, q8_row_bytes, silu, stream_dots,
-                           stream_dots_bf16, stream_dots_q8_0, swiglu_row, untracked)
+                           dot_panel, dot_tile, n_blocks, q8_activation_scales, q8_dequantize_row,
+                           q8_quantize_activations, q8_row_bytes, silu, stream_dots, stream_dots_bf16, stream_dots_q8_0,
+                           stream_dots_q8_vnni, swiglu_row, untracked)
 from .work_queue import parallelize_dynamic
 
 comptime STREAM_MAX_M = 16  # at most this many rows stream the weights (see the header)
@@ -92,13 +93,15 @@ comptime DEQUANT = 5
 comptime READ_WIDEN = 0  # streaming reads float32 x and weights widened exactly to float32
 comptime READ_PAIRS = 1  # streaming runs vdpbf16ps on the stored bf16 x and weights
 comptime READ_Q8 = 2  # streaming reads float32 x and Q8_0 weight blocks, dequantized exactly
+comptime READ_Q8_INT8 = 3  # streaming runs vpdpbusd on Q8_0 weight blocks and int8-quantized x
 
 
 @fieldwise_init
 struct _Problem[dt: DType](ImplicitlyCopyable, Movable):
     """One call: x [M, K], wa [N, K] (the weight, or SwiGLU's gate), wb [N, K] (SwiGLU's up; wa otherwise),
-    y [M, N]; xf: x as float32 for the portable streaming and Q8_0 paths (x itself when dt is float32). Q8_0
-    weights: wa and wb point at their bytes ([N, K / 32 * 34], microkernels.q8_row_bytes)."""
+    y [M, N]; xf: x as float32 for the portable streaming and Q8_0 paths (x itself when dt is float32); xq, xs: x
+    quantized to int8 blocks for READ_Q8_INT8 ([M, K] bytes, [M, K / 4] scales; microkernels.q8_quantize_activations).
+    Q8_0 weights: wa and wb point at their bytes ([N, K / 32 * 34], microkernels.q8_row_bytes)."""
     var M: Int
     var N: Int
     var K: Int
@@ -107,6 +110,8 @@ struct _Problem[dt: DType](ImplicitlyCopyable, Movable):
     var wb: Pointer[mut=True, Scalar[Self.dt], MutUntrackedOrigin]
     var yp: Pointer[mut=True, Scalar[Self.dt], MutUntrackedOrigin]
     var xf: Pointer[mut=True, Float32, MutUntrackedOrigin]
+    var xq: Pointer[mut=True, UInt8, MutUntrackedOrigin]
+    var xs: Pointer[mut=True, Float32, MutUntrackedOrigin]
 
 
 @always_inline
@@ -133,7 +138,11 @@ def _stream_dots[dt: DType, READ: Int](
 ) -> StaticTuple[SIMD[DType.float32, 4], STREAM_NW]:
     """STREAM_NW weight rows of w (offsets w_rows: elements, Q8_0 bytes) . activation rows m0 .. m0 + rows
     (<= MAX_STREAM_ROWS), over k0 .. k0 + kn (Q8_0: whole blocks)."""
-    comptime if READ == READ_Q8:
+    comptime if READ == READ_Q8_INT8:
+        return stream_dots_q8_vnni(w.unsafe_bitcast[UInt8]().unsafe_offset(k0 // Q8_BLOCK * Q8_BLOCK_BYTES), w_rows,
+                                   pb.xq.unsafe_offset(m0 * pb.K + k0), pb.xs.unsafe_offset((m0 * pb.K + k0) // 4), pb.K,
+                                   rows, kn)
+    elif READ == READ_Q8:
         return stream_dots_q8_0(w.unsafe_bitcast[UInt8]().unsafe_offset(k0 // Q8_BLOCK * Q8_BLOCK_BYTES), w_rows,
                                 pb.xf.unsafe_offset(m0 * pb.K + k0), pb.K, rows, kn)
     elif READ == READ_PAIRS:
@@ -153,7 +162,7 @@ def _stream_task[dt: DType, SWIGLU: Bool, READ: Int](pb: _Problem[dt], cols_per_
     var N = pb.N
     var K = pb.K
     var k_slice = K if pb.M <= MAX_STREAM_ROWS else STREAM_K_SLICE  # a multiple of Q8_BLOCK
-    var row_units = q8_row_bytes(K) if READ == READ_Q8 else K
+    var row_units = q8_row_bytes(K) if READ == READ_Q8 or READ == READ_Q8_INT8 else K
     var o0 = task * cols_per_task
     for o in range(o0, min(N, o0 + cols_per_task), STREAM_NW):
         var w_rows = StaticTuple[Int, STREAM_NW](fill=0)
@@ -440,7 +449,17 @@ def _run[dt: DType, SWIGLU: Bool, Q8: Bool](
             for i in range(M * K):
                 widened[i] = x[unsafe_offset=i].cast[DType.float32]()
             xf = untracked(widened.unsafe_ptr())
-    var pb = _Problem[dt](M, N, K, untracked(x), untracked(wa), untracked(wb), yu, xf)
+    # Q8_0 streaming on AVX512_VNNI: x quantized once per call into int8 blocks with their scales.
+    var int8 = Q8 and path == STREAM and use_vnni()
+    var xq_buf = List[UInt8](unsafe_uninit_length=M * K if int8 else 0)
+    var xs_buf = List[Float32](unsafe_uninit_length=M * q8_activation_scales(K) if int8 else 0)
+    var xq = untracked(xq_buf.unsafe_ptr())
+    var xs = untracked(xs_buf.unsafe_ptr())
+    if int8:
+        for m in range(M):
+            q8_quantize_activations(xf.unsafe_offset(m * K), K, xq.unsafe_offset(m * K),
+                                    xs.unsafe_offset(m * q8_activation_scales(K)))
+    var pb = _Problem[dt](M, N, K, untracked(x), untracked(wa), untracked(wb), yu, xf, xq, xs)
 
     if path == STREAM:
         var row_bytes = q8_row_bytes(K) if Q8 else K * size_of[dt]()
@@ -456,8 +475,14 @@ def _run[dt: DType, SWIGLU: Bool, Q8: Bool](
         def stream_q8(task: Int) {var pb, var cols}:
             _stream_task[dt, SWIGLU, READ_Q8](pb, cols, task)
 
+        def stream_q8_int8(task: Int) {var pb, var cols}:
+            _stream_task[dt, SWIGLU, READ_Q8_INT8](pb, cols, task)
+
         comptime if Q8:
-            parallelize_dynamic(stream_q8, tasks)
+            if int8:
+                parallelize_dynamic(stream_q8_int8, tasks)
+            else:
+                parallelize_dynamic(stream_q8, tasks)
         elif dt == DType.bfloat16:
             if pairs:
                 parallelize_dynamic(stream_pairs, tasks)
@@ -504,6 +529,8 @@ def _run[dt: DType, SWIGLU: Bool, Q8: Bool](
         comptime if dt == DType.float32:
             _matmul[SWIGLU](rebind[_Problem[DType.float32]](pb))
     _ = widened^
+    _ = xq_buf^
+    _ = xs_buf^
 
 
 def _check_contiguous(name: StaticString, rows: Int, cols: Int, s0: Int, s1: Int) raises:

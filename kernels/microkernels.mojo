@@ -25,7 +25,7 @@ from std.memory import bitcast
 from std.utils import StaticTuple
 from std.sys.intrinsics import prefetch, PrefetchOptions
 from std.sys._assembly import inlined_assembly
-from .cpu_isa import I32x, F32x, dot_bf16_pairs
+from .cpu_isa import I32x, F32x, dot_bf16_pairs, dot_u8_i8
 
 comptime W = 16  # float32 SIMD width
 comptime PREFETCH_AHEAD = 2048  # streaming: weight elements prefetched ahead of use (~10% at T = 4..8)
@@ -175,7 +175,7 @@ def q8_row_bytes(K: Int) -> Int:
 @always_inline
 def q8_block[n: Int](blk: Pointer[UInt8, _], i: Int) -> SIMD[DType.float32, n]:
     """Weights i .. i + n of the Q8_0 block at blk (i + n <= 32), dequantized: d * q, exact in float32."""
-    var d = bitcast[DType.float16, 1](blk.unsafe_bitcast[UInt16]().unsafe_load[width=1](0)).cast[DType.float32]()
+    var d = _q8_scale(blk)
     return blk.unsafe_offset(2 + i).unsafe_bitcast[Int8]().unsafe_load[width=n](0).cast[DType.float32]() * d
 
 
@@ -233,6 +233,110 @@ def stream_dots_q8_0[NW: Int](
     if n_rows == 2:
         return stream_dots_q8_0[2](w, w_rows, x, x_stride, n_rows, K)
     return stream_dots_q8_0[MAX_STREAM_ROWS](w, w_rows, x, x_stride, n_rows, K)
+
+
+comptime Q8_SCALE_LANES = 8  # int8 activations: each block's scale, repeated once per int32 lane of its products
+
+
+@always_inline
+def q8_activation_scales(K: Int) -> Int:
+    """Floats of q8_quantize_activations' scales for a row of K (a multiple of 32): Q8_SCALE_LANES per block."""
+    return K // Q8_BLOCK * Q8_SCALE_LANES
+
+
+def q8_quantize_activations(x: Pointer[Float32, _], K: Int, xq: Pointer[mut=True, UInt8, _],
+                            xs: Pointer[mut=True, Float32, _]):
+    """A float32 activation row x [K] (K a multiple of 32) -> int8 blocks of 32 for stream_dots_q8_vnni: per block
+    d = max |x| / 127 and q = round-half-even(x * (1 / d)) in [-127, 127] (float32 arithmetic; an all-zero block has
+    d = 0, q = 0), stored as xq = q + 128 (uint8: vpdpbusd's unsigned operand) and xs = d repeated Q8_SCALE_LANES
+    times. hyv3_graph/q8_0.py::quantize_activations is the same in numpy (the tests' reference)."""
+    for b in range(K // Q8_BLOCK):
+        var v0 = x.unsafe_load[width=W](b * Q8_BLOCK)
+        var v1 = x.unsafe_load[width=W](b * Q8_BLOCK + W)
+        var amax = max(abs(v0).reduce_max(), abs(v1).reduce_max())
+        var d = amax / 127.0
+        var inv = Float32(1.0) / d if d != 0 else Float32(0)
+        var q0 = min(max(round(v0 * inv), -127.0), 127.0).cast[DType.int32]() + 128
+        var q1 = min(max(round(v1 * inv), -127.0), 127.0).cast[DType.int32]() + 128
+        xq.unsafe_store(b * Q8_BLOCK, q0.cast[DType.uint8]())
+        xq.unsafe_store(b * Q8_BLOCK + W, q1.cast[DType.uint8]())
+        xs.unsafe_store(b * Q8_SCALE_LANES, SIMD[DType.float32, Q8_SCALE_LANES](d))
+
+
+@always_inline
+def _q8_scale(blk: Pointer[UInt8, _]) -> Float32:
+    """The float16 scale d of the Q8_0 block at blk, as float32."""
+    return bitcast[DType.float16, 1](blk.unsafe_bitcast[UInt16]().unsafe_load[width=1](0)).cast[DType.float32]()
+
+
+@always_inline
+def stream_dots_q8_vnni[R: Int, NW: Int](
+    w: Pointer[UInt8, _], w_rows: StaticTuple[Int, NW], xq: Pointer[UInt8, _], xs: Pointer[Float32, _],
+    x_stride: Int, n_rows: Int, K: Int,
+) -> StaticTuple[SIMD[DType.float32, 4], NW]:
+    """stream_dots_q8_0 on int8 activations (q8_quantize_activations: xq rows x_stride bytes apart, xs rows
+    x_stride / 4 floats apart) with vpdpbusd: two Q8_0 blocks (64 weights) of a weight row against 64 activations
+    per instruction, int32 sums per block, then scaled by d_w * d_x and summed in float32. The unsigned operand is
+    q + 128, so each block's int32 start is -128 * sum(w), computed once per weight chunk for all rows. A last odd
+    block runs on ymm. Only after use_vnni(). Measured: docs/perf-notes.md, "Q8_0"."""
+    comptime B2 = 2 * Q8_BLOCK
+    var r = StaticTuple[Int, R](fill=0)
+    comptime for j in range(1, R):
+        r[j] = min(j, n_rows - 1) * x_stride
+    var acc = StaticTuple[F32x, NW * R](fill=F32x(0))
+    var bias = I32x(-2139062144)  # every byte 0x80: 128 * sum(w) per lane
+    var i = 0
+    var b = 0  # byte offset of the block pair in each row
+    while i + B2 <= K:
+        var xv = StaticTuple[I32x, R](fill=I32x(0))
+        var sx = StaticTuple[F32x, R](fill=F32x(0))
+        comptime for j in range(R):
+            xv[j] = bitcast[DType.int32, W](xq.unsafe_load[width=B2](r[j] + i))
+            sx[j] = xs.unsafe_load[width=W](r[j] // 4 + i // 4)
+        comptime for v in range(NW):
+            var blk = w.unsafe_offset(w_rows[v] + b)
+            prefetch[PrefetchOptions().for_read().low_locality()](blk.unsafe_offset(PREFETCH_AHEAD))
+            var lo = blk.unsafe_offset(2).unsafe_load[width=Q8_BLOCK](0)
+            var hi = blk.unsafe_offset(Q8_BLOCK_BYTES + 2).unsafe_load[width=Q8_BLOCK](0)
+            var q = bitcast[DType.int32, W](lo.join(hi))
+            var dw = SIMD[DType.float32, W // 2](_q8_scale(blk)).join(
+                SIMD[DType.float32, W // 2](_q8_scale(blk.unsafe_offset(Q8_BLOCK_BYTES))))
+            var start = I32x(0) - dot_u8_i8[W](I32x(0), bias, q)
+            comptime for j in range(R):
+                var isum = dot_u8_i8[W](start, xv[j], q)
+                acc[v * R + j] = isum.cast[DType.float32]().fma(dw * sx[j], acc[v * R + j])
+        i += B2
+        b += 2 * Q8_BLOCK_BYTES
+    var out = StaticTuple[SIMD[DType.float32, 4], NW](fill=SIMD[DType.float32, 4](0))
+    comptime for v in range(NW):
+        comptime for j in range(R):
+            out[v][j] = acc[v * R + j].reduce_add()
+    if i < K:  # one block left
+        comptime H = W // 2
+        comptime for j in range(R):
+            var xv = bitcast[DType.int32, H](xq.unsafe_load[width=Q8_BLOCK](r[j] + i))
+            var sx = xs.unsafe_load[width=H](r[j] // 4 + i // 4)
+            comptime for v in range(NW):
+                var blk = w.unsafe_offset(w_rows[v] + b)
+                var q = bitcast[DType.int32, H](blk.unsafe_offset(2).unsafe_load[width=Q8_BLOCK](0))
+                var zero = SIMD[DType.int32, H](0)
+                var start = zero - dot_u8_i8[H](zero, SIMD[DType.int32, H](-2139062144), q)
+                var isum = dot_u8_i8[H](start, xv, q)
+                out[v][j] += (isum.cast[DType.float32]() * (sx * _q8_scale(blk))).reduce_add()
+    return out
+
+
+@always_inline
+def stream_dots_q8_vnni[NW: Int](
+    w: Pointer[UInt8, _], w_rows: StaticTuple[Int, NW], xq: Pointer[UInt8, _], xs: Pointer[Float32, _],
+    x_stride: Int, n_rows: Int, K: Int,
+) -> StaticTuple[SIMD[DType.float32, 4], NW]:
+    """stream_dots_q8_vnni with the smallest register tile that holds n_rows (1..MAX_STREAM_ROWS)."""
+    if n_rows == 1:
+        return stream_dots_q8_vnni[1](w, w_rows, xq, xs, x_stride, n_rows, K)
+    if n_rows == 2:
+        return stream_dots_q8_vnni[2](w, w_rows, xq, xs, x_stride, n_rows, K)
+    return stream_dots_q8_vnni[MAX_STREAM_ROWS](w, w_rows, xq, xs, x_stride, n_rows, K)
 
 
 @always_inline

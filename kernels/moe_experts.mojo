@@ -46,10 +46,13 @@
 #     are 16 weight rows read in place (gate_up: 16 gate rows with their 16 up rows, so SwiGLU fuses as above; a
 #     C tile row is one output for 16 tokens, which is exactly a row of the down GEMM's packed input), B tiles
 #     16 tokens of a packed block; tasks are (expert, AMX_RB row blocks).
-#   * Q8_0 weights: every expert streams (microkernels.stream_dots_q8_0: each block widened and scaled, exact in
-#     float32, against exact float32 activations), so decode reads 34 bytes per 32 weights, 53% of bf16. Experts
-#     with many rows stream too for now: correct, but compute bound on the widening (prefill). Not built yet: a
-#     GEMM for them (dequantized rows into the float32 matmul, as linear's DEQUANT path, or int8 dot products).
+#   * Q8_0 weights: an expert with <= Q8_STREAM_MAX_ROWS rows streams (microkernels.stream_dots_q8_0: each block
+#     widened and scaled, exact in float32, against exact float32 activations), so decode reads 34 bytes per 32
+#     weights, 53% of bf16. An expert with more rows (prefill) takes DEQUANT, as linear does: tasks of (expert,
+#     DEQUANT_ROWS weight rows: gate rows with their up rows, or down rows), each dequantizing its rows once into a
+#     float32 scratch (exact) and multiplying the expert's rows by them through MAX's matmul on its core; streaming
+#     them instead re-read every expert's activations from L3 for each 4 weight rows. Why no int8 dot products
+#     (VNNI): docs/perf-notes.md, "Q8_0".
 #   * The streaming and bf16-dot tasks go to whichever core is free (work_queue.mojo): MAX's parallelize
 #     gives each core a fixed half of the task list, which leaves one idle when experts' row counts differ.
 #   * Combine is deterministic, without atomics: out[t] accumulates its experts in ascending expert
@@ -57,9 +60,9 @@
 #
 # Code map: `MoeExperts.execute` validates the routing, picks each expert's path, then runs the passes: `_gather_row`;
 # streaming `_stream_gate_up`, `_stream_down`; bf16-dot `_dot_pack_x`, `_dot_gate_up`, `_dot_down` (AMX:
-# `_amx_gate_up`, `_amx_down`); float32 matmul
-# `_matmul_expert`; and `_combine_token`. They read the op's state from small structs (`_Routing`, `_Weights`,
-# `_Rows`, `_Stream`, `_Dot`, `_Matmul`). The streaming dots and the bf16-dot micro-kernel are microkernels.mojo's
+# `_amx_gate_up`, `_amx_down`); float32 matmul `_matmul_expert`; Q8_0 `_dequant_gate_up`, `_dequant_down`; and
+# `_combine_token`. They read the op's state from small structs (`_Routing`, `_Weights`, `_Rows`, `_Stream`, `_Dot`,
+# `_Matmul`, `_Dequant`). The streaming dots and the bf16-dot micro-kernel are microkernels.mojo's
 # (shared with linear.mojo).
 #
 # Today's numbers (`python -m bench`, bench/results/latest.md, 2026-12-02, 2-core AMD EPYC family 26 (Zen 5); H 4096,
@@ -79,10 +82,12 @@ from layout.tile_layout import row_major
 from linalg.matmul.cpu import matmul as cpu_matmul
 from std.utils import StaticTuple
 from std.sys import size_of
-from .cpu_isa import F32x, adjacent_bf16_pairs, amx_configure, amx_release, bf16_pairs, use_amx, use_bf16_dot
+from .cpu_isa import F32x, adjacent_bf16_pairs, amx_configure, amx_release, bf16_pairs, use_amx, use_bf16_dot, use_vnni
 from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, AMX_TILE, Q8_BLOCK, Q8_BLOCK_BYTES, align64, amx_c_tile,
                            amx_c_tiles, amx_k_ok, amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token, dot_panel,
-                           n_blocks, n_vec, q8_row_bytes, silu, stream_dots, stream_dots_q8_0, swiglu_row, untracked)
+                           n_blocks, n_vec, q8_activation_scales, q8_dequantize_row, q8_quantize_activations,
+                           q8_row_bytes, silu, stream_dots, stream_dots_q8_0, stream_dots_q8_vnni, swiglu_row,
+                           untracked)
 
 comptime SMALL_ROWS = MAX_STREAM_ROWS  # experts with at most this many rows take the streaming path
 comptime STREAM_ROWS = 4  # streaming path: weight rows per pass over the activations (stream_dots' NW)
@@ -91,9 +96,12 @@ comptime STREAM_TASK_BYTES = 1 << 20  # streaming path: weight bytes per task
 comptime GU_ROWS = MR // 2  # gate_up: gate rows o0..o0+3 with up rows I+o0..I+o0+3, so SwiGLU fuses
 comptime GROUPS = 8  # bf16-dot path: micro-tiles of MR weight rows per task (share each activation slice)
 comptime AMX_RB = 8  # AMX: row blocks per task (gate_up: 16 gate rows with their 16 up rows; down: 32 rows)
+comptime Q8_STREAM_MAX_ROWS = 16  # Q8_0 experts with more rows take DEQUANT (linear's STREAM_MAX_M)
+comptime DEQUANT_ROWS = 64  # DEQUANT: weight rows dequantized per task (gate_up: gate rows, with their up rows)
 comptime STREAM = 1  # an expert's path: streaming
 comptime MATMUL = 2  # MAX's matmul (float32 weights)
 comptime DOT = 3  # the bf16-dot GEMM
+comptime DEQUANT = 4  # Q8_0 weights: row chunks dequantized into float32, then MAX's matmul
 
 
 def _stream_rows_per_task(row_bytes: Int) -> Int:
@@ -111,10 +119,14 @@ def _row_len[wdt: DType](K: Int) -> Int:
 @always_inline
 def _stream_dots_w[wdt: DType](
     w: Pointer[mut=True, Scalar[wdt], MutUntrackedOrigin], w_rows: StaticTuple[Int, STREAM_ROWS],
-    x: Pointer[mut=True, Float32, MutUntrackedOrigin], n_rows: Int, K: Int,
+    x: Pointer[mut=True, Float32, MutUntrackedOrigin], xq: Pointer[mut=True, UInt8, MutUntrackedOrigin],
+    xs: Pointer[mut=True, Float32, MutUntrackedOrigin], int8: Bool, n_rows: Int, K: Int,
 ) -> StaticTuple[SIMD[DType.float32, 4], STREAM_ROWS]:
-    """The streaming dots for this weight format: stream_dots (float32, bf16 widened) or stream_dots_q8_0."""
+    """The streaming dots for this weight format: stream_dots (float32, bf16 widened), stream_dots_q8_0, or with
+    int8 (Q8_0 on AVX512_VNNI) stream_dots_q8_vnni on the same rows quantized (xq, xs)."""
     comptime if wdt == DType.uint8:
+        if int8:
+            return stream_dots_q8_vnni(w.unsafe_bitcast[UInt8](), w_rows, xq, xs, K, n_rows, K)
         return stream_dots_q8_0(w.unsafe_bitcast[UInt8](), w_rows, x, K, n_rows, K)
     else:
         return stream_dots(w, w_rows, x, K, n_rows, K)
@@ -188,12 +200,19 @@ struct _Rows(ImplicitlyCopyable, Movable):
 
 @fieldwise_init
 struct _Stream(ImplicitlyCopyable, Movable):
-    """The streaming experts (few rows each) and their task tiling: weight rows per task and tasks per expert."""
+    """The streaming experts (few rows each) and their task tiling: weight rows per task and tasks per expert;
+    with int8 (Q8_0 weights, AVX512_VNNI), the grouped rows and the SwiGLU activations quantized to int8 blocks
+    (microkernels.q8_quantize_activations: xq [T k, H] and xs [T k, H / 4], aq [T k, I] and as_ [T k, I / 4])."""
     var sp: Pointer[mut=True, Int, MutUntrackedOrigin]
     var gu_rows: Int
     var gu_tiles: Int
     var dn_rows: Int
     var dn_tiles: Int
+    var int8: Bool
+    var xq: Pointer[mut=True, UInt8, MutUntrackedOrigin]
+    var xs: Pointer[mut=True, Float32, MutUntrackedOrigin]
+    var aq: Pointer[mut=True, UInt8, MutUntrackedOrigin]
+    var as_: Pointer[mut=True, Float32, MutUntrackedOrigin]
 
 
 @fieldwise_init
@@ -273,7 +292,9 @@ def _stream_gate_up[wdt: DType](
             w_rows[STREAM_GATES + v] = (I + min(o + v, I - 1)) * row_len
         for g0 in range(0, n, SMALL_ROWS):
             var gn = min(SMALL_ROWS, n - g0)
-            var gu = _stream_dots_w[wdt](w, w_rows, rp.unsafe_offset((r0 + g0) * H), gn, H)
+            var row = r0 + g0
+            var gu = _stream_dots_w[wdt](w, w_rows, rp.unsafe_offset(row * H), st.xq.unsafe_offset(row * H),
+                                         st.xs.unsafe_offset(row * (H // 4)), st.int8, gn, H)
             for r in range(gn):
                 comptime for v in range(STREAM_GATES):
                     ap[unsafe_offset=(r0 + g0 + r) * I + min(o + v, I - 1)] = (
@@ -307,7 +328,9 @@ def _stream_down[wdt: DType](
             w_rows[v] = min(h + v, H - 1) * row_len
         for g0 in range(0, n, SMALL_ROWS):
             var gn = min(SMALL_ROWS, n - g0)
-            var y = _stream_dots_w[wdt](w, w_rows, ap.unsafe_offset((r0 + g0) * I), gn, I)
+            var row = r0 + g0
+            var y = _stream_dots_w[wdt](w, w_rows, ap.unsafe_offset(row * I), st.aq.unsafe_offset(row * I),
+                                        st.as_.unsafe_offset(row * (I // 4)), st.int8, gn, I)
             for r in range(gn):
                 comptime for v in range(STREAM_ROWS):
                     yp[unsafe_offset=(r0 + g0 + r) * H + min(h + v, H - 1)] = y[v][r]
@@ -566,6 +589,71 @@ def _matmul_expert[wdt: DType](
                 gp.unsafe_offset(r0 * 2 * I), ap.unsafe_offset(r0 * I), yp.unsafe_offset(r0 * H), num_threads)
 
 
+@fieldwise_init
+struct _Dequant(ImplicitlyCopyable, Movable):
+    """The DEQUANT experts (Q8_0 weights, many rows) and their tasks per expert: gate_up and down row chunks."""
+    var qp: Pointer[mut=True, Int, MutUntrackedOrigin]
+    var gu_tiles: Int
+    var dn_tiles: Int
+
+
+def _dequant_gate_up[wdt: DType](rt: _Routing, wt: _Weights[wdt], rw: _Rows, dq: _Dequant, task: Int) raises:
+    """DEQUANT, gate_up task: DEQUANT_ROWS gate rows and their up rows of one expert, dequantized (exact) into one
+    float32 [2 nc, H] scratch, times the expert's gathered rows through MAX's matmul on this core; SwiGLU into the
+    activations' columns of those gate rows."""
+    var H = rt.H
+    var I = rt.I
+    var e = dq.qp[unsafe_offset=task // dq.gu_tiles]
+    var r0 = Int(rt.offp[unsafe_offset=e])
+    var n = Int(rt.offp[unsafe_offset=e + 1]) - r0
+    var o0 = (task % dq.gu_tiles) * DEQUANT_ROWS
+    var nc = min(DEQUANT_ROWS, I - o0)
+    var rb = q8_row_bytes(H)
+    var w = wt.gup.unsafe_bitcast[UInt8]().unsafe_offset(e * wt.gu_es)
+    var ws = List[Float32](unsafe_uninit_length=2 * nc * H)  # gate rows o0 .., then their up rows
+    var cs = List[Float32](unsafe_uninit_length=n * 2 * nc)  # [n, 2 nc]: x . gate rows, then x . up rows
+    var wf = untracked(ws.unsafe_ptr())
+    var cf = untracked(cs.unsafe_ptr())
+    for i in range(nc):
+        q8_dequantize_row(w.unsafe_offset((o0 + i) * rb), wf.unsafe_offset(i * H), H)
+        q8_dequantize_row(w.unsafe_offset((I + o0 + i) * rb), wf.unsafe_offset((nc + i) * H), H)
+    cpu_matmul[transpose_b=True](TileTensor(cf, row_major(n, 2 * nc)), TileTensor(rw.rp.unsafe_offset(r0 * H),
+                                 row_major(n, H)), TileTensor(wf, row_major(2 * nc, H)), 0, num_threads=1)
+    for r in range(n):
+        var c = cf.unsafe_offset(r * 2 * nc)
+        swiglu_row(rw.ap.unsafe_offset((r0 + r) * I + o0), c, c.unsafe_offset(nc), nc)
+    _ = ws^
+    _ = cs^
+
+
+def _dequant_down[wdt: DType](rt: _Routing, wt: _Weights[wdt], rw: _Rows, dq: _Dequant, task: Int) raises:
+    """DEQUANT, down task: DEQUANT_ROWS down rows of one expert dequantized into float32, times its activations
+    through MAX's matmul on this core; those columns of the expert's output rows."""
+    var H = rt.H
+    var I = rt.I
+    var e = dq.qp[unsafe_offset=task // dq.dn_tiles]
+    var r0 = Int(rt.offp[unsafe_offset=e])
+    var n = Int(rt.offp[unsafe_offset=e + 1]) - r0
+    var h0 = (task % dq.dn_tiles) * DEQUANT_ROWS
+    var nc = min(DEQUANT_ROWS, H - h0)
+    var rb = q8_row_bytes(I)
+    var w = wt.dnp.unsafe_bitcast[UInt8]().unsafe_offset(e * wt.dn_es)
+    var ws = List[Float32](unsafe_uninit_length=nc * I)
+    var cs = List[Float32](unsafe_uninit_length=n * nc)  # [n, nc]
+    var wf = untracked(ws.unsafe_ptr())
+    var cf = untracked(cs.unsafe_ptr())
+    for i in range(nc):
+        q8_dequantize_row(w.unsafe_offset((h0 + i) * rb), wf.unsafe_offset(i * I), I)
+    cpu_matmul[transpose_b=True](TileTensor(cf, row_major(n, nc)), TileTensor(rw.ap.unsafe_offset(r0 * I),
+                                 row_major(n, I)), TileTensor(wf, row_major(nc, I)), 0, num_threads=1)
+    for r in range(n):
+        var dst = rw.yp.unsafe_offset((r0 + r) * H + h0)
+        for i in range(nc):
+            dst[unsafe_offset=i] = cf[unsafe_offset=r * nc + i]
+    _ = ws^
+    _ = cs^
+
+
 @always_inline
 def _combine_token(
     rt: _Routing, rw: _Rows, trp: Pointer[mut=True, Int, MutUntrackedOrigin], t: Int,
@@ -654,11 +742,12 @@ struct MoeExperts:
             if s < 0 or s >= T * k:
                 raise Error("moe_experts: slot out of range: ", s)
 
-        # Each expert's path (see the header): STREAM, MATMUL (float32) or DOT (the bf16-dot GEMM).
+        # Each expert's path (see the header): STREAM, MATMUL (float32), DOT (the bf16-dot GEMM) or DEQUANT (Q8_0).
         var dot = wdt == DType.bfloat16 and H > 0 and I > 0 and H % 2 == 0 and I % 2 == 0 and use_bf16_dot()
         var path = List[Int](length=E, fill=0)
         var small = List[Int]()  # streaming experts
         var dots = List[Int]()  # bf16-dot experts
+        var dequants = List[Int]()  # DEQUANT experts
         var dot_blk0 = List[Int]()  # their first packed block
         var n_blk = 0
         var dot_rows = 0
@@ -666,7 +755,10 @@ struct MoeExperts:
             var n = Int(offp[unsafe_offset=e + 1]) - Int(offp[unsafe_offset=e])
             if n == 0:
                 continue
-            if n <= SMALL_ROWS or (wdt != DType.float32 and not dot):
+            if Q8 and n > Q8_STREAM_MAX_ROWS:
+                path[e] = DEQUANT
+                dequants.append(e)
+            elif n <= SMALL_ROWS or (wdt != DType.float32 and not dot):
                 path[e] = STREAM
                 small.append(e)
             elif wdt == DType.float32:
@@ -711,7 +803,14 @@ struct MoeExperts:
         var dn_rows = _stream_rows_per_task(i_len * size_of[wdt]())
         var gu_tiles = (I + gu_rows - 1) // gu_rows
         var dn_tiles = (H + dn_rows - 1) // dn_rows
-        var st = _Stream(untracked(sp), gu_rows, gu_tiles, dn_rows, dn_tiles)
+        # Q8_0 on AVX512_VNNI: the streaming experts' rows, and then their activations, quantized to int8 blocks.
+        var int8 = Q8 and n_small > 0 and use_vnni()
+        var xq_buf = List[UInt8](unsafe_uninit_length=T * k * H if int8 else 0)
+        var xs_buf = List[Float32](unsafe_uninit_length=T * k * q8_activation_scales(H) if int8 else 0)
+        var aq_buf = List[UInt8](unsafe_uninit_length=T * k * I if int8 else 0)
+        var as_buf = List[Float32](unsafe_uninit_length=T * k * q8_activation_scales(I) if int8 else 0)
+        var st = _Stream(untracked(sp), gu_rows, gu_tiles, dn_rows, dn_tiles, int8, untracked(xq_buf.unsafe_ptr()),
+                         untracked(xs_buf.unsafe_ptr()), untracked(aq_buf.unsafe_ptr()), untracked(as_buf.unsafe_ptr()))
 
         def gate_up_task(task: Int) {var rt, var wt, var rw, var st}:
             _stream_gate_up[wdt](rt, wt, rw, st, task)
@@ -719,8 +818,22 @@ struct MoeExperts:
         def down_task(task: Int) {var rt, var wt, var rw, var st}:
             _stream_down[wdt](rt, wt, rw, st, task)
 
+        def quantize_x(r: Int) {var rt, var rw, var st}:
+            if rt.pathp[unsafe_offset=rt.rep[unsafe_offset=r]] == STREAM:
+                q8_quantize_activations(rw.rp.unsafe_offset(r * rt.H), rt.H, st.xq.unsafe_offset(r * rt.H),
+                                        st.xs.unsafe_offset(r * q8_activation_scales(rt.H)))
+
+        def quantize_act(r: Int) {var rt, var rw, var st}:
+            if rt.pathp[unsafe_offset=rt.rep[unsafe_offset=r]] == STREAM:
+                q8_quantize_activations(rw.ap.unsafe_offset(r * rt.I), rt.I, st.aq.unsafe_offset(r * rt.I),
+                                        st.as_.unsafe_offset(r * q8_activation_scales(rt.I)))
+
         if n_small > 0:
+            if int8:
+                parallelize(quantize_x, T * k)
             parallelize_dynamic(gate_up_task, n_small * gu_tiles)
+            if int8:
+                parallelize(quantize_act, T * k)
             parallelize_dynamic(down_task, n_small * dn_tiles)
 
         # bf16-dot path (bfloat16 weights, CPU with AVX512_BF16): activations rounded to bf16 and packed in
@@ -820,6 +933,28 @@ struct MoeExperts:
             _ = by_rows^  # `mm` holds untracked pointers into both
             _ = g_buf^
 
+        # DEQUANT path (Q8_0 weights, many rows): tasks over (expert, DEQUANT_ROWS weight rows), each dequantizing
+        # its rows once into float32 and running MAX's matmul on its core.
+        var n_dequants = len(dequants)
+        if n_dequants > 0:
+            var dq = _Dequant(untracked(dequants.unsafe_ptr()), (I + DEQUANT_ROWS - 1) // DEQUANT_ROWS,
+                              (H + DEQUANT_ROWS - 1) // DEQUANT_ROWS)
+
+            def gate_up_dequant(task: Int) {var rt, var wt, var rw, var dq}:
+                try:
+                    _dequant_gate_up[wdt](rt, wt, rw, dq, task)
+                except err:
+                    abort(String("moe_experts: ", err))  # a raise cannot leave a parallel loop
+
+            def down_dequant(task: Int) {var rt, var wt, var rw, var dq}:
+                try:
+                    _dequant_down[wdt](rt, wt, rw, dq, task)
+                except err:
+                    abort(String("moe_experts: ", err))
+
+            parallelize_dynamic(gate_up_dequant, n_dequants * dq.gu_tiles)
+            parallelize_dynamic(down_dequant, n_dequants * dq.dn_tiles)
+
         # Combine: out[t] += w * y over t's rows in ascending row = ascending expert order (deterministic).
         var token_rows = List[Int](length=T * k, fill=0)
         var filled = List[Int](length=T, fill=0)
@@ -837,6 +972,11 @@ struct MoeExperts:
         _ = path^
         _ = small^
         _ = dots^
+        _ = dequants^
+        _ = xq_buf^
+        _ = xs_buf^
+        _ = aq_buf^
+        _ = as_buf^
         _ = dot_blk0^
         _ = row_expert^
         _ = rows^

@@ -57,8 +57,12 @@ def test_bench_quick_json(tmp_path):
     for bench in ("experts", "attention", "e2e"):
         assert {i for b, _, i in cases if b == bench} >= {"mojo", "torch"}, bench
     assert any(b == "experts" and c.endswith("_bf16") for b, c, _ in cases)
-    assert {c for b, c, _ in cases if b == "experts" and c.endswith("_grouped")} == {
-        c + "_grouped" for b, c, _ in cases if b == "experts" and not c.endswith("_grouped")}  # HF's grouped_mm peer
+    assert {c for b, c, _ in cases if b == "experts" and c.endswith("_grouped")} == {  # HF's grouped_mm peer
+        c + "_grouped" for b, c, _ in cases if b == "experts" and c.endswith(("_f32", "_bf16"))}
+    experts_q8 = {(c, i) for b, c, i in cases if b == "experts" and c.endswith("_q8_0")}
+    assert {c for c, _ in experts_q8} == {c.replace("_f32", "_q8_0") for b, c, _ in cases
+                                           if b == "experts" and c.endswith("_f32")}  # every T, in Q8_0
+    assert {i for _, i in experts_q8} == {"mojo", "torch"}
     assert {c.rsplit("_", 1)[-1] for b, c, _ in cases if b == "attention"} == {"f32", "bf16"}
     linear = [r for r in rows if r["bench"] == "linear"]
     assert {r["impl"] for r in linear if r["case"].endswith("_f32")} == {"mojo", "max", "torch", "numpy"}

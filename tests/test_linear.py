@@ -12,6 +12,8 @@ magnitudes (SwiGLU: that bound carried through silu(g) * u); a bf16 output adds 
 (round to nearest even is within 2^-9). bf16 inputs are exact in float64 and bf16 products exact in float32, so
 no activation rounding needs modelling: the dot and AMX paths use x's own bf16 values. The Q8_0 ops keep x as it
 is (float32, or bf16 widened exactly) and dequantize the weights exactly (d * q fits float32): the same bound.
+Where their streaming path runs vpdpbusd (AVX512_VNNI), x is quantized to int8 blocks first; the reference then
+takes exactly those values (q8_0.quantize_activations), and the int32 block sums are exact: the same bound again.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from max.graph import DeviceRef, Graph, TensorType
 from hyv3_graph import q8_0
 from hyv3_graph.dtypes import bf16_rounded, buffer_numpy, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
-from hyv3_graph.kernels.cpu_isa import DISABLE_AMX_ENV, PORTABLE_ENV, cpu_has_avx512_bf16
+from hyv3_graph.kernels.cpu_isa import (DISABLE_AMX_ENV, PORTABLE_ENV, cpu_has_avx512_bf16, cpu_has_avx512_vnni,
+                                        vnni_available)
 from hyv3_graph.kernels.linear import STREAM_MAX_M, linear, linear_path, linear_reference, linear_swiglu
 
 from conftest import ISA_MODES, set_isa
@@ -86,8 +89,11 @@ def check(models, dt, x, w, up):
 
 
 def check_q8(models, dt, x, wq, uq):
-    """The Q8_0 ops against the reference on the dequantized weights."""
-    return check_outputs(run_q8(models, dt, x, wq, uq), dt, x, q8_0.dequantize(wq), q8_0.dequantize(uq))
+    """The Q8_0 ops against the reference on the dequantized weights, and on x's int8 blocks where the call takes
+    the vpdpbusd path (linear_path "vnni")."""
+    vnni = linear_path(x.shape[0], x.shape[1], dt == DType.bfloat16, q8=True) == "vnni"
+    return check_outputs(run_q8(models, dt, x, wq, uq), dt, q8_0.quantize_activations(x) if vnni else x,
+                         q8_0.dequantize(wq), q8_0.dequantize(uq))
 
 
 def check_outputs(outputs, dt, x, w, up):
@@ -139,15 +145,20 @@ def q8_case(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     x = _values(rng, (M, K), dt)
     wq, uq = (q8_0.quantize(_values(rng, (N, K), DType.float32, 1 / np.sqrt(max(K, 1)))) for _ in range(2))
-    return dt, x, wq, uq
+    return dt, x, wq, uq, draw(st.sampled_from(ISA_MODES))
 
 
 @settings(max_examples=120)
 @given(q8_case())
 def test_q8_0_matches_reference(q8_models, case):
-    """Q8_0 weights, both activation dtypes: STREAM (M <= 16) and DEQUANT (more rows; N past one chunk of 256
-    dequantized rows), K in whole blocks, including one block and K beyond one streaming K slice (512)."""
-    check_q8(q8_models, *case)
+    """Q8_0 weights, both activation dtypes: streaming at M <= 16 (vpdpbusd on int8 x where the CPU has
+    AVX512_VNNI, float32 x on the portable path: the fuzz draws the ISA mode), DEQUANT at more rows (N past one
+    chunk of 256 dequantized rows); K in whole blocks, including one block, odd block counts (the vpdpbusd path's
+    ymm tail) and K beyond one streaming K slice (512)."""
+    dt, x, wq, uq, isa = case
+    with pytest.MonkeyPatch.context() as m:
+        set_isa(m, isa)
+        check_q8(q8_models, dt, x, wq, uq)
 
 
 @pytest.mark.parametrize("dt", DTYPES)
@@ -158,7 +169,27 @@ def test_q8_0_deterministic_bit_for_bit(q8_models, dt, M):
     wq, uq = (q8_0.quantize(_values(rng, (300, 1024), DType.float32, 0.03)) for _ in "wu")
     a, b = run_q8(q8_models, dt, x, wq, uq), run_q8(q8_models, dt, x, wq, uq)
     assert all(np.array_equal(p, q) for p, q in zip(a, b))
-    assert linear_path(M, 1024, bf16=dt == DType.bfloat16, q8=True) == ("stream" if M <= STREAM_MAX_M else "dequant")
+    assert linear_path(M, 1024, bf16=dt == DType.bfloat16, q8=True) == (
+        ("vnni" if vnni_available() else "stream") if M <= STREAM_MAX_M else "dequant")
+
+
+@pytest.mark.skipif(not cpu_has_avx512_vnni(), reason="the CPU has no AVX512_VNNI")
+def test_vnni_path_is_taken(q8_models, monkeypatch):
+    """Where the CPU has AVX512_VNNI the Q8_0 streaming path runs vpdpbusd on int8-quantized x (a forced portable
+    setting in the environment does not turn this into a skip): its outputs meet the reference on the quantized x,
+    and differ from the portable path's, which meet it on x itself. K = 1056 is 33 blocks (the ymm tail)."""
+    monkeypatch.delenv(PORTABLE_ENV, raising=False)
+    rng = np.random.default_rng(11)
+    for M in (1, 3, 9):
+        x = _values(rng, (M, 1056), DType.float32)
+        wq, uq = (q8_0.quantize(_values(rng, (200, 1056), DType.float32, 0.03)) for _ in "wu")
+        assert linear_path(M, 1056, bf16=False, q8=True) == "vnni"
+        fast = check_q8(q8_models, DType.float32, x, wq, uq)
+        monkeypatch.setenv(PORTABLE_ENV, "1")
+        assert linear_path(M, 1056, bf16=False, q8=True) == "stream"
+        exact = check_q8(q8_models, DType.float32, x, wq, uq)
+        monkeypatch.delenv(PORTABLE_ENV)
+        assert not np.array_equal(fast[0], exact[0]), f"M={M}: the vpdpbusd path gave the float32 path's bits"
 
 
 @pytest.mark.parametrize("K,cols", [(33, 34), (64, 34), (64, 70)])

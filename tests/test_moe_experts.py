@@ -19,8 +19,10 @@ from max.graph import DeviceRef, Graph, TensorType
 from hyv3_graph import q8_0
 from hyv3_graph.dtypes import bf16_rounded, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
-from hyv3_graph.kernels.cpu_isa import DISABLE_AMX_ENV, PORTABLE_ENV, bf16_dot_available, cpu_has_avx512_bf16
-from hyv3_graph.kernels.moe_experts import bf16_dot_experts, bf16_gemm, moe_experts, moe_experts_reference
+from hyv3_graph.kernels.cpu_isa import (DISABLE_AMX_ENV, PORTABLE_ENV, bf16_dot_available, cpu_has_avx512_bf16,
+                                        cpu_has_avx512_vnni)
+from hyv3_graph.kernels.moe_experts import (bf16_dot_experts, bf16_gemm, int8_dot_experts, moe_experts,
+                                          moe_experts_reference)
 from hyv3_graph.kernels.moe_router import moe_router
 
 from conftest import ISA_MODES, set_isa
@@ -73,10 +75,22 @@ def run_q8(models, x, logits, gate_up, down):
 
 
 def check_q8(models, x, logits, gate_up, down):
+    """Against the reference on the dequantized weights; where experts stream on vpdpbusd (int8_dot_experts),
+    on their int8-quantized x and SwiGLU output. x's blocks are the op's exactly; the SwiGLU output is the op's
+    float32 sums, whose int8 rounding may land one step away from the reference's float64 one: each element of
+    such an expert may be off by one step d of its block, so its output row gets |w| * (|down| @ d) more."""
     out, ids, w, gate_up, down = run_q8(models, x, logits, gate_up, down)
-    ref = moe_experts_reference(x, ids, w, gate_up, down)
+    E, H, I = down.shape
+    int8 = int8_dot_experts(ids, E)
+    ref = moe_experts_reference(x, ids, w, gate_up, down, int8_activations=int8)
     assert out.shape == x.shape and out.dtype == np.float32
-    np.testing.assert_allclose(out, ref, rtol=0, atol=RTOL * max(1.0, float(np.abs(ref).max(initial=0))))
+    tol = np.full(x.shape, RTOL * max(1.0, float(np.abs(ref).max(initial=0))))
+    for t, e in zip(*np.nonzero(int8[ids])):  # token t's j-th expert streams on int8
+        h = gate_up[ids[t, e]].astype(np.float64) @ q8_0.quantize_activations(x[t])
+        act = (h[:I] / (1 + np.exp(-h[:I])) * h[I:]).astype(np.float32)
+        step = np.repeat(np.abs(act.reshape(-1, 32)).max(axis=1) / 127, 32)  # [I]
+        tol[t] += abs(float(w[t, e])) * (np.abs(down[ids[t, e]]) @ step)
+    assert np.all(np.abs(out - ref) <= tol), f"worst {np.max(np.abs(out - ref) / tol):.3g} x tolerance"
     return out
 
 
@@ -129,16 +143,39 @@ def test_moe_experts_matches_reference(experts_models, case):
 
 @settings(max_examples=60)
 @given(st.integers(Q8_TOP_K, 40), st.one_of(st.sampled_from([0, 1, 2, 5]), st.integers(0, 300)),
-       st.sampled_from([32, 64, 96]), st.sampled_from([32, 64, 160]), st.booleans(), st.integers(0, 2**32 - 1))
-def test_q8_0_experts_match_reference(experts_models, E, T, H, I, one_expert, seed):
-    """Q8_0 expert weights (H and I multiples of 32): every expert streams its int8 blocks, whatever its rows."""
+       st.sampled_from([32, 64, 96]), st.sampled_from([32, 64, 160]), st.booleans(), st.integers(0, 2**32 - 1),
+       st.sampled_from(ISA_MODES))
+def test_q8_0_experts_match_reference(experts_models, E, T, H, I, one_expert, seed, isa):
+    """Q8_0 expert weights (H and I multiples of 32): experts with <= 16 rows stream their int8 blocks, experts with
+    more (one_expert, or large T) take the dequantized float32 matmul path, in row chunks that end mid-dim when
+    I = 160 or H = 96. The ISA mode is drawn: the streaming experts run vpdpbusd on int8 activations where the CPU
+    has AVX512_VNNI, or widen the int8 weights against float32 activations (portable)."""
     if T * max(H, I) * Q8_TOP_K > 600_000:
         T = 600_000 // (max(H, I) * Q8_TOP_K)
     rng = np.random.default_rng(seed)
     logits = np.tile(np.arange(E, dtype=np.float32), (T, 1)) if one_expert else rng.standard_normal((T, E))
-    check_q8(experts_models, rng.standard_normal((T, H)).astype(np.float32), logits.astype(np.float32),
-             (rng.standard_normal((E, 2 * I, H)) / np.sqrt(H)).astype(np.float32),
-             (rng.standard_normal((E, H, I)) / np.sqrt(I)).astype(np.float32))
+    with pytest.MonkeyPatch.context() as m:
+        set_isa(m, isa)
+        check_q8(experts_models, rng.standard_normal((T, H)).astype(np.float32), logits.astype(np.float32),
+                 (rng.standard_normal((E, 2 * I, H)) / np.sqrt(H)).astype(np.float32),
+                 (rng.standard_normal((E, H, I)) / np.sqrt(I)).astype(np.float32))
+
+
+@pytest.mark.skipif(not cpu_has_avx512_vnni(), reason="the CPU has no AVX512_VNNI")
+def test_q8_0_vnni_path_is_taken(experts_models, monkeypatch):
+    """Where the CPU has AVX512_VNNI, streaming Q8_0 experts run vpdpbusd on int8 activations (a forced portable
+    setting in the environment does not turn this into a skip): both paths meet their references and differ."""
+    monkeypatch.delenv(PORTABLE_ENV, raising=False)
+    rng = np.random.default_rng(4)
+    T, E, H, I = 3, 16, 96, 160  # 3 blocks of H: the ymm tail of vpdpbusd; 5 of I
+    args = (rng.standard_normal((T, H)).astype(np.float32), rng.standard_normal((T, E)).astype(np.float32),
+            (rng.standard_normal((E, 2 * I, H)) / 10).astype(np.float32), (rng.standard_normal((E, H, I)) / 13).astype(np.float32))
+    assert int8_dot_experts(np.arange(T * Q8_TOP_K) % E, E).all()
+    fast = check_q8(experts_models, *args)
+    monkeypatch.setenv(PORTABLE_ENV, "1")
+    assert not int8_dot_experts(np.arange(T * Q8_TOP_K) % E, E).any()
+    exact = check_q8(experts_models, *args)
+    assert not np.array_equal(fast, exact), "the vpdpbusd path gave the float32 path's bits"
 
 
 def test_q8_0_experts_deterministic_and_bad_k_refused(experts_models):

@@ -71,3 +71,18 @@ def test_k_not_a_multiple_of_32_is_refused(K):
         q8_0.quantize(np.ones((2, K), np.float32))
     with pytest.raises(ValueError, match="34-byte blocks"):
         q8_0.dequantize(np.zeros((2, K), np.uint8))
+
+
+def test_activations_within_half_a_step():
+    """quantize_activations (the vpdpbusd paths' int8 x, float32 scales): each value within half a step of x, the
+    block's largest magnitude exact (q = +-127), zero blocks zero; the kernels match it exactly (tests/test_linear.py,
+    tests/test_moe_experts.py)."""
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.standard_normal((4, 96)).astype(np.float32) * 3, np.stack(_EDGE_BLOCKS[:6]).reshape(2, 96)])
+    xd = q8_0.quantize_activations(x)
+    d = np.abs(x.reshape(-1, 32)).max(axis=1, keepdims=True).astype(np.float64) / 127
+    assert xd.shape == x.shape and xd.dtype == np.float64
+    assert np.all(np.abs(xd.reshape(-1, 32) - x.reshape(-1, 32)) <= d * (0.5 + 1e-6))
+    steps = xd.reshape(-1, 32) / np.where(d == 0, 1, d)
+    assert np.allclose(steps, np.rint(steps), rtol=1e-6, atol=0) and np.abs(steps).max() <= 127 * (1 + 1e-6)
+    assert np.all(xd[x == 0] == 0)

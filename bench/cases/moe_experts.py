@@ -2,7 +2,9 @@
 
 Hy3 dimensions H = 4096, I = 1536, k = 8, with E = 32 experts (to fit in memory here), float32, for
 T in {1, 8, 512, 2048}, plus bfloat16 weights for the same T (ours reads bf16; at large T it computes on bf16
-pairs with vdpbf16ps where the CPU has it). Every implementation gets the same x, routing (ids, weights) and
+pairs with vdpbf16ps where the CPU has it), plus Q8_0 weights (`_q8_0` rows, hyv3_graph/q8_0.py, quantized from the
+float32 weights) for T in {1, 8, 512}: ours reads the int8 blocks, the torch eager loop gets the dequantized values
+in float32 (no peer has a CPU Q8_0 MoE; llama.cpp's q8_0 is in the e2e rows). Every implementation gets the same x, routing (ids, weights) and
 weights; the dispatch metadata our op takes is the router's (computed once, outside the timing, as in the model).
 Two torch peers, both HF's own HYV3Experts module:
   * `<case>`: the eager per-expert loop, in float32 (for bf16 rows, the same rounded values in float32): the
@@ -10,7 +12,8 @@ Two torch peers, both HF's own HYV3Experts module:
   * `<case>_grouped`: HF's `grouped_mm` experts implementation (rows sorted by expert through two grouped GEMMs),
     which is what `from_pretrained` picks when torch has a grouped GEMM, as this torch does on the CPU; bf16 rows
     run it on bfloat16 weights and activations, as HF runs a bf16 checkpoint.
-Rooflines: FLOPs 2 * T * k * 3 * H * I over the peak; bytes = the active experts' weights (each read once).
+Rooflines: FLOPs 2 * T * k * 3 * H * I over the peak; bytes = the active experts' weights (each read once; Q8_0:
+34 bytes per 32 weights).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from max.dtype import DType
 from max.engine import InferenceSession
 from max.graph import DeviceRef, Graph, TensorType
 
+from hyv3_graph import q8_0
 from hyv3_graph.dtypes import bf16_bits_to_f32, f32_to_bf16_bits, to_buffer
 from hyv3_graph.kernels import MOJO_KERNELS
 from hyv3_graph.kernels.moe_experts import experts_builtin, moe_experts
@@ -31,8 +35,9 @@ from hyv3_graph.kernels.moe_router import moe_router_reference
 from ..harness import Case, assert_close, run_case
 
 BENCH = "experts"
-FULL = dict(H=4096, I=1536, E=32, k=8, Ts=[1, 8, 512, 2048], bf16_Ts=[1, 8, 512, 2048])
-QUICK = dict(H=256, I=128, E=16, k=4, Ts=[1, 64], bf16_Ts=[1, 64])
+FULL = dict(H=4096, I=1536, E=32, k=8, Ts=[1, 8, 512, 2048], bf16_Ts=[1, 8, 512, 2048], q8_Ts=[1, 8, 512])
+QUICK = dict(H=256, I=128, E=16, k=4, Ts=[1, 64], bf16_Ts=[1, 64], q8_Ts=[1, 64])
+WEIGHT_BYTES = {"f32": 4.0, "bf16": 2.0, "q8_0": q8_0.BLOCK_BYTES / q8_0.BLOCK}
 F32_TOL = 2e-4  # relative to the output's scale
 BF16_DOT_TOL = 1e-2  # relative to the output's scale; measured ~3e-3 at Hy3 sizes
 GROUPED_BF16_TOL = 2e-2  # torch's bf16 path also rounds its intermediates and output: measured 4-6e-3 at both sizes
@@ -40,11 +45,13 @@ MAX_DENSE_T = 512  # the dense built-in peer computes all E experts: past this i
 
 
 def _mojo_graph(session, H, I, E, k, wdt):
+    """Our op on weights of dtype wdt (uint8: Q8_0 rows of H or I weights)."""
     cpu, f32, i32 = DeviceRef.CPU(), DType.float32, DType.int32
+    row_h, row_i = (q8_0.row_bytes(H), q8_0.row_bytes(I)) if wdt == DType.uint8 else (H, I)
     with Graph(f"bench_moe_experts_{wdt}", input_types=[
             TensorType(f32, ["T", H], device=cpu), TensorType(f32, ["T", k], device=cpu),
             TensorType(i32, [E + 1], device=cpu), TensorType(i32, ["Tk"], device=cpu),
-            TensorType(wdt, [E, 2 * I, H], device=cpu), TensorType(wdt, [E, H, I], device=cpu)],
+            TensorType(wdt, [E, 2 * I, row_h], device=cpu), TensorType(wdt, [E, H, row_i], device=cpu)],
             custom_extensions=[MOJO_KERNELS]) as g:
         g.output(moe_experts(*(v.tensor for v in g.inputs)))
     return session.load(g)
@@ -86,13 +93,13 @@ def _grouped_gemm_name(torch) -> str:
 
 
 def _cases(torch, rng, T, E, k, H, I, wname, run_mojo, eager, grouped, builtin, b_gu, b_dn) -> list[Case]:
-    """The eager-loop case and its `_grouped` sibling for one T and weight dtype (same inputs, ours timed in both)."""
+    """The eager-loop case and its `_grouped` sibling (none when grouped is None) for one T and weight dtype (same
+    inputs, ours timed in both)."""
     x = rng.standard_normal((T, H), dtype=np.float32)
     ids, w, offsets, slots = moe_router_reference(rng.standard_normal((T, E)).astype(np.float32),
                                                   np.zeros(E, np.float32), k, 2.826)
     bx, bw, bo, bs, bi = (Buffer.from_numpy(a) for a in (x, w, offsets, slots, ids))
     tx, tids, tw = torch.from_numpy(x), torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(w)
-    gx = tx.to(grouped.down_proj.dtype)  # a bf16 model's activations are bf16
 
     def run_torch(experts, x_in):
         with torch.no_grad():
@@ -104,7 +111,6 @@ def _cases(torch, rng, T, E, k, H, I, wname, run_mojo, eager, grouped, builtin, 
     eager_impls = {"mojo": mojo, "torch": lambda: run_torch(eager, tx)}
     if builtin is not None and T <= MAX_DENSE_T:
         eager_impls["max"] = lambda: builtin.execute(bx, bi, bw, b_gu, b_dn)[0].to_numpy()
-    grouped_impls = {"mojo": mojo, "torch": lambda: run_torch(grouped, gx)}
 
     def check_against_torch(tol):
         def check(outputs):
@@ -117,16 +123,22 @@ def _cases(torch, rng, T, E, k, H, I, wname, run_mojo, eager, grouped, builtin, 
     # bf16 weights: experts with many rows round their activations to bf16 (the op's bf16-dot path)
     tol = BF16_DOT_TOL if wname == "bf16" else F32_TOL
     active = len(np.unique(ids))
-    wbytes = 2 if wname == "bf16" else 4
+    wbytes = WEIGHT_BYTES[wname]
     name = f"T{T}_E{E}_k{k}_H{H}_I{I}_{wname}"
     shared = dict(bench=BENCH, flops=None if T <= 8 else 2.0 * T * k * 3 * H * I,
                   bytes=active * 3 * H * I * wbytes if T <= 8 else None)
     mojo_version = f"kernels/moe_experts.mojo ({wname} weights)"
+    eager_case = Case(
+        name=name, impls=eager_impls, check=check_against_torch(tol), **shared,
+        versions={"mojo": mojo_version, "torch": f"HF HYV3Experts eager loop, torch {torch.__version__}, float32 weights",
+                  "max": f"max {version('max')} dense built-ins (all experts)"},
+        notes=f"{wname} rows: ours reads {wname} weights, torch the same values in float32" if wname != "f32" else "")
+    if grouped is None:
+        return [eager_case]
+    gx = tx.to(grouped.down_proj.dtype)  # a bf16 model's activations are bf16
+    grouped_impls = {"mojo": mojo, "torch": lambda: run_torch(grouped, gx)}
     return [
-        Case(name=name, impls=eager_impls, check=check_against_torch(tol), **shared,
-             versions={"mojo": mojo_version, "torch": f"HF HYV3Experts eager loop, torch {torch.__version__}, float32 weights",
-                       "max": f"max {version('max')} dense built-ins (all experts)"},
-             notes="bf16 rows: ours reads bfloat16 weights, torch the same values in float32" if wname == "bf16" else ""),
+        eager_case,
         Case(name=f"{name}_grouped", impls=grouped_impls, **shared,
              check=check_against_torch(GROUPED_BF16_TOL if wname == "bf16" else F32_TOL),
              versions={"mojo": mojo_version, "torch": f"HF HYV3Experts grouped_mm ({_grouped_gemm_name(torch)}), "
@@ -161,6 +173,15 @@ def cases(quick: bool) -> list[Case]:
     for T in s["bf16_Ts"]:
         out += _cases(torch, rng, T, E, k, H, I, "bf16", lambda *a: mojo16.execute(*a, b_gu16, b_dn16)[0].to_numpy(),
                       eager16, grouped16, None, None, None)
+    # Q8_0 weights: ours streams the int8 blocks; the eager loop gets the dequantized values in float32
+    gu8, dn8 = q8_0.quantize(gate_up), q8_0.quantize(down)
+    mojo8 = _mojo_graph(session, H, I, E, k, DType.uint8)
+    b_gu8, b_dn8 = Buffer.from_numpy(gu8), Buffer.from_numpy(dn8)
+    eager8 = _hf_experts(torch, H, I, E, k, "eager", torch.from_numpy(q8_0.dequantize(gu8)),
+                         torch.from_numpy(q8_0.dequantize(dn8)))
+    for T in s["q8_Ts"]:
+        out += _cases(torch, rng, T, E, k, H, I, "q8_0", lambda *a: mojo8.execute(*a, b_gu8, b_dn8)[0].to_numpy(),
+                      eager8, None, None, None, None)
     return out
 
 

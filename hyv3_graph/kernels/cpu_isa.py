@@ -2,7 +2,7 @@
 
 The moe_experts op's bf16-dot GEMM and the attention op's bf16-cache decode items use vdpbf16ps after cpuid says
 the CPU has it; the bf16 GEMMs of linear and moe_experts use AMX tiles where cpuid reports AMX-BF16 and Linux
-grants the tile state. HYV3_PORTABLE_KERNELS=1 (read on every call) forces the portable float32 paths instead, as on
+grants the tile state; the Q8_0 streaming paths use vpdpbusd where cpuid reports AVX512_VNNI. HYV3_PORTABLE_KERNELS=1 (read on every call) forces the portable float32 paths instead, as on
 a CPU without either; HYV3_DISABLE_AMX=1 the vdpbf16ps GEMMs where AMX would run. Tests use them to cover each path
 on one machine.
 """
@@ -34,6 +34,17 @@ def cpu_has_avx512_bf16() -> bool:
 def bf16_dot_available() -> bool:
     """Whether the ops' vdpbf16ps paths run here: the CPU has AVX512_BF16 and the portable paths are not forced."""
     return cpu_has_avx512_bf16() and os.environ.get(PORTABLE_ENV) != "1"
+
+
+def cpu_has_avx512_vnni() -> bool:
+    """The CPU has AVX512_VNNI (vpdpbusd: the Q8_0 streaming paths' int8 dot products)."""
+    return "avx512_vnni" in cpu_flags()
+
+
+def vnni_available() -> bool:
+    """Whether the Q8_0 streaming paths run vpdpbusd on int8-quantized activations here (AVX512_VNNI, the portable
+    paths not forced); otherwise they widen the int8 weights against float32 activations."""
+    return cpu_has_avx512_vnni() and os.environ.get(PORTABLE_ENV) != "1"
 
 
 def cpu_has_amx_bf16() -> bool:

@@ -12,7 +12,7 @@ import numpy as np
 from max.dtype import DType
 from max.graph import DeviceRef, TensorType, TensorValue, ops
 
-from .cpu_isa import AMX_K_STEP, amx_available, bf16_dot_available
+from .cpu_isa import AMX_K_STEP, amx_available, bf16_dot_available, vnni_available
 
 STREAM_MAX_M = 16  # kernels/linear.mojo: at most this many rows stream the weights
 DOT_TILE_FLOPS = 8 * 3 * 128 * 64  # one microkernels.dot_tile call: MR x NVMAX x KC vdpbf16ps of 64 flops each
@@ -20,10 +20,11 @@ DOT_TILE_FLOPS = 8 * 3 * 128 * 64  # one microkernels.dot_tile call: MR x NVMAX 
 
 def linear_path(M: int, K: int, bf16: bool, q8: bool = False) -> str:
     """The path kernels/linear.mojo takes for an [M, K] input: "stream", "amx" (AMX bf16 tiles), "dot" (bf16-dot
-    GEMM), "matmul" (MAX's float32 matmul) or, for Q8_0 weights (q8), "dequant" (float32 rows into that matmul).
-    Mirrors `_path` there; the tests use it to cover every path."""
+    GEMM), "matmul" (MAX's float32 matmul) or, for Q8_0 weights (q8), "vnni" (streaming on vpdpbusd, x quantized to
+    int8: q8_0.quantize_activations), "stream" or "dequant" (float32 rows into MAX's matmul). Mirrors `_path` there;
+    the tests use it to cover every path and to pick the reference's activations."""
     if M <= STREAM_MAX_M:
-        return "stream"
+        return "vnni" if q8 and vnni_available() else "stream"
     if q8:
         return "dequant"
     if not bf16:

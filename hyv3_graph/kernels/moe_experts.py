@@ -11,11 +11,13 @@ import numpy as np
 from max.dtype import DType
 from max.graph import DeviceRef, TensorType, TensorValue, ops
 
+from .. import q8_0
 from ..dtypes import bf16_rounded
-from .cpu_isa import AMX_K_STEP, amx_available, bf16_dot_available
+from .cpu_isa import AMX_K_STEP, amx_available, bf16_dot_available, vnni_available
 
 
 SMALL_ROWS = 4  # kernels/moe_experts.mojo: experts with at most this many rows stream (exact float32 activations)
+Q8_STREAM_MAX_ROWS = 16  # kernels/moe_experts.mojo: Q8_0 experts with more rows dequantize into MAX's matmul
 
 
 def bf16_gemm(H: int, I: int) -> str:
@@ -34,12 +36,24 @@ def bf16_dot_experts(topk_ids, E: int, H: int, I: int) -> np.ndarray:
     return (rows > SMALL_ROWS) & (bf16_gemm(H, I) != "stream")
 
 
-def moe_experts_reference(x, topk_ids, topk_weights, gate_up, down, bf16_activations=None) -> np.ndarray:
+def int8_dot_experts(topk_ids, E: int) -> np.ndarray:
+    """[E] bool: the experts the op computes on int8-quantized activations (Q8_0 weights): those that stream (at
+    most Q8_STREAM_MAX_ROWS rows) where the CPU has AVX512_VNNI (vpdpbusd; q8_0.quantize_activations)."""
+    rows = np.bincount(np.asarray(topk_ids).reshape(-1), minlength=E)[:E]
+    return (rows <= Q8_STREAM_MAX_ROWS) & vnni_available()
+
+
+def moe_experts_reference(x, topk_ids, topk_weights, gate_up, down, bf16_activations=None,
+                          int8_activations=None) -> np.ndarray:
     """float64 spec: x [T, H], ids/weights [T, k], gate_up [E, 2I, H], down [E, H, I] -> [T, H].
 
     bf16_activations: optional [E] bool; for those experts x and the SwiGLU output are rounded to bfloat16
-    before each matmul, as the op's bf16-dot path does (see `bf16_dot_experts`)."""
+    before each matmul, as the op's bf16-dot path does (see `bf16_dot_experts`). int8_activations: the same with
+    both quantized to int8 blocks (q8_0.quantize_activations), as the op's vpdpbusd path does
+    (`int8_dot_experts`)."""
     def rounded(a, e):
+        if int8_activations is not None and int8_activations[e]:
+            return q8_0.quantize_activations(a.astype(np.float32))
         if bf16_activations is None or not bf16_activations[e]:
             return a
         return bf16_rounded(a.astype(np.float32)).astype(np.float64)
