@@ -6,7 +6,8 @@
 # the shared expert, lm_head and the router. MAX's own CPU matmul reads bf16 weights at ~2 GB/s.
 # `linear_q8_0` / `linear_swiglu_q8_0`: the same with Q8_0 weights (llama.cpp's blocks of 32 int8 along K with a
 # float16 scale, uint8 [N, K / 32 * 34], hyv3_graph/q8_0.py; K a multiple of 32, else an error): y = x .
-# dequantize(w)^T, x and y float32 or bfloat16, the weights dequantized exactly into float32 (d * q fits it).
+# dequantize(w)^T, x and y float32 or bfloat16, the weights dequantized exactly into float32 (d * q fits it);
+# on AVX512_VNNI the streaming path (M <= 16) takes x's int8 blocks (q8_0.quantize_activations) instead of x.
 #
 # Reference (the spec): hyv3_graph/kernels/linear.py::linear_reference (float64)
 # Wrapper:              hyv3_graph/kernels/linear.py::linear, linear_swiglu (a uint8 weight takes the Q8_0 op)
@@ -34,17 +35,22 @@
 #   * MATMUL (float32, M > STREAM_MAX_M): MAX's own linalg matmul on the raw pointers (it is fast in float32:
 #     ~300 GFLOP/s here); SwiGLU writes gate into y and up into a scratch, then combines.
 #   * Portable (bf16 without AVX512_BF16, HYV3_PORTABLE_KERNELS=1, or odd K at large M): STREAM at every M.
-#   * Q8_0 weights: STREAM at M <= STREAM_MAX_M with microkernels.stream_dots_q8_0 (each block's int8 widened and
-#     scaled, FMA'd into float32 x: the int8 bytes are read once, 53% of bf16's), portable SIMD on every CPU; at
-#     larger M, DEQUANT: DEQUANT_ROWS weight rows at a time dequantized into float32 and multiplied by MAX's matmul
-#     (the dequantization is 1/M of the work). Not yet: int8 dot products on quantized activations (VNNI
-#     vpdpbusd, AMX int8), which no CPU here at the time (a Zen 3 without AVX-512) could test.
+#   * Q8_0 weights, M <= STREAM_MAX_M: STREAM, reading 34 bytes per 32 weights (53% of bf16's). On a CPU with
+#     AVX512_VNNI (cpu_isa.use_vnni): x is quantized once per call into int8 blocks of 32 with a float32 scale each
+#     (microkernels.q8_quantize_activations), and microkernels.stream_dots_q8_vnni runs vpdpbusd on two weight blocks
+#     at a time, exact int32 block sums scaled by d_w * d_x in float32: 1.4-1.6x the compute ceiling of widening
+#     (docs/perf-notes.md, "Q8_0"), at the cost of x's int8 rounding (as llama.cpp's q8_0 does, with a float32
+#     rather than float16 scale). Otherwise (no VNNI, HYV3_PORTABLE_KERNELS=1): microkernels.stream_dots_q8_0,
+#     each block widened and scaled exactly and FMA'd into float32 x, so y is x . dequantize(w)^T to float32
+#     rounding. M > STREAM_MAX_M: DEQUANT, DEQUANT_ROWS weight rows at a time dequantized into float32 and
+#     multiplied by MAX's matmul (the dequantization is 1/M of the work); an int8 GEMM gains nothing on these CPUs
+#     (per-block scales cost as much per product as the float32 FMA saves; perf-notes), AMX-int8 is untried.
 #   * Why no AMX for float32 weights or at M <= 16: the tiles take bf16 only (rounding float32 weights would change
 #     the model), and decode is bound by the weight bytes, which the streaming path already reads once.
 #
 # Code map: `Linear.execute` / `LinearSwiglu.execute` check shapes, then `_run` picks the path and runs its passes:
-# `_stream_task`; `_pack_block`, then `_amx_task` or `_dot_task`; `_matmul`; `_dequant_matmul`. State lives in
-# `_Problem`.
+# `_stream_task` (x first quantized by q8_quantize_activations on the Q8_0 VNNI path); `_pack_block`, then `_amx_task`
+# or `_dot_task`; `_matmul`; `_dequant_matmul`. State lives in `_Problem`.
 #
 # Today's numbers (`python -m bench --only linear`, 2026-12-02 15:27, 2-core AMD EPYC family 26 (Zen 5), read
 # probe 39.4 GB/s at the start and 38-62 around the rows, sgemm 200 GFLOP/s; Hy3 dims), ours / MAX's matmul:
@@ -139,9 +145,9 @@ def _stream_dots[dt: DType, READ: Int](
     """STREAM_NW weight rows of w (offsets w_rows: elements, Q8_0 bytes) . activation rows m0 .. m0 + rows
     (<= MAX_STREAM_ROWS), over k0 .. k0 + kn (Q8_0: whole blocks)."""
     comptime if READ == READ_Q8_INT8:
+        var x0 = m0 * pb.K + k0  # x's scales: K / 4 floats a row (q8_activation_scales)
         return stream_dots_q8_vnni(w.unsafe_bitcast[UInt8]().unsafe_offset(k0 // Q8_BLOCK * Q8_BLOCK_BYTES), w_rows,
-                                   pb.xq.unsafe_offset(m0 * pb.K + k0), pb.xs.unsafe_offset((m0 * pb.K + k0) // 4), pb.K,
-                                   rows, kn)
+                                   pb.xq.unsafe_offset(x0), pb.xs.unsafe_offset(x0 // 4), pb.K, rows, kn)
     elif READ == READ_Q8:
         return stream_dots_q8_0(w.unsafe_bitcast[UInt8]().unsafe_offset(k0 // Q8_BLOCK * Q8_BLOCK_BYTES), w_rows,
                                 pb.xf.unsafe_offset(m0 * pb.K + k0), pb.K, rows, kn)

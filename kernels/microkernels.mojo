@@ -7,8 +7,11 @@
 #     in their stored layout (adjacent elements along the reduction dim are vdpbf16ps's pairs), nothing packed.
 #     linear's decode path for a bf16 model, whose activations are bf16 already, so nothing is rounded.
 #   * stream_dots_q8_0, q8_dequantize_row: Q8_0 weight rows (llama.cpp's blocks of 32 int8 and a float16 scale)
-#     widened exactly and dotted with float32 activation rows; dequantized into float32 rows for a GEMM. linear's
-#     Q8_0 paths (decode; prefill through MAX's float32 matmul), portable SIMD.
+#     widened exactly and dotted with float32 activation rows (portable SIMD); dequantized into float32 rows for a
+#     GEMM (MAX's float32 matmul). linear's and moe_experts' Q8_0 paths.
+#   * stream_dots_q8_vnni, q8_quantize_activations: the same weight rows against activations quantized to int8
+#     blocks of 32 (float32 scales) on vpdpbusd (AVX512_VNNI), exact int32 block sums: the Q8_0 streaming paths of
+#     both ops where cpu_isa.use_vnni says yes.
 #   * dot_tile / dot_panel: the bf16-dot GEMM (vdpbf16ps), compute bound: MR weight rows read in place, a bf16
 #     pair broadcast against MB activation rows packed [K/2][MB] (each op packs its own: moe_experts rounds float32
 #     rows, linear copies bf16 ones). moe_experts' bf16 experts with many rows and linear's bf16 prefill.
@@ -18,7 +21,7 @@
 #     over AMX_KC = 256 elements of K. linear's and moe_experts' bf16 GEMMs where cpu_isa.use_amx says yes.
 #     AMX_KC and the ops' tasks were tuned on Hy3 shapes (docs/perf-notes.md, "AMX").
 #   * silu, swiglu_row: the SwiGLU epilogue both ops' float32 matmul paths run.
-# Callers choose between them at run time (cpu_isa.use_bf16_dot, use_amx); the bf16 ones only after they say yes.
+# Callers choose between them at run time (cpu_isa.use_bf16_dot, use_amx, use_vnni); those only after they say yes.
 # Measured numbers: the headers of moe_experts.mojo and linear.mojo; the history in docs/perf-notes.md.
 from std.math import exp
 from std.memory import bitcast

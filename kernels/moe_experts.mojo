@@ -46,13 +46,15 @@
 #     are 16 weight rows read in place (gate_up: 16 gate rows with their 16 up rows, so SwiGLU fuses as above; a
 #     C tile row is one output for 16 tokens, which is exactly a row of the down GEMM's packed input), B tiles
 #     16 tokens of a packed block; tasks are (expert, AMX_RB row blocks).
-#   * Q8_0 weights: an expert with <= Q8_STREAM_MAX_ROWS rows streams (microkernels.stream_dots_q8_0: each block
-#     widened and scaled, exact in float32, against exact float32 activations), so decode reads 34 bytes per 32
-#     weights, 53% of bf16. An expert with more rows (prefill) takes DEQUANT, as linear does: tasks of (expert,
+#   * Q8_0 weights: an expert with <= Q8_STREAM_MAX_ROWS rows streams, so decode reads 34 bytes per 32 weights,
+#     53% of bf16: on AVX512_VNNI (cpu_isa.use_vnni) its rows and then its SwiGLU activations are quantized to int8
+#     blocks (microkernels.q8_quantize_activations) and dotted on vpdpbusd (stream_dots_q8_vnni), as linear does;
+#     otherwise each weight block is widened and scaled, exact in float32, against exact float32 activations
+#     (stream_dots_q8_0). An expert with more rows (prefill) takes DEQUANT, as linear does: tasks of (expert,
 #     DEQUANT_ROWS weight rows: gate rows with their up rows, or down rows), each dequantizing its rows once into a
 #     float32 scratch (exact) and multiplying the expert's rows by them through MAX's matmul on its core; streaming
-#     them instead re-read every expert's activations from L3 for each 4 weight rows. Why no int8 dot products
-#     (VNNI): docs/perf-notes.md, "Q8_0".
+#     them instead re-read every expert's activations from L3 for each 4 weight rows. Why no int8 GEMM for
+#     them: docs/perf-notes.md, "Q8_0".
 #   * The streaming and bf16-dot tasks go to whichever core is free (work_queue.mojo): MAX's parallelize
 #     gives each core a fixed half of the task list, which leaves one idle when experts' row counts differ.
 #   * Combine is deterministic, without atomics: out[t] accumulates its experts in ascending expert
