@@ -43,8 +43,8 @@
 #     rather than float16 scale). Otherwise (no VNNI, HYV3_PORTABLE_KERNELS=1): microkernels.stream_dots_q8_0,
 #     each block widened and scaled exactly and FMA'd into float32 x, so y is x . dequantize(w)^T to float32
 #     rounding. M > STREAM_MAX_M: DEQUANT, DEQUANT_ROWS weight rows at a time dequantized into float32 and
-#     multiplied by MAX's matmul (the dequantization is 1/M of the work); an int8 GEMM gains nothing on these CPUs
-#     (per-block scales cost as much per product as the float32 FMA saves; perf-notes), AMX-int8 is untried.
+#     multiplied by MAX's matmul (the dequantization is 1/M of the work). Not built: an int8 GEMM (vpdpbusd or
+#     AMX-int8), whose per-32 scales cost a convert, a multiply and an FMA next to each vpdpbusd (perf-notes).
 #   * Why no AMX for float32 weights or at M <= 16: the tiles take bf16 only (rounding float32 weights would change
 #     the model), and decode is bound by the weight bytes, which the streaming path already reads once.
 #
