@@ -10,12 +10,17 @@ Why files and not arrays: stacking the real model's experts in memory is a secon
 cache of the shards it came from. Written once into files of our own and memory-mapped, they cost disk, not
 memory, and every later load maps them in seconds. The conversion is per layer: each layer's file is written
 aside, checked against the checkpoint tensor by tensor (`np.array_equal` on the file as written back), and only
-then renamed into place, so a killed conversion resumes at the first layer without a file. The same files are
-where a quantized layout (Q8_0 blocks) will go.
+then renamed into place, so a killed conversion resumes at the first layer without a file.
+
+A q8_0 model (`quant="q8_0"`) prepares the same tensors as Q8_0 bytes (q8_0.py: uint8 [..., K / 32 * 34],
+quantized one source tensor at a time and checked against a fresh quantization of it): the experts then cost
+their int8 bytes once on disk and nothing in memory, where quantizing them at every load held all of them in
+anonymous memory and took minutes. The other matmul weights (~3% of Hy3's bytes) are quantized at load.
 
 Where: `$HYV3_CACHE/prepared/<checkpoint folder name>-<key>/layer-NNN.safetensors`, the key hashing the
-checkpoint's resolved path, its shards' names, sizes and mtimes, the model dtype and `LAYOUT_VERSION`: a changed
-checkpoint or dtype gets a new folder (old ones are not pruned: delete them by hand).
+checkpoint's resolved path, its shards' names, sizes and mtimes, the model dtype, the quantization and
+`LAYOUT_VERSION`: a changed checkpoint, dtype or quantization gets a new folder (old ones are not pruned: delete
+them by hand).
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from pathlib import Path
 import numpy as np
 from max.dtype import DType
 
+from . import q8_0
 from .config import HYV3Config
 from .dtypes import to_dtype
-from .safetensors_io import WeightError, read_safetensors_header, st_dtype, write_safetensors
+from .safetensors_io import ST_DTYPES, WeightError, read_safetensors_header, st_dtype, write_safetensors
 
 LAYOUT_VERSION = 1
 
@@ -39,23 +45,26 @@ LAYOUT_VERSION = 1
 class PreparedLayout:
     """The prepared tensors of one (checkpoint, dtype): `layer(i)` maps layer i's file and returns its arrays."""
 
-    def __init__(self, folder: Path | None, specs: dict[int, list]):
+    def __init__(self, folder: Path | None, specs: dict[int, list], dtype: DType, quant: str | None):
         self.folder = folder
         self._specs = specs  # layer -> [(our name, st dtype, shape, source checkpoint names)]
+        self._dtype = dtype  # the source tensors are read in this dtype (then quantized, with quant)
+        self._quant = quant
 
     @classmethod
     def ensure(cls, reader, cfg: HYV3Config, naming: str, dtype: DType, root: Path | None = None,
-               progress=None) -> "PreparedLayout":
-        """Converts the layers whose file is missing (with progress and GB/s), after checking the disk has room."""
+               progress=None, quant: str | None = None) -> "PreparedLayout":
+        """Converts the layers whose file is missing (with progress and GB/s), after checking the disk has room.
+        quant="q8_0": the tensors are Q8_0 bytes of their values in `dtype`."""
         from .checkpoints import cache_root
 
         say = progress or (lambda msg: None)
         np_dtype = np.float32 if dtype == DType.float32 else np.uint16
-        specs = {i: _layer_specs(cfg, naming, i, st_dtype(np_dtype)) for i in range(cfg.num_hidden_layers)}
+        specs = {i: _layer_specs(cfg, naming, i, st_dtype(np_dtype), quant) for i in range(cfg.num_hidden_layers)}
         key = hashlib.sha256(json.dumps([str(reader.path.resolve()), _shard_signature(reader), str(dtype),
-                                         LAYOUT_VERSION]).encode()).hexdigest()[:12]
+                                         LAYOUT_VERSION] + ([quant] if quant else [])).encode()).hexdigest()[:12]
         folder = (root or cache_root() / "prepared") / f"{reader.path.resolve().name}-{key}"
-        self = cls(folder, specs)
+        self = cls(folder, specs, dtype, quant)
         todo = [i for i in specs if not self._complete(i)]
         if not todo:
             return self
@@ -68,7 +77,7 @@ class PreparedLayout:
         say(f"preparing the weight layout once ({len(todo)} layers, {need / 1e9:.2f} GB) into {folder}")
         for i in todo:
             t0 = time.perf_counter()
-            nbytes = self._convert(reader, i, np_dtype)
+            nbytes = self._convert(reader, i)
             dt = time.perf_counter() - t0
             say(f"prepared layer {i + 1}/{cfg.num_hidden_layers}: {nbytes / 1e9:.2f} GB in {dt:.1f}s "
                 f"({nbytes / 1e9 / max(dt, 1e-9):.2f} GB/s), verified against the checkpoint")
@@ -88,13 +97,13 @@ class PreparedLayout:
             return False
         return {n: (t.dtype, t.shape) for n, t in found.items()} == {n: (d, s) for n, d, s, _ in self._specs[i]}
 
-    def _convert(self, reader, i: int, np_dtype) -> int:
+    def _convert(self, reader, i: int) -> int:
         sources = {name: src for name, _, _, src in self._specs[i]}
-        model_dtype = DType.float32 if np_dtype == np.float32 else DType.bfloat16
+        model_dtype, quant = self._dtype, self._quant
 
         def fill(name: str, view: np.ndarray) -> None:
             flat = view.reshape(-1, view.shape[-1])
-            for rows, a in _source_rows(reader, sources[name], model_dtype):
+            for rows, a in _source_rows(reader, sources[name], model_dtype, quant):
                 flat[rows] = a
 
         f = self._path(i)
@@ -102,7 +111,7 @@ class PreparedLayout:
         try:
             for name, view in self.layer(i).items():  # the file as written, mapped afresh
                 flat = view.reshape(-1, view.shape[-1])
-                for rows, a in _source_rows(reader, sources[name], model_dtype):
+                for rows, a in _source_rows(reader, sources[name], model_dtype, quant):
                     if not np.array_equal(flat[rows], a):
                         raise WeightError(f"{f}: tensor '{name}' differs from the checkpoint after writing it "
                                           f"(disk or memory fault?); the file was removed, run again")
@@ -121,36 +130,46 @@ class PreparedLayout:
         out = {}
         for name, dtype, shape, _ in self._specs[i]:
             t = infos[name]
-            out[name] = mm[t.offset:t.offset + t.nbytes].view(np.float32 if dtype == "F32" else np.uint16).reshape(shape)
+            out[name] = mm[t.offset:t.offset + t.nbytes].view(ST_DTYPES[dtype]).reshape(shape)
         return out
 
 
-def _layer_specs(cfg: HYV3Config, naming: str, i: int, dtype: str) -> list:
-    """[(our name, dtype, shape, [checkpoint names whose rows it holds, in order])] for layer i."""
+def _layer_specs(cfg: HYV3Config, naming: str, i: int, dtype: str, quant: str | None = None) -> list:
+    """[(our name, dtype, shape, [checkpoint names whose rows it holds, in order])] for layer i; with quant, Q8_0
+    bytes (the last dim K becomes K / 32 * 34)."""
     p, H = f"model.layers.{i}.", cfg.hidden_size
-    specs = [("self_attn.qkv_proj.weight", dtype, (cfg.q_dim + 2 * cfg.kv_dim, H),
-              [f"{p}self_attn.{x}_proj.weight" for x in "qkv"])]
+
+    def spec(name, shape, sources):
+        if quant:
+            return name, "U8", (*shape[:-1], q8_0.row_bytes(shape[-1])), sources
+        return name, dtype, shape, sources
+
+    specs = [spec("self_attn.qkv_proj.weight", (cfg.q_dim + 2 * cfg.kv_dim, H),
+                  [f"{p}self_attn.{x}_proj.weight" for x in "qkv"])]
     if cfg.is_sparse(i) and naming == "raw":
         E, I = cfg.num_experts, cfg.moe_intermediate_size
         e = [f"{p}mlp.experts.{j}." for j in range(E)]
-        specs += [("mlp.experts.gate_up", dtype, (E, 2 * I, H), [x + y for x in e for y in ("gate_proj.weight", "up_proj.weight")]),
-                  ("mlp.experts.down", dtype, (E, H, I), [x + "down_proj.weight" for x in e])]
+        specs += [spec("mlp.experts.gate_up", (E, 2 * I, H), [x + y for x in e for y in ("gate_proj.weight", "up_proj.weight")]),
+                  spec("mlp.experts.down", (E, H, I), [x + "down_proj.weight" for x in e])]
     return specs
 
 
-def _source_rows(reader, names: list[str], dtype: DType):
-    """(row slice, tensor in `dtype`) for the checkpoint tensors `names` stacked one after the other along rows:
-    one tensor at a time, so converting or checking a layer never holds more than one expert's weights."""
+def _source_rows(reader, names: list[str], dtype: DType, quant: str | None = None):
+    """(row slice, tensor in `dtype`, or its Q8_0 bytes with quant) for the checkpoint tensors `names` stacked one
+    after the other along rows: one tensor at a time, so converting or checking a layer never holds more than one
+    expert's weights."""
     row = 0
     for name in names:
         a = to_dtype(reader.read(name), dtype)
+        if quant:
+            a = q8_0.quantize(a)
         yield slice(row, row + a.shape[0]), a
         row += a.shape[0]
 
 
 def _nbytes(spec) -> int:
     _, dtype, shape, _ = spec
-    return int(np.prod(shape)) * (4 if dtype == "F32" else 2)
+    return int(np.prod(shape)) * np.dtype(ST_DTYPES[dtype]).itemsize
 
 
 def _shard_signature(reader) -> list:

@@ -232,9 +232,10 @@ def load_weights(path: str | Path, cfg: HYV3Config, dtype: DType = DType.float32
       prepared layout (`prepared.py`): converted once into files of their own, then mapped the same way.
     - A tensor in another dtype (a float32 checkpoint run in bf16, the fp32 router of a bf16 checkpoint) is
       converted in memory: that conversion is then its only copy.
-    - quant="q8_0": the matmul weights (q8_0.is_quantized) are quantized at load, a chunk at a time from the mapped
-      tensor (the Q8_0 bytes are then their only copy, 34/32 bytes a weight); the prepared layout is kept in
-      `prepared_dtype` (the checkpoint's own, so a bf16 checkpoint's is not doubled on disk).
+    - quant="q8_0": the matmul weights (q8_0.is_quantized) are Q8_0: the prepared tensors (fused qkv, stacked
+      experts: ~97% of Hy3's bytes) are prepared as Q8_0 bytes, from their values in `prepared_dtype` (the
+      checkpoint's own), and mapped; the rest are quantized at load, a chunk at a time from the mapped tensor (the
+      Q8_0 bytes are then their only copy, 34/32 bytes a weight).
 
     With `populate`, each layer's mapped bytes are faulted in as it is loaded (the first step would otherwise read
     the checkpoint from disk), and `progress(msg)` gets one line per layer with its GB/s. With `check_finite`, every
@@ -247,7 +248,8 @@ def load_weights(path: str | Path, cfg: HYV3Config, dtype: DType = DType.float32
     naming = validate_checkpoint(reader, cfg, check_finite)
     if quant not in (None, "q8_0"):
         raise ValueError(f"unknown weight quantization {quant!r} (known: q8_0)")
-    prepared = PreparedLayout.ensure(reader, cfg, naming, prepared_dtype or dtype, root=prepared_root, progress=say)
+    prepared = PreparedLayout.ensure(reader, cfg, naming, prepared_dtype or dtype, root=prepared_root, progress=say,
+                                     quant=quant)
     out: dict[str, np.ndarray] = {}
     loaded = LoadedWeights(out, dtype, naming, quant=quant, prepared=prepared.folder)
 
@@ -259,7 +261,8 @@ def load_weights(path: str | Path, cfg: HYV3Config, dtype: DType = DType.float32
     def take(group: dict[str, np.ndarray], what: str) -> None:
         t0 = time.perf_counter()
         if quant:
-            group = {n: q8_0.quantize(a) if q8_0.is_quantized(n) else to_dtype(a, dtype) for n, a in group.items()}
+            group = {n: a if a.dtype == np.uint8 else q8_0.quantize(a) if q8_0.is_quantized(n) else to_dtype(a, dtype)
+                     for n, a in group.items()}  # uint8: Q8_0 bytes from the prepared layout
         mapped = [a for a in group.values() if _is_mapped(a)]
         if populate:
             for a in mapped:

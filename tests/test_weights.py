@@ -196,6 +196,35 @@ def test_prepared_layout_is_made_once_and_resumes(tmp_path):
     assert other.prepared != first.prepared  # one folder per model dtype
 
 
+def test_q8_0_prepared_layout_is_mapped_quantized_bytes(tmp_path):
+    """quant="q8_0": fused qkv and the stacked experts are prepared once as Q8_0 bytes (a folder of their own) and
+    mapped; the other matmul weights are quantized at load; the router stays float32."""
+    from hyv3_graph import q8_0
+    from hyv3_graph.weights import _is_mapped
+
+    cfg, t = make(tmp_path / "ckpt", dict(SPEC, intermediate_size=64, moe_intermediate_size=32))
+    root = tmp_path / "prepared"
+    w = load_weights(tmp_path / "ckpt", cfg, DType.float32, prepared_root=root, quant="q8_0",
+                     prepared_dtype=DType.float32)
+    gu = w.tensors["layers.1.mlp.experts.gate_up"]
+    assert gu.dtype == np.uint8 and gu.shape == (5, 64, q8_0.row_bytes(32)) and _is_mapped(gu)
+    np.testing.assert_array_equal(gu[3, 32:], q8_0.quantize(t["model.layers.1.mlp.experts.3.up_proj.weight"]))
+    np.testing.assert_array_equal(w.tensors["layers.2.mlp.experts.down"][4],
+                                  q8_0.quantize(t["model.layers.2.mlp.experts.4.down_proj.weight"]))
+    qkv = w.tensors["layers.0.self_attn.qkv_proj.weight"]
+    assert _is_mapped(qkv)
+    np.testing.assert_array_equal(qkv, q8_0.quantize(np.concatenate(
+        [t[f"model.layers.0.self_attn.{x}_proj.weight"] for x in "qkv"])))
+    o = w.tensors["layers.0.self_attn.o_proj.weight"]
+    assert o.dtype == np.uint8 and not _is_mapped(o)  # quantized at load
+    assert w.tensors["layers.1.mlp.router.weight"].dtype == np.float32
+    again = load_weights(tmp_path / "ckpt", cfg, DType.float32, prepared_root=root, quant="q8_0",
+                         prepared_dtype=DType.float32)
+    assert again.prepared == w.prepared
+    np.testing.assert_array_equal(again.tensors["layers.1.mlp.experts.gate_up"], gu)
+    assert load_weights(tmp_path / "ckpt", cfg, DType.float32, prepared_root=root).prepared != w.prepared
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda d, s: ("I16", s), r"'model.layers.1.mlp.experts.117.up_proj.weight': expected a float dtype.*found I16"),
     (lambda d, s: (d, (s[0], s[1] + 1)),
