@@ -61,7 +61,10 @@
 #          (`dot_peak` 684 GFLOP/s), 1.4-2.4x MAX, 0.75-1.1x torch (oneDNN bf16).
 #   M 512 bf16 on AMX (2-core Intel Xeon with amx_bf16, 2026-12-03; a timing script, not the bench yet:
 #          docs/perf-notes.md "AMX"): 1.41-1.68 TFLOP/s, ~0.8x torch's oneDNN AMX (1.72-1.83).
-# History and the e2e effect: docs/perf-notes.md, "linear".
+#   Q8_0 (2026-12-03, 2-core Zen 4 with AVX512_VNNI, a timing script over the bench's graphs: docs/perf-notes.md
+#          "Q8_0"): M 1 on vpdpbusd 19-32 GB/s of int8 bytes (57-103% of the probe), 1.13-1.37x the widening path,
+#          1.2-1.7x bf16 in time; M 8 8-11 GB/s, compute bound, behind bf16; M 512 (DEQUANT) 141-165 GFLOP/s.
+# History and the e2e effect: docs/perf-notes.md, "linear" and "Q8_0".
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext

@@ -72,6 +72,8 @@
 # 1.90 s (326 GFLOP/s); bf16 T 1 10.9 ms (28 GB/s), T 512 323 ms (478 GFLOP/s), T 2048 1.31 s (472 GFLOP/s).
 # On AMX (`python -m bench --only experts`, 2026-12-03, 2-core Intel Xeon with amx_bf16): bf16 T 512 177-182 ms
 # (849-874 GFLOP/s, 1.66x torch's bf16 grouped_mm), T 2048 466-486 ms (1.27-1.33 TFLOP/s, 2.33x).
+# Q8_0 (2026-12-03, 2-core Zen 4 with AVX512_VNNI, a timing script: docs/perf-notes.md "Q8_0"): T 1 7.42 ms
+# (21.6 GB/s; bf16 9.60 ms), T 8 36.3 ms (bf16 41.8), T 512 998 ms on DEQUANT (155 GFLOP/s; bf16 467 ms).
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
