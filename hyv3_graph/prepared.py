@@ -149,7 +149,8 @@ def _layer_specs(cfg: HYV3Config, naming: str, i: int, dtype: str, quant: str | 
     if cfg.is_sparse(i) and naming == "raw":
         E, I = cfg.num_experts, cfg.moe_intermediate_size
         e = [f"{p}mlp.experts.{j}." for j in range(E)]
-        specs += [spec("mlp.experts.gate_up", (E, 2 * I, H), [x + y for x in e for y in ("gate_proj.weight", "up_proj.weight")]),
+        specs += [spec("mlp.experts.gate_up", (E, 2 * I, H),
+                       [x + y for x in e for y in ("gate_proj.weight", "up_proj.weight")]),
                   spec("mlp.experts.down", (E, H, I), [x + "down_proj.weight" for x in e])]
     return specs
 

@@ -169,7 +169,8 @@ def test_q8_0_vnni_path_is_taken(experts_models, monkeypatch):
     rng = np.random.default_rng(4)
     T, E, H, I = 3, 16, 96, 160  # 3 blocks of H: the ymm tail of vpdpbusd; 5 of I
     args = (rng.standard_normal((T, H)).astype(np.float32), rng.standard_normal((T, E)).astype(np.float32),
-            (rng.standard_normal((E, 2 * I, H)) / 10).astype(np.float32), (rng.standard_normal((E, H, I)) / 13).astype(np.float32))
+            (rng.standard_normal((E, 2 * I, H)) / 10).astype(np.float32),
+            (rng.standard_normal((E, H, I)) / 13).astype(np.float32))
     assert int8_dot_experts(np.arange(T * Q8_TOP_K) % E, E).all()
     fast = check_q8(experts_models, *args)
     monkeypatch.setenv(PORTABLE_ENV, "1")

@@ -1,10 +1,10 @@
-"""What `kernels/cpu_isa.mojo` decides at run time, seen from Python: whether the ops' AVX512_BF16 paths run here.
+"""What `kernels/cpu_isa.mojo` decides at run time, seen from Python: which of the ops' machine-specific paths run.
 
 The moe_experts op's bf16-dot GEMM and the attention op's bf16-cache decode items use vdpbf16ps after cpuid says
 the CPU has it; the bf16 GEMMs of linear and moe_experts use AMX tiles where cpuid reports AMX-BF16 and Linux
-grants the tile state; the Q8_0 streaming paths use vpdpbusd where cpuid reports AVX512_VNNI. HYV3_PORTABLE_KERNELS=1 (read on every call) forces the portable float32 paths instead, as on
-a CPU without either; HYV3_DISABLE_AMX=1 the vdpbf16ps GEMMs where AMX would run. Tests use them to cover each path
-on one machine.
+grants the tile state; the Q8_0 streaming paths use vpdpbusd where cpuid reports AVX512_VNNI.
+HYV3_PORTABLE_KERNELS=1 (read on every call) forces the portable float32 paths instead, as on a CPU without any of
+them; HYV3_DISABLE_AMX=1 the vdpbf16ps GEMMs where AMX would run. Tests use them to cover each path on one machine.
 """
 
 from __future__ import annotations
