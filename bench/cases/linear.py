@@ -95,7 +95,8 @@ def _q8_case(models, rng, model, name, N, K, swiglu, M) -> Case:
         return y / (1 + np.exp(-y)) * (xs @ weights[1].T) if swiglu else y
 
     ref = run_numpy()
-    vnni = linear_path(M, K, False, q8=True) == "vnni"  # ours takes x's int8 blocks: so does its reference
+    path = linear_path(M, K, False, q8=True)
+    vnni = path == "vnni"  # ours takes x's int8 blocks: so does its reference
     ours_ref = run_numpy(q8_0.quantize_activations(x).astype(np.float32)) if vnni else ref
     tol = TOL[DType.float32]
 
@@ -112,7 +113,7 @@ def _q8_case(models, rng, model, name, N, K, swiglu, M) -> Case:
                 impls={"mojo": lambda: buffer_numpy(ours.execute(*bufs)[0]), "numpy": run_numpy}, check=check,
                 flops=2.0 * M * N * K * n_w if M > 8 else None,
                 bytes=n_w * N * q8_0.row_bytes(K) if M <= 8 else None,
-                versions={"mojo": f"kernels/linear.mojo ({linear_path(M, K, False, q8=True)} path, Q8_0)",
+                versions={"mojo": f"kernels/linear.mojo ({path} path, Q8_0)",
                           "numpy": f"numpy {np.__version__} (dequantized float32)"})
 
 
