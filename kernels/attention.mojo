@@ -57,13 +57,12 @@
 import extensibility
 from extensibility import InputTensor, OutputTensor, _MutableInputTensor
 from max.gpu.host import DeviceContext
-from max.algorithm import parallelize
 from std.math import exp, sqrt
 from std.memory import bitcast
 from std.utils import StaticTuple
 from .cpu_isa import I32x, adjacent_bf16_pairs, dot_bf16_pairs, round_to_bf16, use_bf16_dot
 from .microkernels import untracked
-from .work_queue import parallelize_dynamic, sort_codes_by_cost
+from .work_queue import parallelize_dynamic, parallelize_sized, sort_codes_by_cost
 from std.atomic import Atomic
 from std.sys import size_of
 from std.sys.intrinsics import prefetch, PrefetchOptions
@@ -989,7 +988,7 @@ struct Attention:
             _prepare_token[dt, eps](shape, ragged, paged, queries, proj, t)
 
 
-        parallelize(prepare, T)
+        parallelize_sized(prepare, T, T * qkv_s * 8)  # a decode step's one token runs inline
 
         # Pass 2, wide items: (sequence, query tile, kv head), longest key ranges first for load balance.
         # Query tiles of at most NR rows per kv head (decode steps, the last queries of a sequence) go to the
@@ -1004,8 +1003,10 @@ struct Attention:
         var tile_first = List[Int]()
         var n_tile = List[Int]()  # the query tile of each narrow item
         var n_order = List[Int]()  # narrow items, full chunks first, then the partial ones longest first
+        var kv_bytes = 0  # the cache rows the items read (a short decode context runs inline)
         for b in range(B):
             var n = Int(offp[unsafe_offset=b + 1]) - Int(offp[unsafe_offset=b])
+            kv_bytes += (Int(clp[unsafe_offset=b]) + n) * Hkv * 2 * D * size_of[dt]()
             for q0 in range(0, n, QT):
                 var keys = Int(clp[unsafe_offset=b]) + min(n, q0 + QT)
                 if min(QT, n - q0) * G <= NR:
@@ -1055,8 +1056,8 @@ struct Attention:
         def attend(item: Int) {var shape, var ragged, var paged, var queries, var items_ptr, var out_ptr}:
             _attend_wide[dt](shape, ragged, paged, queries, items_ptr, out_ptr, item)
 
-        parallelize_dynamic(attend, n_items)
-        parallelize_dynamic(attend_narrow, n_narrow)
+        parallelize_dynamic(attend, n_items, kv_bytes)
+        parallelize_dynamic(attend_narrow, n_narrow, kv_bytes)
 
         # The structs hold untracked pointers into these Lists: they must live until every pass has run.
         _ = tok_seq^

@@ -7,6 +7,9 @@
 # The same holds for AVX512_VNNI (vpdpbusd: use_vnni, dot_u8_i8), which the Q8_0 streaming paths use.
 # HYV3_PORTABLE_KERNELS=1 forces the portable SIMD paths, HYV3_DISABLE_AMX=1 the AVX512_BF16 ones where AMX
 # would run (both read on every call: tests flip them in-process to reach every path on one machine).
+# cpuid itself runs once per process (`_cpu_features`, a process-wide global): in the VMs here it traps to the
+# hypervisor and costs ~3.9 us, and every op asked for one to three of them per call (measured: docs/perf-notes.md,
+# "fixed cost of an op call").
 #
 # AMX (Intel Sapphire Rapids and later): the tile registers are off until the process asks Linux for them
 # (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA); the permission is per process, so any thread may ask, and asking
@@ -16,7 +19,7 @@ from std.sys._assembly import inlined_assembly
 from std.sys.info import CompilationTarget
 from std.memory import bitcast
 from std.os import getenv
-from std.ffi import external_call
+from std.ffi import _Global, external_call
 
 comptime I32x = SIMD[DType.int32, 16]
 comptime F32x = SIMD[DType.float32, 16]
@@ -26,10 +29,43 @@ def portable_only() -> Bool:
     return getenv("HYV3_PORTABLE_KERNELS") == "1"
 
 
+comptime _AVX512_BF16 = 1
+comptime _AVX512_VNNI = 2
+comptime _AMX_BF16 = 4  # AMX-BF16 and AMX-TILE
+
+
+def _probe_cpu_features() -> Int:
+    """The _AVX512_BF16 | _AVX512_VNNI | _AMX_BF16 bits this CPU reports: cpuid leaf 7 subleaf 1 EAX bit 5
+    (AVX512_BF16), subleaf 0 ECX bit 11 (AVX512_VNNI), subleaf 0 EDX bits 22 and 24 (AMX-BF16, AMX-TILE). Each asm
+    puts ecx back to its input (the subleaf), which the compiler assumes unchanged."""
+    comptime C = "={eax},{eax},{ecx},~{ebx},~{edx}"
+    var eax1 = inlined_assembly["cpuid\n\txorl %ecx, %ecx\n\tincl %ecx", Int32, constraints=C](Int32(7), Int32(1))
+    var ecx0 = inlined_assembly["cpuid\n\tmovl %ecx, %eax\n\txorl %ecx, %ecx", Int32, constraints=C](Int32(7), Int32(0))
+    var edx0 = inlined_assembly["cpuid\n\tmovl %edx, %eax\n\txorl %ecx, %ecx", Int32, constraints=C](Int32(7), Int32(0))
+    var bits = 0
+    if (eax1 >> 5) & 1 == 1:
+        bits |= _AVX512_BF16
+    if (ecx0 >> 11) & 1 == 1:
+        bits |= _AVX512_VNNI
+    if (edx0 >> 22) & 1 == 1 and (edx0 >> 24) & 1 == 1:
+        bits |= _AMX_BF16
+    return bits
+
+
+comptime _cpu_features = _Global["HYV3_CPU_FEATURES", _probe_cpu_features]
+
+
+def _has(feature: Int) -> Bool:
+    """Whether the CPU reports `feature` (cpuid read on the first call of the process)."""
+    try:
+        return _cpu_features.get_or_create_ptr()[] & feature != 0
+    except:
+        return False
+
+
 def has_avx512_bf16() -> Bool:
-    """cpuid leaf 7 subleaf 1, EAX bit 5: AVX512_BF16 (vdpbf16ps, vcvtneps2bf16)."""
-    var eax = inlined_assembly["cpuid", Int32, constraints="={eax},{eax},{ecx},~{ebx},~{edx}"](Int32(7), Int32(1))
-    return (eax >> 5) & 1 == 1
+    """AVX512_BF16 (vdpbf16ps, vcvtneps2bf16)."""
+    return _has(_AVX512_BF16)
 
 
 def use_bf16_dot() -> Bool:
@@ -37,10 +73,8 @@ def use_bf16_dot() -> Bool:
 
 
 def has_avx512_vnni() -> Bool:
-    """cpuid leaf 7 subleaf 0, ECX bit 11: AVX512_VNNI (vpdpbusd)."""
-    var ecx = inlined_assembly["cpuid\n\tmovl %ecx, %eax\n\txorl %ecx, %ecx", Int32,  # ecx back to its input, 0
-                               constraints="={eax},{eax},{ecx},~{ebx},~{edx}"](Int32(7), Int32(0))
-    return (ecx >> 11) & 1 == 1
+    """AVX512_VNNI (vpdpbusd)."""
+    return _has(_AVX512_VNNI)
 
 
 def use_vnni() -> Bool:
@@ -50,10 +84,8 @@ def use_vnni() -> Bool:
 
 
 def has_amx_bf16() -> Bool:
-    """cpuid leaf 7 subleaf 0, EDX bits 22 (AMX-BF16) and 24 (AMX-TILE)."""
-    var edx = inlined_assembly["cpuid\n\tmovl %edx, %eax", Int32, constraints="={eax},{eax},{ecx},~{ebx},~{edx}"](
-        Int32(7), Int32(0))
-    return (edx >> 22) & 1 == 1 and (edx >> 24) & 1 == 1
+    """AMX-BF16 and AMX-TILE."""
+    return _has(_AMX_BF16)
 
 
 def amx_permitted() -> Bool:

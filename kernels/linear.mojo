@@ -474,6 +474,7 @@ def _run[dt: DType, SWIGLU: Bool, Q8: Bool](
         var row_bytes = q8_row_bytes(K) if Q8 else K * size_of[dt]()
         var cols = _stream_cols_per_task(N, row_bytes * (2 if SWIGLU else 1))
         var tasks = (N + cols - 1) // cols
+        var weight_bytes = N * row_bytes * (2 if SWIGLU else 1)  # what the pass reads (a small one runs inline)
 
         def stream_pairs(task: Int) {var pb, var cols}:
             _stream_task[dt, SWIGLU, READ_PAIRS](pb, cols, task)
@@ -489,16 +490,16 @@ def _run[dt: DType, SWIGLU: Bool, Q8: Bool](
 
         comptime if Q8:
             if int8:
-                parallelize_dynamic(stream_q8_int8, tasks)
+                parallelize_dynamic(stream_q8_int8, tasks, weight_bytes)
             else:
-                parallelize_dynamic(stream_q8, tasks)
+                parallelize_dynamic(stream_q8, tasks, weight_bytes)
         elif dt == DType.bfloat16:
             if pairs:
-                parallelize_dynamic(stream_pairs, tasks)
+                parallelize_dynamic(stream_pairs, tasks, weight_bytes)
             else:
-                parallelize_dynamic(stream_widened, tasks)
+                parallelize_dynamic(stream_widened, tasks, weight_bytes)
         else:
-            parallelize_dynamic(stream_widened, tasks)
+            parallelize_dynamic(stream_widened, tasks, weight_bytes)
     elif path == DOT or path == AMX:
         var K2 = K // 2
         var blocks = n_blocks(M)

@@ -78,7 +78,7 @@ import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
 from max.algorithm import parallelize
-from .work_queue import parallelize_dynamic, sort_codes_by_cost
+from .work_queue import parallelize_dynamic, parallelize_sized, sort_codes_by_cost
 from std.os import abort
 from std.runtime import parallelism_level
 from layout import TileTensor
@@ -797,7 +797,7 @@ struct MoeExperts:
         def gather(r: Int) {var rt, var rw}:
             _gather_row(rt, rw, r)
 
-        parallelize(gather, T * k)
+        parallelize_sized(gather, T * k, T * k * H * 8)  # reads x's rows, writes float32 copies
 
         # Streaming path: tasks over (expert, tile of weight rows), STREAM_ROWS weight rows per pass over the
         # expert's rows in groups of SMALL_ROWS (the weight rows stay in L1 meanwhile).
@@ -833,12 +833,14 @@ struct MoeExperts:
                                         st.as_.unsafe_offset(r * q8_activation_scales(rt.I)))
 
         if n_small > 0:
+            var gu_bytes = n_small * I * 2 * h_len * size_of[wdt]()  # the streaming experts' weights (inline if small)
+            var dn_bytes = n_small * H * i_len * size_of[wdt]()
             if int8:
-                parallelize(quantize_x, T * k)
-            parallelize_dynamic(gate_up_task, n_small * gu_tiles)
+                parallelize_sized(quantize_x, T * k, T * k * H * 5)
+            parallelize_dynamic(gate_up_task, n_small * gu_tiles, gu_bytes)
             if int8:
-                parallelize(quantize_act, T * k)
-            parallelize_dynamic(down_task, n_small * dn_tiles)
+                parallelize_sized(quantize_act, T * k, T * k * I * 5)
+            parallelize_dynamic(down_task, n_small * dn_tiles, dn_bytes)
 
         # bf16-dot path (bfloat16 weights, CPU with AVX512_BF16): activations rounded to bf16 and packed in
         # blocks of MB rows, [block][K/2][MB] bf16 pairs; weights read in place as bf16 pairs.
@@ -971,7 +973,7 @@ struct MoeExperts:
         def combine_token(t: Int) {var rt, var rw, var trp}:
             _combine_token(rt, rw, trp, t)
 
-        parallelize(combine_token, T)
+        parallelize_sized(combine_token, T, T * k * H * 4)  # reads the expert outputs
         # The structs hold untracked pointers into these Lists: they must live until every pass has run.
         _ = path^
         _ = small^
