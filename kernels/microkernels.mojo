@@ -32,6 +32,7 @@ from .cpu_isa import I32x, F32x, dot_bf16_pairs, dot_u8_i8
 
 comptime W = 16  # float32 SIMD width
 comptime PREFETCH_AHEAD = 2048  # streaming: weight elements prefetched ahead of use (~10% at T = 4..8)
+comptime PREFETCH_AHEAD_Q8 = 8192  # Q8_0 on vpdpbusd: bytes ahead (2048: 13-16 GB/s at K 1024, 8192: 20-23; perf-notes)
 comptime MAX_STREAM_ROWS = 4  # streaming: activation rows per pass (the register tile R)
 comptime MB = 48  # bf16-dot GEMM: activation rows per packed block (NVMAX vectors)
 comptime NVMAX = MB // W
@@ -298,7 +299,7 @@ def stream_dots_q8_vnni[R: Int, NW: Int](
             sx[j] = xs.unsafe_load[width=W](r[j] // 4 + i // 4)
         comptime for v in range(NW):
             var blk = w.unsafe_offset(w_rows[v] + b)
-            prefetch[PrefetchOptions().for_read().low_locality()](blk.unsafe_offset(PREFETCH_AHEAD))
+            prefetch[PrefetchOptions().for_read().low_locality()](blk.unsafe_offset(PREFETCH_AHEAD_Q8))
             var lo = blk.unsafe_offset(2).unsafe_load[width=Q8_BLOCK](0)
             var hi = blk.unsafe_offset(Q8_BLOCK_BYTES + 2).unsafe_load[width=Q8_BLOCK](0)
             var q = bitcast[DType.int32, W](lo.join(hi))
