@@ -471,10 +471,10 @@ def _run[dt: DType, SWIGLU: Bool, Q8: Bool](
     var pb = _Problem[dt](M, N, K, untracked(x), untracked(wa), untracked(wb), yu, xf, xq, xs)
 
     if path == STREAM:
-        var row_bytes = q8_row_bytes(K) if Q8 else K * size_of[dt]()
-        var cols = _stream_cols_per_task(N, row_bytes * (2 if SWIGLU else 1))
+        var row_bytes = (q8_row_bytes(K) if Q8 else K * size_of[dt]()) * (2 if SWIGLU else 1)  # an output's rows
+        var cols = _stream_cols_per_task(N, row_bytes)
         var tasks = (N + cols - 1) // cols
-        var weight_bytes = N * row_bytes * (2 if SWIGLU else 1)  # what the pass reads (a small one runs inline)
+        var weight_bytes = N * row_bytes  # what the pass reads (a small one runs inline)
 
         def stream_pairs(task: Int) {var pb, var cols}:
             _stream_task[dt, SWIGLU, READ_PAIRS](pb, cols, task)

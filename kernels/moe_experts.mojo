@@ -803,8 +803,10 @@ struct MoeExperts:
         # expert's rows in groups of SMALL_ROWS (the weight rows stay in L1 meanwhile).
         var n_small = len(small)
         var sp = small.unsafe_ptr()
-        var gu_rows = _stream_rows_per_task(2 * h_len * size_of[wdt]())  # gate rows (each with its up row) per task
-        var dn_rows = _stream_rows_per_task(i_len * size_of[wdt]())
+        var gu_row_bytes = 2 * h_len * size_of[wdt]()  # a gate row with its up row
+        var dn_row_bytes = i_len * size_of[wdt]()
+        var gu_rows = _stream_rows_per_task(gu_row_bytes)  # gate rows (each with its up row) per task
+        var dn_rows = _stream_rows_per_task(dn_row_bytes)
         var gu_tiles = (I + gu_rows - 1) // gu_rows
         var dn_tiles = (H + dn_rows - 1) // dn_rows
         # Q8_0 on AVX512_VNNI: the streaming experts' rows, and then their activations, quantized to int8 blocks.
@@ -833,14 +835,12 @@ struct MoeExperts:
                                         st.as_.unsafe_offset(r * q8_activation_scales(rt.I)))
 
         if n_small > 0:
-            var gu_bytes = n_small * I * 2 * h_len * size_of[wdt]()  # the streaming experts' weights (inline if small)
-            var dn_bytes = n_small * H * i_len * size_of[wdt]()
-            if int8:
+            if int8:  # float32 rows in, int8 rows out (their scales aside)
                 parallelize_sized(quantize_x, T * k, T * k * H * 5)
-            parallelize_dynamic(gate_up_task, n_small * gu_tiles, gu_bytes)
+            parallelize_dynamic(gate_up_task, n_small * gu_tiles, n_small * I * gu_row_bytes)  # the experts' weights
             if int8:
                 parallelize_sized(quantize_act, T * k, T * k * I * 5)
-            parallelize_dynamic(down_task, n_small * dn_tiles, dn_bytes)
+            parallelize_dynamic(down_task, n_small * dn_tiles, n_small * H * dn_row_bytes)
 
         # bf16-dot path (bfloat16 weights, CPU with AVX512_BF16): activations rounded to bf16 and packed in
         # blocks of MB rows, [block][K/2][MB] bf16 pairs; weights read in place as bf16 pairs.
