@@ -18,7 +18,10 @@
 #   * STREAM (M <= STREAM_MAX_M: decode, small batches): memory bound. Each weight row is read exactly once and
 #     each of its chunks feeds the FMAs of up to 4 activation rows (microkernels.stream_dots*: register tiles of 1,
 #     2 or 4 rows); larger M loops over the rows in fours while the weight rows are in L1/L2. Tasks are ~1 MiB of
-#     weight rows, taken by whichever core is free (work_queue.mojo). bf16 on a CPU with AVX512_BF16:
+#     weight rows, taken by whichever core is free (work_queue.mojo). At M <= 4 a pass reads its 4 rows whole,
+#     and each row is prefetched at the same position in the first later pass at least 8 KiB on
+#     (microkernels.stream_ahead): on `small`'s short rows (K 1024) a distance along the row landed inside the
+#     current pass. bf16 on a CPU with AVX512_BF16:
 #     vdpbf16ps straight on the stored bf16 x and w (no conversion: bf16 products are exact in float32);
 #     otherwise the weights are widened exactly and x is float32 (a bf16 x is widened once per call).
 #   * AMX (bf16, M > STREAM_MAX_M, K a multiple of 32, AMX-BF16 granted by Linux; cpu_isa.use_amx): compute bound,
@@ -77,11 +80,12 @@ from std.sys import size_of
 from std.utils import StaticTuple
 from std.memory import bitcast
 from .cpu_isa import F32x, amx_configure, amx_release, round_to_bf16, use_amx, use_bf16_dot, use_vnni
-from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, KC, NVMAX, AMX_TILE, Q8_BLOCK, Q8_BLOCK_BYTES, align64,
+from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, KC, NVMAX, AMX_TILE, PREFETCH_AHEAD, PREFETCH_AHEAD_Q8,
+                           Q8_BLOCK, Q8_BLOCK_BYTES, align64,
                            amx_c_tiles, amx_k_ok, amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token, transpose16,
                            dot_panel, dot_tile, n_blocks, q8_activation_scales, q8_dequantize_row,
                            q8_quantize_activations, q8_row_bytes, silu, stream_dots, stream_dots_bf16, stream_dots_q8_0,
-                           stream_dots_q8_vnni, swiglu_row, untracked)
+                           stream_dots_q8_vnni, stream_ahead, swiglu_row, untracked)
 from .work_queue import parallelize_dynamic
 
 comptime STREAM_MAX_M = 16  # at most this many rows stream the weights (see the header)
@@ -143,22 +147,22 @@ def _stream_cols_per_task(N: Int, row_bytes: Int) -> Int:
 @always_inline
 def _stream_dots[dt: DType, READ: Int](
     pb: _Problem[dt], w: Pointer[mut=True, Scalar[dt], MutUntrackedOrigin], w_rows: StaticTuple[Int, STREAM_NW],
-    m0: Int, rows: Int, k0: Int, kn: Int,
+    m0: Int, rows: Int, k0: Int, kn: Int, ahead: Int,
 ) -> StaticTuple[SIMD[DType.float32, 4], STREAM_NW]:
     """STREAM_NW weight rows of w (offsets w_rows: elements, Q8_0 bytes) . activation rows m0 .. m0 + rows
-    (<= MAX_STREAM_ROWS), over k0 .. k0 + kn (Q8_0: whole blocks)."""
+    (<= MAX_STREAM_ROWS), over k0 .. k0 + kn (Q8_0: whole blocks), prefetching `ahead` units on."""
     comptime if READ == READ_Q8_INT8:
         var x0 = m0 * pb.K + k0  # x's scales: K / 4 floats a row (q8_activation_scales)
         return stream_dots_q8_vnni(w.unsafe_bitcast[UInt8]().unsafe_offset(k0 // Q8_BLOCK * Q8_BLOCK_BYTES), w_rows,
-                                   pb.xq.unsafe_offset(x0), pb.xs.unsafe_offset(x0 // 4), pb.K, rows, kn)
+                                   pb.xq.unsafe_offset(x0), pb.xs.unsafe_offset(x0 // 4), pb.K, rows, kn, ahead)
     elif READ == READ_Q8:
         return stream_dots_q8_0(w.unsafe_bitcast[UInt8]().unsafe_offset(k0 // Q8_BLOCK * Q8_BLOCK_BYTES), w_rows,
-                                pb.xf.unsafe_offset(m0 * pb.K + k0), pb.K, rows, kn)
+                                pb.xf.unsafe_offset(m0 * pb.K + k0), pb.K, rows, kn, ahead)
     elif READ == READ_PAIRS:
         return stream_dots_bf16(w.unsafe_bitcast[UInt16]().unsafe_offset(k0), w_rows,
-                                pb.xp.unsafe_bitcast[UInt16]().unsafe_offset(m0 * pb.K + k0), pb.K, rows, kn)
+                                pb.xp.unsafe_bitcast[UInt16]().unsafe_offset(m0 * pb.K + k0), pb.K, rows, kn, ahead)
     else:
-        return stream_dots(w.unsafe_offset(k0), w_rows, pb.xf.unsafe_offset(m0 * pb.K + k0), pb.K, rows, kn)
+        return stream_dots(w.unsafe_offset(k0), w_rows, pb.xf.unsafe_offset(m0 * pb.K + k0), pb.K, rows, kn, ahead)
 
 
 @always_inline
@@ -171,7 +175,11 @@ def _stream_task[dt: DType, SWIGLU: Bool, READ: Int](pb: _Problem[dt], cols_per_
     var N = pb.N
     var K = pb.K
     var k_slice = K if pb.M <= MAX_STREAM_ROWS else STREAM_K_SLICE  # a multiple of Q8_BLOCK
-    var row_units = q8_row_bytes(K) if READ == READ_Q8 or READ == READ_Q8_INT8 else K
+    comptime Q8 = READ == READ_Q8 or READ == READ_Q8_INT8
+    var row_units = q8_row_bytes(K) if Q8 else K
+    # whole rows a pass: prefetch the next passes' rows (stream_ahead); K slices: along the row
+    var ahead = stream_ahead(STREAM_NW * row_units, 1 if Q8 else size_of[dt]()) if k_slice >= K else (
+        PREFETCH_AHEAD_Q8 if Q8 else PREFETCH_AHEAD)
     var o0 = task * cols_per_task
     for o in range(o0, min(N, o0 + cols_per_task), STREAM_NW):
         var w_rows = StaticTuple[Int, STREAM_NW](fill=0)
@@ -186,11 +194,11 @@ def _stream_task[dt: DType, SWIGLU: Bool, READ: Int](pb: _Problem[dt], cols_per_
                 for grp in range(groups):
                     var m0 = mc + grp * MAX_STREAM_ROWS
                     var rows = min(MAX_STREAM_ROWS, pb.M - m0)
-                    var d = _stream_dots[dt, READ](pb, pb.wa, w_rows, m0, rows, k0, kn)
+                    var d = _stream_dots[dt, READ](pb, pb.wa, w_rows, m0, rows, k0, kn, ahead)
                     comptime for v in range(STREAM_NW):
                         a[grp * STREAM_NW + v] += d[v]
                     comptime if SWIGLU:
-                        var e = _stream_dots[dt, READ](pb, pb.wb, w_rows, m0, rows, k0, kn)
+                        var e = _stream_dots[dt, READ](pb, pb.wb, w_rows, m0, rows, k0, kn, ahead)
                         comptime for v in range(STREAM_NW):
                             u[grp * STREAM_NW + v] += e[v]
             for grp in range(groups):

@@ -31,8 +31,9 @@ from std.sys._assembly import inlined_assembly
 from .cpu_isa import I32x, F32x, dot_bf16_pairs, dot_u8_i8
 
 comptime W = 16  # float32 SIMD width
-comptime PREFETCH_AHEAD = 2048  # streaming: weight elements prefetched ahead of use (~10% at T = 4..8)
-comptime PREFETCH_AHEAD_Q8 = 8192  # Q8_0 on vpdpbusd: bytes ahead (2048: 13-16 GB/s at K 1024, 8192: 20-23; perf-notes)
+comptime PREFETCH_MIN_BYTES = 8192  # streaming, whole rows a pass: least distance (bytes) ahead (`stream_ahead`)
+comptime PREFETCH_AHEAD = 2048  # streaming along a row (K slices): weight elements ahead of use (~10% at M = 4..8)
+comptime PREFETCH_AHEAD_Q8 = 8192  # the same for Q8_0 rows, in bytes (2048: 13-16 GB/s at K 1024, 8192: 20-23)
 comptime MAX_STREAM_ROWS = 4  # streaming: activation rows per pass (the register tile R)
 comptime MB = 48  # bf16-dot GEMM: activation rows per packed block (NVMAX vectors)
 comptime NVMAX = MB // W
@@ -44,6 +45,18 @@ comptime KC = 128  # bf16-dot GEMM: pairs per L1 slice (KC x MB x 4 bytes = 24 K
 def untracked[T: AnyType](p: Pointer[mut=True, T, _]) -> Pointer[mut=True, T, MutUntrackedOrigin]:
     """A pointer the ops' pass structs can hold: the buffers it points into outlive every pass."""
     return p.unsafe_origin_cast[MutUntrackedOrigin]()
+
+
+def stream_ahead(pass_units: Int, unit_bytes: Int) -> Int:
+    """How far ahead (in the weight pointer's units: elements, or bytes for Q8_0) the streaming dots prefetch each
+    weight row, for callers whose passes read their rows whole and whose next pass reads the rows pass_units
+    further on (the next group of rows of one matrix): the same position in the first pass at least
+    PREFETCH_MIN_BYTES ahead. A fixed distance along the row instead lands inside the current pass on short rows
+    (`small`'s K 1024: 2 of 4 prefetches wasted at 2048 elements) and leaves the next pass's lines to the hardware
+    prefetcher. Callers that walk a row in K slices (linear with M > 4) pass PREFETCH_AHEAD (PREFETCH_AHEAD_Q8 for
+    Q8_0 rows), a distance along the row. Measured: docs/perf-notes.md, "prefetch"."""
+    var pass_bytes = max(1, pass_units * unit_bytes)
+    return (PREFETCH_MIN_BYTES + pass_bytes - 1) // pass_bytes * pass_units
 
 
 @always_inline
@@ -69,7 +82,7 @@ def swiglu_row(
 @always_inline
 def stream_dots[R: Int, NW: Int, wdt: DType](
     w: Pointer[Scalar[wdt], _], w_rows: StaticTuple[Int, NW], x: Pointer[Float32, _], x_stride: Int, n_rows: Int,
-    K: Int,
+    K: Int, ahead: Int,
 ) -> StaticTuple[SIMD[DType.float32, 4], NW]:
     """Dot products of NW weight rows (at element offsets w_rows in w, each [K]: float32, or bfloat16 widened
     exactly) with n_rows <= R <= 4 activation rows (x, x + x_stride, ...). Each weight row is streamed once and
@@ -85,7 +98,7 @@ def stream_dots[R: Int, NW: Int, wdt: DType](
         comptime for j in range(R):
             xv[j] = x.unsafe_load[width=W](r[j] + i)
         comptime for v in range(NW):
-            prefetch[PrefetchOptions().for_read().low_locality()](w.unsafe_offset(w_rows[v] + i + PREFETCH_AHEAD))
+            prefetch[PrefetchOptions().for_read().low_locality()](w.unsafe_offset(w_rows[v] + i + ahead))
             var a = w.unsafe_load[width=W](w_rows[v] + i).cast[DType.float32]()
             comptime for j in range(R):
                 acc[v * R + j] = a.fma(xv[j], acc[v * R + j])
@@ -107,19 +120,20 @@ def stream_dots[R: Int, NW: Int, wdt: DType](
 @always_inline
 def stream_dots[NW: Int, wdt: DType](
     w: Pointer[Scalar[wdt], _], w_rows: StaticTuple[Int, NW], x: Pointer[Float32, _], x_stride: Int, n_rows: Int,
-    K: Int,
+    K: Int, ahead: Int,
 ) -> StaticTuple[SIMD[DType.float32, 4], NW]:
     """stream_dots with the smallest register tile that holds n_rows (1..MAX_STREAM_ROWS)."""
     if n_rows == 1:
-        return stream_dots[1](w, w_rows, x, x_stride, n_rows, K)
+        return stream_dots[1](w, w_rows, x, x_stride, n_rows, K, ahead)
     if n_rows == 2:
-        return stream_dots[2](w, w_rows, x, x_stride, n_rows, K)
-    return stream_dots[MAX_STREAM_ROWS](w, w_rows, x, x_stride, n_rows, K)
+        return stream_dots[2](w, w_rows, x, x_stride, n_rows, K, ahead)
+    return stream_dots[MAX_STREAM_ROWS](w, w_rows, x, x_stride, n_rows, K, ahead)
 
 
 @always_inline
 def stream_dots_bf16[R: Int, NW: Int](
     w: Pointer[UInt16, _], w_rows: StaticTuple[Int, NW], x: Pointer[UInt16, _], x_stride: Int, n_rows: Int, K: Int,
+    ahead: Int,
 ) -> StaticTuple[SIMD[DType.float32, 4], NW]:
     """stream_dots for bfloat16 weights and bfloat16 activations (both as bf16 bits) on vdpbf16ps: 32 elements
     of a weight row against 32 of each activation row per instruction, both in their stored layout. bf16 x bf16
@@ -135,7 +149,7 @@ def stream_dots_bf16[R: Int, NW: Int](
         comptime for j in range(R):
             xv[j] = bitcast[DType.int32, W](x.unsafe_load[width=2 * W](r[j] + i))
         comptime for v in range(NW):
-            prefetch[PrefetchOptions().for_read().low_locality()](w.unsafe_offset(w_rows[v] + i + PREFETCH_AHEAD))
+            prefetch[PrefetchOptions().for_read().low_locality()](w.unsafe_offset(w_rows[v] + i + ahead))
             var a = bitcast[DType.int32, W](w.unsafe_load[width=2 * W](w_rows[v] + i))
             comptime for j in range(R):
                 acc[v * R + j] = dot_bf16_pairs(acc[v * R + j], a, xv[j])
@@ -157,13 +171,14 @@ def stream_dots_bf16[R: Int, NW: Int](
 @always_inline
 def stream_dots_bf16[NW: Int](
     w: Pointer[UInt16, _], w_rows: StaticTuple[Int, NW], x: Pointer[UInt16, _], x_stride: Int, n_rows: Int, K: Int,
+    ahead: Int,
 ) -> StaticTuple[SIMD[DType.float32, 4], NW]:
     """stream_dots_bf16 with the smallest register tile that holds n_rows (1..MAX_STREAM_ROWS)."""
     if n_rows == 1:
-        return stream_dots_bf16[1](w, w_rows, x, x_stride, n_rows, K)
+        return stream_dots_bf16[1](w, w_rows, x, x_stride, n_rows, K, ahead)
     if n_rows == 2:
-        return stream_dots_bf16[2](w, w_rows, x, x_stride, n_rows, K)
-    return stream_dots_bf16[MAX_STREAM_ROWS](w, w_rows, x, x_stride, n_rows, K)
+        return stream_dots_bf16[2](w, w_rows, x, x_stride, n_rows, K, ahead)
+    return stream_dots_bf16[MAX_STREAM_ROWS](w, w_rows, x, x_stride, n_rows, K, ahead)
 
 
 comptime Q8_BLOCK = 32  # Q8_0: weights per block (hyv3_graph/q8_0.py has the format)
@@ -194,6 +209,7 @@ def q8_dequantize_row(w: Pointer[UInt8, _], dst: Pointer[mut=True, Float32, _], 
 @always_inline
 def stream_dots_q8_0[R: Int, NW: Int](
     w: Pointer[UInt8, _], w_rows: StaticTuple[Int, NW], x: Pointer[Float32, _], x_stride: Int, n_rows: Int, K: Int,
+    ahead: Int,
 ) -> StaticTuple[SIMD[DType.float32, 4], NW]:
     """stream_dots for Q8_0 weight rows (at byte offsets w_rows in w; K a multiple of 32): each block's int8 are
     widened and multiplied by its scale (exact in float32), then FMA'd into the float32 activation rows as
@@ -213,7 +229,7 @@ def stream_dots_q8_0[R: Int, NW: Int](
             x1[j] = x.unsafe_load[width=W](r[j] + i + W)
         comptime for v in range(NW):
             var blk = w.unsafe_offset(w_rows[v] + b)
-            prefetch[PrefetchOptions().for_read().low_locality()](blk.unsafe_offset(PREFETCH_AHEAD))
+            prefetch[PrefetchOptions().for_read().low_locality()](blk.unsafe_offset(ahead))
             var a0 = q8_block[W](blk, 0)
             var a1 = q8_block[W](blk, W)
             comptime for j in range(R):
@@ -230,13 +246,14 @@ def stream_dots_q8_0[R: Int, NW: Int](
 @always_inline
 def stream_dots_q8_0[NW: Int](
     w: Pointer[UInt8, _], w_rows: StaticTuple[Int, NW], x: Pointer[Float32, _], x_stride: Int, n_rows: Int, K: Int,
+    ahead: Int,
 ) -> StaticTuple[SIMD[DType.float32, 4], NW]:
     """stream_dots_q8_0 with the smallest register tile that holds n_rows (1..MAX_STREAM_ROWS)."""
     if n_rows == 1:
-        return stream_dots_q8_0[1](w, w_rows, x, x_stride, n_rows, K)
+        return stream_dots_q8_0[1](w, w_rows, x, x_stride, n_rows, K, ahead)
     if n_rows == 2:
-        return stream_dots_q8_0[2](w, w_rows, x, x_stride, n_rows, K)
-    return stream_dots_q8_0[MAX_STREAM_ROWS](w, w_rows, x, x_stride, n_rows, K)
+        return stream_dots_q8_0[2](w, w_rows, x, x_stride, n_rows, K, ahead)
+    return stream_dots_q8_0[MAX_STREAM_ROWS](w, w_rows, x, x_stride, n_rows, K, ahead)
 
 
 comptime Q8_SCALE_LANES = 8  # int8 activations: each block's scale, repeated once per int32 lane of its products
@@ -276,7 +293,7 @@ def _q8_scale(blk: Pointer[UInt8, _]) -> Float32:
 @always_inline
 def stream_dots_q8_vnni[R: Int, NW: Int](
     w: Pointer[UInt8, _], w_rows: StaticTuple[Int, NW], xq: Pointer[UInt8, _], xs: Pointer[Float32, _],
-    x_stride: Int, n_rows: Int, K: Int,
+    x_stride: Int, n_rows: Int, K: Int, ahead: Int,
 ) -> StaticTuple[SIMD[DType.float32, 4], NW]:
     """stream_dots_q8_0 on int8 activations (q8_quantize_activations: xq rows x_stride bytes apart, xs rows
     x_stride / 4 floats apart) with vpdpbusd: two Q8_0 blocks (64 weights) of a weight row against 64 activations
@@ -299,7 +316,7 @@ def stream_dots_q8_vnni[R: Int, NW: Int](
             sx[j] = xs.unsafe_load[width=W](r[j] // 4 + i // 4)
         comptime for v in range(NW):
             var blk = w.unsafe_offset(w_rows[v] + b)
-            prefetch[PrefetchOptions().for_read().low_locality()](blk.unsafe_offset(PREFETCH_AHEAD_Q8))
+            prefetch[PrefetchOptions().for_read().low_locality()](blk.unsafe_offset(ahead))
             var lo = blk.unsafe_offset(2).unsafe_load[width=Q8_BLOCK](0)
             var hi = blk.unsafe_offset(Q8_BLOCK_BYTES + 2).unsafe_load[width=Q8_BLOCK](0)
             var q = bitcast[DType.int32, W](lo.join(hi))
@@ -333,14 +350,14 @@ def stream_dots_q8_vnni[R: Int, NW: Int](
 @always_inline
 def stream_dots_q8_vnni[NW: Int](
     w: Pointer[UInt8, _], w_rows: StaticTuple[Int, NW], xq: Pointer[UInt8, _], xs: Pointer[Float32, _],
-    x_stride: Int, n_rows: Int, K: Int,
+    x_stride: Int, n_rows: Int, K: Int, ahead: Int,
 ) -> StaticTuple[SIMD[DType.float32, 4], NW]:
     """stream_dots_q8_vnni with the smallest register tile that holds n_rows (1..MAX_STREAM_ROWS)."""
     if n_rows == 1:
-        return stream_dots_q8_vnni[1](w, w_rows, xq, xs, x_stride, n_rows, K)
+        return stream_dots_q8_vnni[1](w, w_rows, xq, xs, x_stride, n_rows, K, ahead)
     if n_rows == 2:
-        return stream_dots_q8_vnni[2](w, w_rows, xq, xs, x_stride, n_rows, K)
-    return stream_dots_q8_vnni[MAX_STREAM_ROWS](w, w_rows, xq, xs, x_stride, n_rows, K)
+        return stream_dots_q8_vnni[2](w, w_rows, xq, xs, x_stride, n_rows, K, ahead)
+    return stream_dots_q8_vnni[MAX_STREAM_ROWS](w, w_rows, xq, xs, x_stride, n_rows, K, ahead)
 
 
 @always_inline

@@ -22,7 +22,9 @@
 #     memory bound: its weights are streamed exactly once, each weight row chunk feeding the FMAs of
 #     all its rows (register accumulators, a tile of 1, 2 or 4 rows so that no FMA is wasted). Four weight
 #     rows share each pass over the activations (gate rows o, o + 1 with up rows I + o, I + o + 1, so SwiGLU
-#     is fused into the gate_up pass; or four adjacent down rows), and they are prefetched 2048 elements ahead.
+#     is fused into the gate_up pass; or four adjacent down rows); each row is prefetched at the same position
+#     in the first later pass at least 8 KiB on (microkernels.stream_ahead: Hy3's short down rows, 3 KiB, would
+#     otherwise prefetch inside the current pass).
 #     All such experts' (expert, ~1 MiB of weight rows) tasks share one parallel loop, so both cores stay
 #     busy whether one expert or all of them are active.
 #   * An expert with many rows is compute bound. float32 weights: gathered rows times its weights through
@@ -90,8 +92,8 @@ from .cpu_isa import F32x, adjacent_bf16_pairs, amx_configure, amx_release, bf16
 from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, AMX_TILE, Q8_BLOCK, Q8_BLOCK_BYTES, align64, amx_c_tile,
                            amx_c_tiles, amx_k_ok, amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token, dot_panel,
                            n_blocks, n_vec, q8_activation_scales, q8_dequantize_row, q8_quantize_activations,
-                           q8_row_bytes, silu, stream_dots, stream_dots_q8_0, stream_dots_q8_vnni, swiglu_row,
-                           untracked)
+                           q8_row_bytes, silu, stream_ahead, stream_dots, stream_dots_q8_0, stream_dots_q8_vnni,
+                           swiglu_row, untracked)
 
 comptime SMALL_ROWS = MAX_STREAM_ROWS  # experts with at most this many rows take the streaming path
 comptime STREAM_ROWS = 4  # streaming path: weight rows per pass over the activations (stream_dots' NW)
@@ -124,16 +126,16 @@ def _row_len[wdt: DType](K: Int) -> Int:
 def _stream_dots_w[wdt: DType](
     w: Pointer[mut=True, Scalar[wdt], MutUntrackedOrigin], w_rows: StaticTuple[Int, STREAM_ROWS],
     x: Pointer[mut=True, Float32, MutUntrackedOrigin], xq: Pointer[mut=True, UInt8, MutUntrackedOrigin],
-    xs: Pointer[mut=True, Float32, MutUntrackedOrigin], int8: Bool, n_rows: Int, K: Int,
+    xs: Pointer[mut=True, Float32, MutUntrackedOrigin], int8: Bool, n_rows: Int, K: Int, ahead: Int,
 ) -> StaticTuple[SIMD[DType.float32, 4], STREAM_ROWS]:
     """The streaming dots for this weight format: stream_dots (float32, bf16 widened), stream_dots_q8_0, or with
     int8 (Q8_0 on AVX512_VNNI) stream_dots_q8_vnni on the same rows quantized (xq, xs)."""
     comptime if wdt == DType.uint8:
         if int8:
-            return stream_dots_q8_vnni(w.unsafe_bitcast[UInt8](), w_rows, xq, xs, K, n_rows, K)
-        return stream_dots_q8_0(w.unsafe_bitcast[UInt8](), w_rows, x, K, n_rows, K)
+            return stream_dots_q8_vnni(w.unsafe_bitcast[UInt8](), w_rows, xq, xs, K, n_rows, K, ahead)
+        return stream_dots_q8_0(w.unsafe_bitcast[UInt8](), w_rows, x, K, n_rows, K, ahead)
     else:
-        return stream_dots(w, w_rows, x, K, n_rows, K)
+        return stream_dots(w, w_rows, x, K, n_rows, K, ahead)
 
 
 @always_inline
@@ -289,6 +291,7 @@ def _stream_gate_up[wdt: DType](
     var w = gup.unsafe_offset(e * gu_es)
     var o0 = (task % gu_tiles) * gu_rows
     var row_len = _row_len[wdt](H)
+    var ahead = stream_ahead(STREAM_GATES * row_len, size_of[wdt]())  # the next passes' gate and up rows
     for o in range(o0, min(I, o0 + gu_rows), STREAM_GATES):  # gate rows o.. with up rows I + o..
         var w_rows = StaticTuple[Int, STREAM_ROWS](fill=0)
         comptime for v in range(STREAM_GATES):  # rows past I alias I - 1 (same value stored)
@@ -298,7 +301,7 @@ def _stream_gate_up[wdt: DType](
             var gn = min(SMALL_ROWS, n - g0)
             var row = r0 + g0
             var gu = _stream_dots_w[wdt](w, w_rows, rp.unsafe_offset(row * H), st.xq.unsafe_offset(row * H),
-                                         st.xs.unsafe_offset(row * (H // 4)), st.int8, gn, H)
+                                         st.xs.unsafe_offset(row * (H // 4)), st.int8, gn, H, ahead)
             for r in range(gn):
                 comptime for v in range(STREAM_GATES):
                     ap[unsafe_offset=(r0 + g0 + r) * I + min(o + v, I - 1)] = (
@@ -326,6 +329,7 @@ def _stream_down[wdt: DType](
     var w = dnp.unsafe_offset(e * dn_es)
     var h0 = (task % dn_tiles) * dn_rows
     var row_len = _row_len[wdt](I)
+    var ahead = stream_ahead(STREAM_ROWS * row_len, size_of[wdt]())  # the next passes' rows
     for h in range(h0, min(H, h0 + dn_rows), STREAM_ROWS):  # rows past H alias H - 1 (same value stored)
         var w_rows = StaticTuple[Int, STREAM_ROWS](fill=0)
         comptime for v in range(STREAM_ROWS):
@@ -334,7 +338,7 @@ def _stream_down[wdt: DType](
             var gn = min(SMALL_ROWS, n - g0)
             var row = r0 + g0
             var y = _stream_dots_w[wdt](w, w_rows, ap.unsafe_offset(row * I), st.aq.unsafe_offset(row * I),
-                                        st.as_.unsafe_offset(row * (I // 4)), st.int8, gn, I)
+                                        st.as_.unsafe_offset(row * (I // 4)), st.int8, gn, I, ahead)
             for r in range(gn):
                 comptime for v in range(STREAM_ROWS):
                     yp[unsafe_offset=(r0 + g0 + r) * H + min(h + v, H - 1)] = y[v][r]
