@@ -43,7 +43,9 @@
 #     (microkernels.q8_quantize_activations), and microkernels.stream_dots_q8_vnni runs vpdpbusd on two weight blocks
 #     at a time, exact int32 block sums scaled by d_w * d_x in float32: 1.4-1.6x the compute ceiling of widening
 #     (docs/perf-notes.md, "Q8_0"), at the cost of x's int8 rounding (as llama.cpp's q8_0 does, with a float32
-#     rather than float16 scale). Otherwise (no VNNI, HYV3_PORTABLE_KERNELS=1): microkernels.stream_dots_q8_0,
+#     rather than float16 scale). Q8_0 passes read Q8_STREAM_NW = 8 weight rows (1.2-1.4x the rate of 4 on
+#     vpdpbusd at M = 1; docs/perf-notes.md, "Q8_0 streaming: 8 rows a pass"). Otherwise (no VNNI,
+#     HYV3_PORTABLE_KERNELS=1): microkernels.stream_dots_q8_0,
 #     each block widened and scaled exactly and FMA'd into float32 x, so y is x . dequantize(w)^T to float32
 #     rounding. M > STREAM_MAX_M: DEQUANT, DEQUANT_ROWS weight rows at a time dequantized into float32 and
 #     multiplied by MAX's matmul (the dequantization is 1/M of the work). Not built: an int8 GEMM (vpdpbusd or
@@ -81,7 +83,7 @@ from std.utils import StaticTuple
 from std.memory import bitcast
 from .cpu_isa import F32x, amx_configure, amx_release, round_to_bf16, use_amx, use_bf16_dot, use_vnni
 from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, KC, NVMAX, AMX_TILE, PREFETCH_AHEAD, PREFETCH_AHEAD_Q8,
-                           Q8_BLOCK, Q8_BLOCK_BYTES, align64,
+                           Q8_BLOCK, Q8_BLOCK_BYTES, Q8_STREAM_NW, align64,
                            amx_c_tiles, amx_k_ok, amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token, transpose16,
                            dot_panel, dot_tile, n_blocks, q8_activation_scales, q8_dequantize_row,
                            q8_quantize_activations, q8_row_bytes, silu, stream_dots, stream_dots_bf16, stream_dots_q8_0,
@@ -136,20 +138,26 @@ def _store[dt: DType, n: Int](y: Pointer[mut=True, Scalar[dt], MutUntrackedOrigi
         y.unsafe_bitcast[Float32]().unsafe_store(i, v)
 
 
-def _stream_cols_per_task(N: Int, row_bytes: Int) -> Int:
+def _stream_cols_per_task(N: Int, row_bytes: Int, nw: Int) -> Int:
     """Output columns per streaming task: ~STREAM_TASK_BYTES of weight rows, but at least 4 tasks per core when N
-    allows it (so the cores finish together); a multiple of STREAM_NW."""
-    var by_bytes = max(1, STREAM_TASK_BYTES // max(1, row_bytes * STREAM_NW))
-    var by_balance = max(1, (N + 4 * parallelism_level() * STREAM_NW - 1) // (4 * parallelism_level() * STREAM_NW))
-    return min(by_bytes, by_balance) * STREAM_NW
+    allows it (so the cores finish together); a multiple of nw, the rows of a pass."""
+    var by_bytes = max(1, STREAM_TASK_BYTES // max(1, row_bytes * nw))
+    var by_balance = max(1, (N + 4 * parallelism_level() * nw - 1) // (4 * parallelism_level() * nw))
+    return min(by_bytes, by_balance) * nw
 
 
 @always_inline
-def _stream_dots[dt: DType, READ: Int](
-    pb: _Problem[dt], w: Pointer[mut=True, Scalar[dt], MutUntrackedOrigin], w_rows: StaticTuple[Int, STREAM_NW],
+def _stream_nw[READ: Int]() -> Int:
+    """Weight rows per streaming pass: Q8_STREAM_NW for Q8_0 weights, else STREAM_NW."""
+    return Q8_STREAM_NW if READ == READ_Q8_INT8 or READ == READ_Q8 else STREAM_NW
+
+
+@always_inline
+def _stream_dots[dt: DType, READ: Int, NW: Int](
+    pb: _Problem[dt], w: Pointer[mut=True, Scalar[dt], MutUntrackedOrigin], w_rows: StaticTuple[Int, NW],
     m0: Int, rows: Int, k0: Int, kn: Int, ahead: Int,
-) -> StaticTuple[SIMD[DType.float32, 4], STREAM_NW]:
-    """STREAM_NW weight rows of w (offsets w_rows: elements, Q8_0 bytes) . activation rows m0 .. m0 + rows
+) -> StaticTuple[SIMD[DType.float32, 4], NW]:
+    """NW weight rows of w (offsets w_rows: elements, Q8_0 bytes) . activation rows m0 .. m0 + rows
     (<= MAX_STREAM_ROWS), over k0 .. k0 + kn (Q8_0: whole blocks), prefetching `ahead` units on."""
     comptime if READ == READ_Q8_INT8:
         var x0 = m0 * pb.K + k0  # x's scales: K / 4 floats a row (q8_activation_scales)
@@ -168,7 +176,7 @@ def _stream_dots[dt: DType, READ: Int](
 @always_inline
 def _stream_task[dt: DType, SWIGLU: Bool, READ: Int](pb: _Problem[dt], cols_per_task: Int, task: Int):
     """STREAM: output columns task * cols_per_task .. (their weight rows, each read from memory once when M <=
-    STREAM_MAX_M), STREAM_NW at a time, for the rows of x in chunks of STREAM_MAX_M (more only on the portable
+    STREAM_MAX_M), _stream_nw[READ]() at a time, for the rows of x in chunks of STREAM_MAX_M (more only on the portable
     path), each chunk in groups of four. With more than four rows the reduction runs in K slices of
     STREAM_K_SLICE, so the weight rows' slice and the chunk's activation slices stay in L1 while each group
     passes over them. Columns past N alias N - 1 (the same value is stored twice)."""
@@ -178,35 +186,36 @@ def _stream_task[dt: DType, SWIGLU: Bool, READ: Int](pb: _Problem[dt], cols_per_
     comptime Q8 = READ == READ_Q8 or READ == READ_Q8_INT8
     var row_units = q8_row_bytes(K) if Q8 else K
     # whole rows a pass: prefetch the next passes' rows (stream_ahead); K slices: along the row
-    var ahead = stream_ahead(STREAM_NW * row_units, 1 if Q8 else size_of[dt]()) if k_slice >= K else (
+    comptime NW = _stream_nw[READ]()
+    var ahead = stream_ahead(NW * row_units, 1 if Q8 else size_of[dt]()) if k_slice >= K else (
         PREFETCH_AHEAD_Q8 if Q8 else PREFETCH_AHEAD)
     var o0 = task * cols_per_task
-    for o in range(o0, min(N, o0 + cols_per_task), STREAM_NW):
-        var w_rows = StaticTuple[Int, STREAM_NW](fill=0)
-        comptime for v in range(STREAM_NW):
+    for o in range(o0, min(N, o0 + cols_per_task), NW):
+        var w_rows = StaticTuple[Int, NW](fill=0)
+        comptime for v in range(NW):
             w_rows[v] = min(o + v, N - 1) * row_units
         for mc in range(0, pb.M, STREAM_MAX_M):
             var groups = (min(STREAM_MAX_M, pb.M - mc) + MAX_STREAM_ROWS - 1) // MAX_STREAM_ROWS
-            var a = StaticTuple[SIMD[DType.float32, 4], STREAM_GROUPS * STREAM_NW](fill=SIMD[DType.float32, 4](0))
-            var u = StaticTuple[SIMD[DType.float32, 4], STREAM_GROUPS * STREAM_NW](fill=SIMD[DType.float32, 4](0))
+            var a = StaticTuple[SIMD[DType.float32, 4], STREAM_GROUPS * NW](fill=SIMD[DType.float32, 4](0))
+            var u = StaticTuple[SIMD[DType.float32, 4], STREAM_GROUPS * NW](fill=SIMD[DType.float32, 4](0))
             for k0 in range(0, K, k_slice):
                 var kn = min(k_slice, K - k0)
                 for grp in range(groups):
                     var m0 = mc + grp * MAX_STREAM_ROWS
                     var rows = min(MAX_STREAM_ROWS, pb.M - m0)
-                    var d = _stream_dots[dt, READ](pb, pb.wa, w_rows, m0, rows, k0, kn, ahead)
-                    comptime for v in range(STREAM_NW):
-                        a[grp * STREAM_NW + v] += d[v]
+                    var d = _stream_dots[dt, READ, NW](pb, pb.wa, w_rows, m0, rows, k0, kn, ahead)
+                    comptime for v in range(NW):
+                        a[grp * NW + v] += d[v]
                     comptime if SWIGLU:
-                        var e = _stream_dots[dt, READ](pb, pb.wb, w_rows, m0, rows, k0, kn, ahead)
-                        comptime for v in range(STREAM_NW):
-                            u[grp * STREAM_NW + v] += e[v]
+                        var e = _stream_dots[dt, READ, NW](pb, pb.wb, w_rows, m0, rows, k0, kn, ahead)
+                        comptime for v in range(NW):
+                            u[grp * NW + v] += e[v]
             for grp in range(groups):
                 var m0 = mc + grp * MAX_STREAM_ROWS
-                comptime for v in range(STREAM_NW):
-                    var y = a[grp * STREAM_NW + v]
+                comptime for v in range(NW):
+                    var y = a[grp * NW + v]
                     comptime if SWIGLU:
-                        y = silu[4](y) * u[grp * STREAM_NW + v]
+                        y = silu[4](y) * u[grp * NW + v]
                     for r in range(min(MAX_STREAM_ROWS, pb.M - m0)):
                         _store[dt, 1](pb.yp, (m0 + r) * N + min(o + v, N - 1), SIMD[DType.float32, 1](y[r]))
 
@@ -480,7 +489,7 @@ def _run[dt: DType, SWIGLU: Bool, Q8: Bool](
 
     if path == STREAM:
         var row_bytes = (q8_row_bytes(K) if Q8 else K * size_of[dt]()) * (2 if SWIGLU else 1)  # an output's rows
-        var cols = _stream_cols_per_task(N, row_bytes)
+        var cols = _stream_cols_per_task(N, row_bytes, Q8_STREAM_NW if Q8 else STREAM_NW)
         var tasks = (N + cols - 1) // cols
         var weight_bytes = N * row_bytes  # what the pass reads (a small one runs inline)
 

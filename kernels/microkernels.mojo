@@ -11,7 +11,8 @@
 #     GEMM (MAX's float32 matmul). linear's and moe_experts' Q8_0 paths.
 #   * stream_dots_q8_vnni, q8_quantize_activations: the same weight rows against activations quantized to int8
 #     blocks of 32 (float32 scales) on vpdpbusd (AVX512_VNNI), exact int32 block sums: the Q8_0 streaming paths of
-#     both ops where cpu_isa.use_vnni says yes.
+#     both ops where cpu_isa.use_vnni says yes. Both Q8_0 kernels take Q8_STREAM_NW = 8 weight rows a pass (their
+#     dispatchers split them in halves where 8 x 4 accumulators would not fit the registers).
 #   * dot_tile / dot_panel: the bf16-dot GEMM (vdpbf16ps), compute bound: MR weight rows read in place, a bf16
 #     pair broadcast against MB activation rows packed [K/2][MB] (each op packs its own: moe_experts rounds float32
 #     rows, linear copies bf16 ones). moe_experts' bf16 experts with many rows and linear's bf16 prefill.
@@ -35,6 +36,7 @@ comptime PREFETCH_MIN_BYTES = 8192  # streaming, whole rows a pass: least distan
 comptime PREFETCH_AHEAD = 2048  # streaming along a row (K slices): weight elements ahead of use (~10% at M = 4..8)
 comptime PREFETCH_AHEAD_Q8 = 8192  # the same for Q8_0 rows, in bytes (2048: 13-16 GB/s at K 1024, 8192: 20-23)
 comptime MAX_STREAM_ROWS = 4  # streaming: activation rows per pass (the register tile R)
+comptime Q8_STREAM_NW = 8  # Q8_0 streaming: weight rows per pass (4: 0.75-0.85x the rate on vpdpbusd; perf-notes)
 comptime MB = 48  # bf16-dot GEMM: activation rows per packed block (NVMAX vectors)
 comptime NVMAX = MB // W
 comptime MR = 8  # bf16-dot GEMM: weight rows per micro-tile (MR x NVMAX accumulators)
@@ -207,6 +209,34 @@ def q8_dequantize_row(w: Pointer[UInt8, _], dst: Pointer[mut=True, Float32, _], 
 
 
 @always_inline
+def _first_half[NW: Int](rows: StaticTuple[Int, NW]) -> StaticTuple[Int, NW // 2]:
+    var h = StaticTuple[Int, NW // 2](fill=0)
+    comptime for v in range(NW // 2):
+        h[v] = rows[v]
+    return h
+
+
+@always_inline
+def _second_half[NW: Int](rows: StaticTuple[Int, NW]) -> StaticTuple[Int, NW - NW // 2]:
+    var h = StaticTuple[Int, NW - NW // 2](fill=0)
+    comptime for v in range(NW - NW // 2):
+        h[v] = rows[NW // 2 + v]
+    return h
+
+
+@always_inline
+def _joined[NW: Int](
+    a: StaticTuple[SIMD[DType.float32, 4], NW // 2], c: StaticTuple[SIMD[DType.float32, 4], NW - NW // 2],
+) -> StaticTuple[SIMD[DType.float32, 4], NW]:
+    var out = StaticTuple[SIMD[DType.float32, 4], NW](fill=SIMD[DType.float32, 4](0))
+    comptime for v in range(NW // 2):
+        out[v] = a[v]
+    comptime for v in range(NW - NW // 2):
+        out[NW // 2 + v] = c[v]
+    return out
+
+
+@always_inline
 def stream_dots_q8_0[R: Int, NW: Int](
     w: Pointer[UInt8, _], w_rows: StaticTuple[Int, NW], x: Pointer[Float32, _], x_stride: Int, n_rows: Int, K: Int,
     ahead: Int,
@@ -248,11 +278,17 @@ def stream_dots_q8_0[NW: Int](
     w: Pointer[UInt8, _], w_rows: StaticTuple[Int, NW], x: Pointer[Float32, _], x_stride: Int, n_rows: Int, K: Int,
     ahead: Int,
 ) -> StaticTuple[SIMD[DType.float32, 4], NW]:
-    """stream_dots_q8_0 with the smallest register tile that holds n_rows (1..MAX_STREAM_ROWS)."""
+    """stream_dots_q8_0 with the smallest register tile that holds n_rows (1..MAX_STREAM_ROWS). More than 4 weight
+    rows (NW x R accumulators in zmm registers) with more than 2 activation rows: the weight rows in two halves,
+    one after the other (each weight byte is still read once; the activations again, from L1)."""
     if n_rows == 1:
         return stream_dots_q8_0[1](w, w_rows, x, x_stride, n_rows, K, ahead)
     if n_rows == 2:
         return stream_dots_q8_0[2](w, w_rows, x, x_stride, n_rows, K, ahead)
+    comptime if NW > MAX_STREAM_ROWS:
+        return _joined[NW](
+            stream_dots_q8_0[MAX_STREAM_ROWS](w, _first_half(w_rows), x, x_stride, n_rows, K, ahead),
+            stream_dots_q8_0[MAX_STREAM_ROWS](w, _second_half(w_rows), x, x_stride, n_rows, K, ahead))
     return stream_dots_q8_0[MAX_STREAM_ROWS](w, w_rows, x, x_stride, n_rows, K, ahead)
 
 
@@ -269,18 +305,18 @@ def q8_quantize_activations(x: Pointer[Float32, _], K: Int, xq: Pointer[mut=True
                             xs: Pointer[mut=True, Float32, _]):
     """A float32 activation row x [K] (K a multiple of 32) -> int8 blocks of 32 for stream_dots_q8_vnni: per block
     d = max |x| / 127 and q = round-half-even(x * (1 / d)) in [-127, 127] (float32 arithmetic; an all-zero block has
-    d = 0, q = 0), stored as xq = q + 128 (uint8: vpdpbusd's unsigned operand) and xs = d repeated Q8_SCALE_LANES
-    times. hyv3_graph/q8_0.py::quantize_activations is the same in numpy (the tests' reference)."""
+    d = 0, q = 0), stored as xq = q (int8 bits: vpdpbusd's signed operand) and xs = d repeated Q8_SCALE_LANES times.
+    hyv3_graph/q8_0.py::quantize_activations is the same in numpy (the tests' reference)."""
     for b in range(K // Q8_BLOCK):
         var v0 = x.unsafe_load[width=W](b * Q8_BLOCK)
         var v1 = x.unsafe_load[width=W](b * Q8_BLOCK + W)
         var amax = max(abs(v0).reduce_max(), abs(v1).reduce_max())
         var d = amax / 127.0
         var inv = Float32(1.0) / d if d != 0 else Float32(0)
-        var q0 = min(max(round(v0 * inv), -127.0), 127.0).cast[DType.int32]() + 128
-        var q1 = min(max(round(v1 * inv), -127.0), 127.0).cast[DType.int32]() + 128
-        xq.unsafe_store(b * Q8_BLOCK, q0.cast[DType.uint8]())
-        xq.unsafe_store(b * Q8_BLOCK + W, q1.cast[DType.uint8]())
+        var q0 = min(max(round(v0 * inv), -127.0), 127.0).cast[DType.int8]()
+        var q1 = min(max(round(v1 * inv), -127.0), 127.0).cast[DType.int8]()
+        xq.unsafe_bitcast[Int8]().unsafe_store(b * Q8_BLOCK, q0)
+        xq.unsafe_bitcast[Int8]().unsafe_store(b * Q8_BLOCK + W, q1)
         xs.unsafe_store(b * Q8_SCALE_LANES, SIMD[DType.float32, Q8_SCALE_LANES](d))
 
 
@@ -291,40 +327,54 @@ def _q8_scale(blk: Pointer[UInt8, _]) -> Float32:
 
 
 @always_inline
+def _q8_pair_scales(blk: Pointer[UInt8, _]) -> F32x:
+    """The scales of the Q8_0 block at blk (lanes 0-7) and of the next one (lanes 8-15), as float32: two float16
+    broadcasts joined and widened in one vcvtph2ps (the two scalar conversions and their broadcasts cost twice the
+    instructions, per weight row and pair of blocks)."""
+    var h = blk.unsafe_bitcast[UInt16]()
+    var d0 = SIMD[DType.uint16, W // 2](h.unsafe_load[width=1](0))
+    var d1 = SIMD[DType.uint16, W // 2](h.unsafe_load[width=1](Q8_BLOCK_BYTES // 2))
+    return bitcast[DType.float16, W](d0.join(d1)).cast[DType.float32]()
+
+
+@always_inline
 def stream_dots_q8_vnni[R: Int, NW: Int](
     w: Pointer[UInt8, _], w_rows: StaticTuple[Int, NW], xq: Pointer[UInt8, _], xs: Pointer[Float32, _],
     x_stride: Int, n_rows: Int, K: Int, ahead: Int,
 ) -> StaticTuple[SIMD[DType.float32, 4], NW]:
     """stream_dots_q8_0 on int8 activations (q8_quantize_activations: xq rows x_stride bytes apart, xs rows
     x_stride / 4 floats apart) with vpdpbusd: two Q8_0 blocks (64 weights) of a weight row against 64 activations
-    per instruction, int32 sums per block, then scaled by d_w * d_x and summed in float32. The unsigned operand is
-    q + 128, so each block's int32 start is -128 * sum(w), computed once per weight chunk for all rows. A last odd
-    block runs on ymm. Only after use_vnni(). Measured: docs/perf-notes.md, "Q8_0"."""
+    per instruction, int32 sums per block, then scaled by d_w * d_x and summed in float32. vpdpbusd multiplies
+    unsigned by signed bytes: the weights are its unsigned operand as w + 128 (one xor of the sign bits), x the
+    signed one, so each block's int32 sum starts at -128 * sum(x): computed once per pass for each activation row
+    and shared by all NW weight rows (per weight row and pair of blocks: two loads, an xor, the pair's scales in
+    one conversion (_q8_pair_scales), then per activation row a vpdpbusd, a convert and two float ops). A last
+    odd block runs on ymm. Only after use_vnni(). Measured: docs/perf-notes.md, "Q8_0"."""
     comptime B2 = 2 * Q8_BLOCK
     var r = StaticTuple[Int, R](fill=0)
     comptime for j in range(1, R):
         r[j] = min(j, n_rows - 1) * x_stride
     var acc = StaticTuple[F32x, NW * R](fill=F32x(0))
-    var bias = I32x(-2139062144)  # every byte 0x80: 128 * sum(w) per lane
+    var sign = I32x(-2139062144)  # every byte 0x80: xor makes w + 128; dotted with x, 128 * sum(x) per lane
     var i = 0
     var b = 0  # byte offset of the block pair in each row
     while i + B2 <= K:
         var xv = StaticTuple[I32x, R](fill=I32x(0))
+        var start = StaticTuple[I32x, R](fill=I32x(0))
         var sx = StaticTuple[F32x, R](fill=F32x(0))
         comptime for j in range(R):
             xv[j] = bitcast[DType.int32, W](xq.unsafe_load[width=B2](r[j] + i))
+            start[j] = I32x(0) - dot_u8_i8[W](I32x(0), sign, xv[j])
             sx[j] = xs.unsafe_load[width=W](r[j] // 4 + i // 4)
         comptime for v in range(NW):
             var blk = w.unsafe_offset(w_rows[v] + b)
             prefetch[PrefetchOptions().for_read().low_locality()](blk.unsafe_offset(ahead))
             var lo = blk.unsafe_offset(2).unsafe_load[width=Q8_BLOCK](0)
             var hi = blk.unsafe_offset(Q8_BLOCK_BYTES + 2).unsafe_load[width=Q8_BLOCK](0)
-            var q = bitcast[DType.int32, W](lo.join(hi))
-            var dw = SIMD[DType.float32, W // 2](_q8_scale(blk)).join(
-                SIMD[DType.float32, W // 2](_q8_scale(blk.unsafe_offset(Q8_BLOCK_BYTES))))
-            var start = I32x(0) - dot_u8_i8[W](I32x(0), bias, q)
+            var wu = bitcast[DType.int32, W](lo.join(hi)) ^ sign
+            var dw = _q8_pair_scales(blk)
             comptime for j in range(R):
-                var isum = dot_u8_i8[W](start, xv[j], q)
+                var isum = dot_u8_i8[W](start[j], wu, xv[j])
                 acc[v * R + j] = isum.cast[DType.float32]().fma(dw * sx[j], acc[v * R + j])
         i += B2
         b += 2 * Q8_BLOCK_BYTES
@@ -334,15 +384,15 @@ def stream_dots_q8_vnni[R: Int, NW: Int](
             out[v][j] = acc[v * R + j].reduce_add()
     if i < K:  # one block left
         comptime H = W // 2
+        var sign_h = SIMD[DType.int32, H](-2139062144)
         comptime for j in range(R):
             var xv = bitcast[DType.int32, H](xq.unsafe_load[width=Q8_BLOCK](r[j] + i))
+            var start = SIMD[DType.int32, H](0) - dot_u8_i8[H](SIMD[DType.int32, H](0), sign_h, xv)
             var sx = xs.unsafe_load[width=H](r[j] // 4 + i // 4)
             comptime for v in range(NW):
                 var blk = w.unsafe_offset(w_rows[v] + b)
-                var q = bitcast[DType.int32, H](blk.unsafe_offset(2).unsafe_load[width=Q8_BLOCK](0))
-                var zero = SIMD[DType.int32, H](0)
-                var start = zero - dot_u8_i8[H](zero, SIMD[DType.int32, H](-2139062144), q)
-                var isum = dot_u8_i8[H](start, xv, q)
+                var wu = bitcast[DType.int32, H](blk.unsafe_offset(2).unsafe_load[width=Q8_BLOCK](0)) ^ sign_h
+                var isum = dot_u8_i8[H](start, wu, xv)
                 out[v][j] += (isum.cast[DType.float32]() * (sx * _q8_scale(blk))).reduce_add()
     return out
 
@@ -352,11 +402,16 @@ def stream_dots_q8_vnni[NW: Int](
     w: Pointer[UInt8, _], w_rows: StaticTuple[Int, NW], xq: Pointer[UInt8, _], xs: Pointer[Float32, _],
     x_stride: Int, n_rows: Int, K: Int, ahead: Int,
 ) -> StaticTuple[SIMD[DType.float32, 4], NW]:
-    """stream_dots_q8_vnni with the smallest register tile that holds n_rows (1..MAX_STREAM_ROWS)."""
+    """stream_dots_q8_vnni with the smallest register tile that holds n_rows (1..MAX_STREAM_ROWS), split as
+    stream_dots_q8_0's is."""
     if n_rows == 1:
         return stream_dots_q8_vnni[1](w, w_rows, xq, xs, x_stride, n_rows, K, ahead)
     if n_rows == 2:
         return stream_dots_q8_vnni[2](w, w_rows, xq, xs, x_stride, n_rows, K, ahead)
+    comptime if NW > MAX_STREAM_ROWS:
+        return _joined[NW](
+            stream_dots_q8_vnni[MAX_STREAM_ROWS](w, _first_half(w_rows), xq, xs, x_stride, n_rows, K, ahead),
+            stream_dots_q8_vnni[MAX_STREAM_ROWS](w, _second_half(w_rows), xq, xs, x_stride, n_rows, K, ahead))
     return stream_dots_q8_vnni[MAX_STREAM_ROWS](w, w_rows, xq, xs, x_stride, n_rows, K, ahead)
 
 

@@ -50,7 +50,8 @@
 #     16 tokens of a packed block; tasks are (expert, AMX_RB row blocks).
 #   * Q8_0 weights: an expert with <= Q8_STREAM_MAX_ROWS rows streams, so decode reads 34 bytes per 32 weights,
 #     53% of bf16: on AVX512_VNNI (cpu_isa.use_vnni) its rows and then its SwiGLU activations are quantized to int8
-#     blocks (microkernels.q8_quantize_activations) and dotted on vpdpbusd (stream_dots_q8_vnni), as linear does;
+#     blocks (microkernels.q8_quantize_activations) and dotted on vpdpbusd (stream_dots_q8_vnni), as linear does,
+#     Q8_STREAM_NW = 8 weight rows a pass (4 gate rows with their up rows, or 8 down rows);
 #     otherwise each weight block is widened and scaled, exact in float32, against exact float32 activations
 #     (stream_dots_q8_0). An expert with more rows (prefill) takes DEQUANT, as linear does: tasks of (expert,
 #     DEQUANT_ROWS weight rows: gate rows with their up rows, or down rows), each dequantizing its rows once into a
@@ -89,15 +90,14 @@ from linalg.matmul.cpu import matmul as cpu_matmul
 from std.utils import StaticTuple
 from std.sys import size_of
 from .cpu_isa import F32x, adjacent_bf16_pairs, amx_configure, amx_release, bf16_pairs, use_amx, use_bf16_dot, use_vnni
-from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, AMX_TILE, Q8_BLOCK, Q8_BLOCK_BYTES, align64, amx_c_tile,
-                           amx_c_tiles, amx_k_ok, amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token, dot_panel,
-                           n_blocks, n_vec, q8_activation_scales, q8_dequantize_row, q8_quantize_activations,
+from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, AMX_TILE, Q8_BLOCK, Q8_BLOCK_BYTES, Q8_STREAM_NW, align64,
+                           amx_c_tile, amx_c_tiles, amx_k_ok, amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token,
+                           dot_panel, n_blocks, n_vec, q8_activation_scales, q8_dequantize_row, q8_quantize_activations,
                            q8_row_bytes, silu, stream_ahead, stream_dots, stream_dots_q8_0, stream_dots_q8_vnni,
                            swiglu_row, untracked)
 
 comptime SMALL_ROWS = MAX_STREAM_ROWS  # experts with at most this many rows take the streaming path
-comptime STREAM_ROWS = 4  # streaming path: weight rows per pass over the activations (stream_dots' NW)
-comptime STREAM_GATES = STREAM_ROWS // 2  # gate_up: that many gate rows, each with its up row
+comptime STREAM_ROWS = 4  # streaming path: weight rows per pass over the activations (Q8_0: Q8_STREAM_NW)
 comptime STREAM_TASK_BYTES = 1 << 20  # streaming path: weight bytes per task
 comptime GU_ROWS = MR // 2  # gate_up: gate rows o0..o0+3 with up rows I+o0..I+o0+3, so SwiGLU fuses
 comptime GROUPS = 8  # bf16-dot path: micro-tiles of MR weight rows per task (share each activation slice)
@@ -110,10 +110,16 @@ comptime DOT = 3  # the bf16-dot GEMM
 comptime DEQUANT = 4  # Q8_0 weights: row chunks dequantized into float32, then MAX's matmul
 
 
-def _stream_rows_per_task(row_bytes: Int) -> Int:
+@always_inline
+def _stream_nw[wdt: DType]() -> Int:
+    """Weight rows per streaming pass (stream_dots' NW): Q8_STREAM_NW for Q8_0 weights, else STREAM_ROWS."""
+    return Q8_STREAM_NW if wdt == DType.uint8 else STREAM_ROWS
+
+
+def _stream_rows_per_task(row_bytes: Int, nw: Int) -> Int:
     """Weight rows per streaming task: about STREAM_TASK_BYTES of weights (so that the pool's per-task cost is
-    noise), a multiple of STREAM_ROWS."""
-    return max(1, STREAM_TASK_BYTES // (row_bytes * STREAM_ROWS)) * STREAM_ROWS
+    noise), a multiple of nw, the rows of a pass."""
+    return max(1, STREAM_TASK_BYTES // (row_bytes * nw)) * nw
 
 
 @always_inline
@@ -123,11 +129,11 @@ def _row_len[wdt: DType](K: Int) -> Int:
 
 
 @always_inline
-def _stream_dots_w[wdt: DType](
-    w: Pointer[mut=True, Scalar[wdt], MutUntrackedOrigin], w_rows: StaticTuple[Int, STREAM_ROWS],
+def _stream_dots_w[wdt: DType, NW: Int](
+    w: Pointer[mut=True, Scalar[wdt], MutUntrackedOrigin], w_rows: StaticTuple[Int, NW],
     x: Pointer[mut=True, Float32, MutUntrackedOrigin], xq: Pointer[mut=True, UInt8, MutUntrackedOrigin],
     xs: Pointer[mut=True, Float32, MutUntrackedOrigin], int8: Bool, n_rows: Int, K: Int, ahead: Int,
-) -> StaticTuple[SIMD[DType.float32, 4], STREAM_ROWS]:
+) -> StaticTuple[SIMD[DType.float32, 4], NW]:
     """The streaming dots for this weight format: stream_dots (float32, bf16 widened), stream_dots_q8_0, or with
     int8 (Q8_0 on AVX512_VNNI) stream_dots_q8_vnni on the same rows quantized (xq, xs)."""
     comptime if wdt == DType.uint8:
@@ -273,7 +279,7 @@ def _gather_row(
 def _stream_gate_up[wdt: DType](
     rt: _Routing, wt: _Weights[wdt], rw: _Rows, st: _Stream, task: Int,
 ):
-    """Streaming path, gate_up task: STREAM_GATES gate rows with their up rows per pass over
+    """Streaming path, gate_up task: half a pass's rows (_stream_nw) gate rows with their up rows per pass over
     the expert's rows; SwiGLU on the way out."""
     var H = rt.H
     var I = rt.I
@@ -291,28 +297,30 @@ def _stream_gate_up[wdt: DType](
     var w = gup.unsafe_offset(e * gu_es)
     var o0 = (task % gu_tiles) * gu_rows
     var row_len = _row_len[wdt](H)
-    var ahead = stream_ahead(STREAM_GATES * row_len, size_of[wdt]())  # the next passes' gate and up rows
-    for o in range(o0, min(I, o0 + gu_rows), STREAM_GATES):  # gate rows o.. with up rows I + o..
-        var w_rows = StaticTuple[Int, STREAM_ROWS](fill=0)
-        comptime for v in range(STREAM_GATES):  # rows past I alias I - 1 (same value stored)
+    comptime NW = _stream_nw[wdt]()
+    comptime GATES = NW // 2  # gate rows a pass, each with its up row
+    var ahead = stream_ahead(GATES * row_len, size_of[wdt]())  # the next passes' gate and up rows
+    for o in range(o0, min(I, o0 + gu_rows), GATES):  # gate rows o.. with up rows I + o..
+        var w_rows = StaticTuple[Int, NW](fill=0)
+        comptime for v in range(GATES):  # rows past I alias I - 1 (same value stored)
             w_rows[v] = min(o + v, I - 1) * row_len
-            w_rows[STREAM_GATES + v] = (I + min(o + v, I - 1)) * row_len
+            w_rows[GATES + v] = (I + min(o + v, I - 1)) * row_len
         for g0 in range(0, n, SMALL_ROWS):
             var gn = min(SMALL_ROWS, n - g0)
             var row = r0 + g0
-            var gu = _stream_dots_w[wdt](w, w_rows, rp.unsafe_offset(row * H), st.xq.unsafe_offset(row * H),
+            var gu = _stream_dots_w[wdt, NW](w, w_rows, rp.unsafe_offset(row * H), st.xq.unsafe_offset(row * H),
                                          st.xs.unsafe_offset(row * (H // 4)), st.int8, gn, H, ahead)
             for r in range(gn):
-                comptime for v in range(STREAM_GATES):
+                comptime for v in range(GATES):
                     ap[unsafe_offset=(r0 + g0 + r) * I + min(o + v, I - 1)] = (
-                        silu[1](gu[v][r]) * gu[STREAM_GATES + v][r])
+                        silu[1](gu[v][r]) * gu[GATES + v][r])
 
 
 @always_inline
 def _stream_down[wdt: DType](
     rt: _Routing, wt: _Weights[wdt], rw: _Rows, st: _Stream, task: Int,
 ):
-    """Streaming path, down task: STREAM_ROWS down rows per pass over the activations."""
+    """Streaming path, down task: _stream_nw down rows per pass over the activations."""
     var H = rt.H
     var I = rt.I
     var offp = rt.offp
@@ -329,18 +337,19 @@ def _stream_down[wdt: DType](
     var w = dnp.unsafe_offset(e * dn_es)
     var h0 = (task % dn_tiles) * dn_rows
     var row_len = _row_len[wdt](I)
-    var ahead = stream_ahead(STREAM_ROWS * row_len, size_of[wdt]())  # the next passes' rows
-    for h in range(h0, min(H, h0 + dn_rows), STREAM_ROWS):  # rows past H alias H - 1 (same value stored)
-        var w_rows = StaticTuple[Int, STREAM_ROWS](fill=0)
-        comptime for v in range(STREAM_ROWS):
+    comptime NW = _stream_nw[wdt]()
+    var ahead = stream_ahead(NW * row_len, size_of[wdt]())  # the next passes' rows
+    for h in range(h0, min(H, h0 + dn_rows), NW):  # rows past H alias H - 1 (same value stored)
+        var w_rows = StaticTuple[Int, NW](fill=0)
+        comptime for v in range(NW):
             w_rows[v] = min(h + v, H - 1) * row_len
         for g0 in range(0, n, SMALL_ROWS):
             var gn = min(SMALL_ROWS, n - g0)
             var row = r0 + g0
-            var y = _stream_dots_w[wdt](w, w_rows, ap.unsafe_offset(row * I), st.aq.unsafe_offset(row * I),
+            var y = _stream_dots_w[wdt, NW](w, w_rows, ap.unsafe_offset(row * I), st.aq.unsafe_offset(row * I),
                                         st.as_.unsafe_offset(row * (I // 4)), st.int8, gn, I, ahead)
             for r in range(gn):
-                comptime for v in range(STREAM_ROWS):
+                comptime for v in range(NW):
                     yp[unsafe_offset=(r0 + g0 + r) * H + min(h + v, H - 1)] = y[v][r]
 
 
@@ -803,14 +812,14 @@ struct MoeExperts:
 
         parallelize_sized(gather, T * k, T * k * H * 8)  # reads x's rows, writes float32 copies
 
-        # Streaming path: tasks over (expert, tile of weight rows), STREAM_ROWS weight rows per pass over the
+        # Streaming path: tasks over (expert, tile of weight rows), _stream_nw weight rows per pass over the
         # expert's rows in groups of SMALL_ROWS (the weight rows stay in L1 meanwhile).
         var n_small = len(small)
         var sp = small.unsafe_ptr()
         var gu_row_bytes = 2 * h_len * size_of[wdt]()  # a gate row with its up row
         var dn_row_bytes = i_len * size_of[wdt]()
-        var gu_rows = _stream_rows_per_task(gu_row_bytes)  # gate rows (each with its up row) per task
-        var dn_rows = _stream_rows_per_task(dn_row_bytes)
+        var gu_rows = _stream_rows_per_task(gu_row_bytes, _stream_nw[wdt]())  # gate rows (each with its up row)
+        var dn_rows = _stream_rows_per_task(dn_row_bytes, _stream_nw[wdt]())
         var gu_tiles = (I + gu_rows - 1) // gu_rows
         var dn_tiles = (H + dn_rows - 1) // dn_rows
         # Q8_0 on AVX512_VNNI: the streaming experts' rows, and then their activations, quantized to int8 blocks.
