@@ -69,6 +69,9 @@
 #   Q8_0 (2026-12-03, 2-core Zen 4 with AVX512_VNNI, a timing script over the bench's graphs: docs/perf-notes.md
 #          "Q8_0"): M 1 on vpdpbusd 19-32 GB/s of int8 bytes (57-103% of the probe), 1.13-1.37x the widening path,
 #          1.2-1.7x bf16 in time; M 8 8-11 GB/s, compute bound, behind bf16; M 512 (DEQUANT) 141-165 GFLOP/s.
+#   Q8_0 M 1 with 8 rows a pass (2026-12-06, the same Zen 4, a timing script: one op a graph, weights from DRAM;
+#          docs/perf-notes.md "Q8_0 streaming: 8 rows a pass"; torch's read probe 30.5 GB/s on one core, 34.8 on
+#          two): `small`'s lm_head 26.5-32.6 GB/s (4 rows: 25), Hy3's qkv 28.6-43.0 (4 rows: 31).
 # History and the e2e effect: docs/perf-notes.md, "linear" and "Q8_0".
 import extensibility
 from extensibility import InputTensor, OutputTensor
