@@ -34,7 +34,7 @@ from .cpu_isa import I32x, F32x, dot_bf16_pairs, dot_u8_i8
 comptime W = 16  # float32 SIMD width
 comptime PREFETCH_MIN_BYTES = 8192  # streaming, whole rows a pass: least distance (bytes) ahead (`stream_ahead`)
 comptime PREFETCH_AHEAD = 2048  # streaming along a row (K slices): weight elements ahead of use (~10% at M = 4..8)
-comptime PREFETCH_AHEAD_Q8 = 8192  # the same for Q8_0 rows, in bytes (2048: 13-16 GB/s at K 1024, 8192: 20-23)
+comptime PREFETCH_AHEAD_Q8 = 8192  # the same for Q8_0 rows, in bytes (perf-notes: "Q8_0 streaming: the prefetch")
 comptime MAX_STREAM_ROWS = 4  # streaming: activation rows per pass (the register tile R)
 comptime Q8_STREAM_NW = 8  # Q8_0 streaming: weight rows per pass (4: 0.75-0.85x the rate on vpdpbusd; perf-notes)
 comptime MB = 48  # bf16-dot GEMM: activation rows per packed block (NVMAX vectors)
