@@ -86,15 +86,15 @@ from std.utils import StaticTuple
 from std.memory import bitcast
 from .cpu_isa import F32x, amx_configure, amx_release, round_to_bf16, use_amx, use_bf16_dot, use_vnni
 from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, KC, NVMAX, AMX_TILE, PREFETCH_AHEAD, PREFETCH_AHEAD_Q8,
-                           Q8_BLOCK, Q8_BLOCK_BYTES, Q8_STREAM_NW, align64,
+                           Q8_BLOCK, Q8_BLOCK_BYTES, align64,
                            amx_c_tiles, amx_k_ok, amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token, transpose16,
                            dot_panel, dot_tile, n_blocks, q8_activation_scales, q8_dequantize_row,
                            q8_quantize_activations, q8_row_bytes, silu, stream_dots, stream_dots_bf16, stream_dots_q8_0,
-                           stream_dots_q8_vnni, stream_ahead, swiglu_row, untracked)
+                           stream_dots_q8_vnni, stream_ahead, stream_rows_per_pass, swiglu_row,
+                           untracked)
 from .work_queue import parallelize_dynamic
 
 comptime STREAM_MAX_M = 16  # at most this many rows stream the weights (see the header)
-comptime STREAM_NW = 4  # streaming: weight rows per pass over the activations
 comptime STREAM_TASK_BYTES = 1 << 20  # streaming: weight bytes per task
 comptime STREAM_GROUPS = STREAM_MAX_M // MAX_STREAM_ROWS  # streaming: groups of 4 activation rows
 comptime STREAM_K_SLICE = 512  # streaming, M > 4: elements per K slice (4 weight rows + 16 x rows, float32: 40 KiB)
@@ -150,12 +150,6 @@ def _stream_cols_per_task(N: Int, row_bytes: Int, nw: Int) -> Int:
 
 
 @always_inline
-def _stream_nw[READ: Int]() -> Int:
-    """Weight rows per streaming pass: Q8_STREAM_NW for Q8_0 weights, else STREAM_NW."""
-    return Q8_STREAM_NW if READ == READ_Q8_INT8 or READ == READ_Q8 else STREAM_NW
-
-
-@always_inline
 def _stream_dots[dt: DType, READ: Int, NW: Int](
     pb: _Problem[dt], w: Pointer[mut=True, Scalar[dt], MutUntrackedOrigin], w_rows: StaticTuple[Int, NW],
     m0: Int, rows: Int, k0: Int, kn: Int, ahead: Int,
@@ -179,8 +173,8 @@ def _stream_dots[dt: DType, READ: Int, NW: Int](
 @always_inline
 def _stream_task[dt: DType, SWIGLU: Bool, READ: Int](pb: _Problem[dt], cols_per_task: Int, task: Int):
     """STREAM: output columns task * cols_per_task .. (their weight rows, each read from memory once when M <=
-    STREAM_MAX_M), _stream_nw[READ]() at a time, for the rows of x in chunks of STREAM_MAX_M (more only on the portable
-    path), each chunk in groups of four. With more than four rows the reduction runs in K slices of
+    STREAM_MAX_M), stream_rows_per_pass at a time, for the rows of x in chunks of STREAM_MAX_M (more only on the
+    portable path), each chunk in groups of four. With more than four rows the reduction runs in K slices of
     STREAM_K_SLICE, so the weight rows' slice and the chunk's activation slices stay in L1 while each group
     passes over them. Columns past N alias N - 1 (the same value is stored twice)."""
     var N = pb.N
@@ -189,7 +183,7 @@ def _stream_task[dt: DType, SWIGLU: Bool, READ: Int](pb: _Problem[dt], cols_per_
     comptime Q8 = READ == READ_Q8 or READ == READ_Q8_INT8
     var row_units = q8_row_bytes(K) if Q8 else K
     # whole rows a pass: prefetch the next passes' rows (stream_ahead); K slices: along the row
-    comptime NW = _stream_nw[READ]()
+    comptime NW = stream_rows_per_pass[Q8]()
     var ahead = stream_ahead(NW * row_units, 1 if Q8 else size_of[dt]()) if k_slice >= K else (
         PREFETCH_AHEAD_Q8 if Q8 else PREFETCH_AHEAD)
     var o0 = task * cols_per_task
@@ -492,7 +486,7 @@ def _run[dt: DType, SWIGLU: Bool, Q8: Bool](
 
     if path == STREAM:
         var row_bytes = (q8_row_bytes(K) if Q8 else K * size_of[dt]()) * (2 if SWIGLU else 1)  # an output's rows
-        var cols = _stream_cols_per_task(N, row_bytes, Q8_STREAM_NW if Q8 else STREAM_NW)
+        var cols = _stream_cols_per_task(N, row_bytes, stream_rows_per_pass[Q8]())
         var tasks = (N + cols - 1) // cols
         var weight_bytes = N * row_bytes  # what the pass reads (a small one runs inline)
 

@@ -36,7 +36,8 @@ comptime PREFETCH_MIN_BYTES = 8192  # streaming, whole rows a pass: least distan
 comptime PREFETCH_AHEAD = 2048  # streaming along a row (K slices): weight elements ahead of use (~10% at M = 4..8)
 comptime PREFETCH_AHEAD_Q8 = 8192  # the same for Q8_0 rows, in bytes (perf-notes: "Q8_0 streaming: the prefetch")
 comptime MAX_STREAM_ROWS = 4  # streaming: activation rows per pass (the register tile R)
-comptime Q8_STREAM_NW = 8  # Q8_0 streaming: weight rows per pass (4: 0.75-0.85x the rate on vpdpbusd; perf-notes)
+comptime STREAM_NW = 4  # streaming: weight rows per pass (the dots' NW; `stream_rows_per_pass`)
+comptime Q8_STREAM_NW = 8  # the same for Q8_0 weights (4: 0.75-0.85x the rate on vpdpbusd; perf-notes)
 comptime MB = 48  # bf16-dot GEMM: activation rows per packed block (NVMAX vectors)
 comptime NVMAX = MB // W
 comptime MR = 8  # bf16-dot GEMM: weight rows per micro-tile (MR x NVMAX accumulators)
@@ -47,6 +48,13 @@ comptime KC = 128  # bf16-dot GEMM: pairs per L1 slice (KC x MB x 4 bytes = 24 K
 def untracked[T: AnyType](p: Pointer[mut=True, T, _]) -> Pointer[mut=True, T, MutUntrackedOrigin]:
     """A pointer the ops' pass structs can hold: the buffers it points into outlive every pass."""
     return p.unsafe_origin_cast[MutUntrackedOrigin]()
+
+
+@always_inline
+def stream_rows_per_pass[q8: Bool]() -> Int:
+    """Weight rows a streaming pass reads (the dots' NW) in linear and moe_experts: Q8_STREAM_NW for Q8_0 weights,
+    else STREAM_NW."""
+    return Q8_STREAM_NW if q8 else STREAM_NW
 
 
 def stream_ahead(pass_units: Int, unit_bytes: Int) -> Int:

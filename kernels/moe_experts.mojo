@@ -90,14 +90,13 @@ from linalg.matmul.cpu import matmul as cpu_matmul
 from std.utils import StaticTuple
 from std.sys import size_of
 from .cpu_isa import F32x, adjacent_bf16_pairs, amx_configure, amx_release, bf16_pairs, use_amx, use_bf16_dot, use_vnni
-from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, AMX_TILE, Q8_BLOCK, Q8_BLOCK_BYTES, Q8_STREAM_NW, align64,
+from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, AMX_TILE, Q8_BLOCK, Q8_BLOCK_BYTES, align64,
                            amx_c_tile, amx_c_tiles, amx_k_ok, amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token,
                            dot_panel, n_blocks, n_vec, q8_activation_scales, q8_dequantize_row, q8_quantize_activations,
                            q8_row_bytes, silu, stream_ahead, stream_dots, stream_dots_q8_0, stream_dots_q8_vnni,
-                           swiglu_row, untracked)
+                           stream_rows_per_pass, swiglu_row, untracked)
 
 comptime SMALL_ROWS = MAX_STREAM_ROWS  # experts with at most this many rows take the streaming path
-comptime STREAM_ROWS = 4  # streaming path: weight rows per pass over the activations (Q8_0: Q8_STREAM_NW)
 comptime STREAM_TASK_BYTES = 1 << 20  # streaming path: weight bytes per task
 comptime GU_ROWS = MR // 2  # gate_up: gate rows o0..o0+3 with up rows I+o0..I+o0+3, so SwiGLU fuses
 comptime GROUPS = 8  # bf16-dot path: micro-tiles of MR weight rows per task (share each activation slice)
@@ -108,12 +107,6 @@ comptime STREAM = 1  # an expert's path: streaming
 comptime MATMUL = 2  # MAX's matmul (float32 weights)
 comptime DOT = 3  # the bf16-dot GEMM
 comptime DEQUANT = 4  # Q8_0 weights: row chunks dequantized into float32, then MAX's matmul
-
-
-@always_inline
-def _stream_nw[wdt: DType]() -> Int:
-    """Weight rows per streaming pass (stream_dots' NW): Q8_STREAM_NW for Q8_0 weights, else STREAM_ROWS."""
-    return Q8_STREAM_NW if wdt == DType.uint8 else STREAM_ROWS
 
 
 def _stream_rows_per_task(row_bytes: Int, nw: Int) -> Int:
@@ -279,8 +272,8 @@ def _gather_row(
 def _stream_gate_up[wdt: DType](
     rt: _Routing, wt: _Weights[wdt], rw: _Rows, st: _Stream, task: Int,
 ):
-    """Streaming path, gate_up task: half a pass's rows (_stream_nw) gate rows with their up rows per pass over
-    the expert's rows; SwiGLU on the way out."""
+    """Streaming path, gate_up task: gate rows with their up rows, half a pass's rows (stream_rows_per_pass) each,
+    per pass over the expert's rows; SwiGLU on the way out."""
     var H = rt.H
     var I = rt.I
     var offp = rt.offp
@@ -297,7 +290,7 @@ def _stream_gate_up[wdt: DType](
     var w = gup.unsafe_offset(e * gu_es)
     var o0 = (task % gu_tiles) * gu_rows
     var row_len = _row_len[wdt](H)
-    comptime NW = _stream_nw[wdt]()
+    comptime NW = stream_rows_per_pass[wdt == DType.uint8]()
     comptime GATES = NW // 2  # gate rows a pass, each with its up row
     var ahead = stream_ahead(GATES * row_len, size_of[wdt]())  # the next passes' gate and up rows
     for o in range(o0, min(I, o0 + gu_rows), GATES):  # gate rows o.. with up rows I + o..
@@ -309,7 +302,7 @@ def _stream_gate_up[wdt: DType](
             var gn = min(SMALL_ROWS, n - g0)
             var row = r0 + g0
             var gu = _stream_dots_w[wdt, NW](w, w_rows, rp.unsafe_offset(row * H), st.xq.unsafe_offset(row * H),
-                                         st.xs.unsafe_offset(row * (H // 4)), st.int8, gn, H, ahead)
+                                             st.xs.unsafe_offset(row * (H // 4)), st.int8, gn, H, ahead)
             for r in range(gn):
                 comptime for v in range(GATES):
                     ap[unsafe_offset=(r0 + g0 + r) * I + min(o + v, I - 1)] = (
@@ -320,7 +313,7 @@ def _stream_gate_up[wdt: DType](
 def _stream_down[wdt: DType](
     rt: _Routing, wt: _Weights[wdt], rw: _Rows, st: _Stream, task: Int,
 ):
-    """Streaming path, down task: _stream_nw down rows per pass over the activations."""
+    """Streaming path, down task: stream_rows_per_pass down rows per pass over the activations."""
     var H = rt.H
     var I = rt.I
     var offp = rt.offp
@@ -337,7 +330,7 @@ def _stream_down[wdt: DType](
     var w = dnp.unsafe_offset(e * dn_es)
     var h0 = (task % dn_tiles) * dn_rows
     var row_len = _row_len[wdt](I)
-    comptime NW = _stream_nw[wdt]()
+    comptime NW = stream_rows_per_pass[wdt == DType.uint8]()
     var ahead = stream_ahead(NW * row_len, size_of[wdt]())  # the next passes' rows
     for h in range(h0, min(H, h0 + dn_rows), NW):  # rows past H alias H - 1 (same value stored)
         var w_rows = StaticTuple[Int, NW](fill=0)
@@ -347,7 +340,7 @@ def _stream_down[wdt: DType](
             var gn = min(SMALL_ROWS, n - g0)
             var row = r0 + g0
             var y = _stream_dots_w[wdt, NW](w, w_rows, ap.unsafe_offset(row * I), st.aq.unsafe_offset(row * I),
-                                        st.as_.unsafe_offset(row * (I // 4)), st.int8, gn, I, ahead)
+                                            st.as_.unsafe_offset(row * (I // 4)), st.int8, gn, I, ahead)
             for r in range(gn):
                 comptime for v in range(NW):
                     yp[unsafe_offset=(r0 + g0 + r) * H + min(h + v, H - 1)] = y[v][r]
@@ -812,14 +805,15 @@ struct MoeExperts:
 
         parallelize_sized(gather, T * k, T * k * H * 8)  # reads x's rows, writes float32 copies
 
-        # Streaming path: tasks over (expert, tile of weight rows), _stream_nw weight rows per pass over the
+        # Streaming path: tasks over (expert, tile of weight rows), stream_rows_per_pass weight rows per pass over the
         # expert's rows in groups of SMALL_ROWS (the weight rows stay in L1 meanwhile).
         var n_small = len(small)
         var sp = small.unsafe_ptr()
         var gu_row_bytes = 2 * h_len * size_of[wdt]()  # a gate row with its up row
         var dn_row_bytes = i_len * size_of[wdt]()
-        var gu_rows = _stream_rows_per_task(gu_row_bytes, _stream_nw[wdt]())  # gate rows (each with its up row)
-        var dn_rows = _stream_rows_per_task(dn_row_bytes, _stream_nw[wdt]())
+        comptime NW = stream_rows_per_pass[wdt == DType.uint8]()
+        var gu_rows = _stream_rows_per_task(gu_row_bytes, NW)  # gate rows (each with its up row) per task
+        var dn_rows = _stream_rows_per_task(dn_row_bytes, NW)
         var gu_tiles = (I + gu_rows - 1) // gu_rows
         var dn_tiles = (H + dn_rows - 1) // dn_rows
         # Q8_0 on AVX512_VNNI: the streaming experts' rows, and then their activations, quantized to int8 blocks.
