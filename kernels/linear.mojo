@@ -18,8 +18,9 @@
 #   * STREAM (M <= STREAM_MAX_M: decode, small batches): memory bound. Each weight row is read exactly once and
 #     each of its chunks feeds the FMAs of up to 4 activation rows (microkernels.stream_dots*: register tiles of 1,
 #     2 or 4 rows); larger M loops over the rows in fours while the weight rows are in L1/L2. Tasks are ~1 MiB of
-#     weight rows, taken by whichever core is free (work_queue.mojo). At M <= 4 a pass reads its 4 rows whole,
-#     and each row is prefetched at the same position in the first later pass at least 8 KiB on
+#     weight rows, taken by whichever core is free (work_queue.mojo). A pass reads its 4 rows whole (at M > 4 while
+#     the x rows fit 256 KiB, else in K slices of 2048: `_stream_k_slice`), and each row is prefetched at the same
+#     position in the first later pass at least 8 KiB on
 #     (microkernels.stream_ahead): on `small`'s short rows (K 1024) a distance along the row landed inside the
 #     current pass. bf16 on a CPU with AVX512_BF16:
 #     vdpbf16ps straight on the stored bf16 x and w (no conversion: bf16 products are exact in float32);
@@ -62,6 +63,9 @@
 #   M 1:   f32 29-37 GB/s (52-93% of the local read roofline), 1.4-1.7x MAX; bf16 26-39 GB/s (46-75%), 1.6-3.3x
 #          MAX (lm_head bf16 20.8 GB/s, level with MAX and torch in that minute);
 #   M 8:   f32 15-28 GB/s, bf16 16-22 GB/s (30-50%): below target (85%); torch bf16 is ahead on gate_up/qkv/o_proj;
+#          whole-row passes since (2026-12-07, Zen 4, one op a graph, weights from DRAM, old and new slicing in
+#          one process: docs/perf-notes.md "linear streaming at M > 4"): Hy3's qkv bf16 24.9 -> 28.8 GB/s, f32 25.4
+#          -> 29.2, Q8_0 10.6 -> 13.8; `small`'s lm_head bf16 16.8 -> 31.8, f32 23.6 -> 33.1 (probe ~30-35);
 #   M 512: f32 = MAX's matmul (291-322 GFLOP/s); bf16 398-593 GFLOP/s = 58-87% of the micro-kernel's own peak
 #          (`dot_peak` 684 GFLOP/s), 1.4-2.4x MAX, 0.75-1.1x torch (oneDNN bf16).
 #   M 512 bf16 on AMX (2-core Intel Xeon with amx_bf16, 2026-12-03; a timing script, not the bench yet:
@@ -97,7 +101,8 @@ from .work_queue import parallelize_dynamic
 comptime STREAM_MAX_M = 16  # at most this many rows stream the weights (see the header)
 comptime STREAM_TASK_BYTES = 1 << 20  # streaming: weight bytes per task
 comptime STREAM_GROUPS = STREAM_MAX_M // MAX_STREAM_ROWS  # streaming: groups of 4 activation rows
-comptime STREAM_K_SLICE = 512  # streaming, M > 4: elements per K slice (4 weight rows + 16 x rows, float32: 40 KiB)
+comptime STREAM_WHOLE_X_BYTES = 256 << 10  # streaming, M > 4: whole rows a pass while the chunk's x fits this
+comptime STREAM_K_SLICE = 2048  # streaming, M > 4, longer rows: elements per K slice (`_stream_k_slice`)
 comptime GROUPS = 8  # GEMM: micro-tiles of MR weight rows per task (they share each activation slice in L1)
 comptime CHUNK_BLOCKS = 8  # GEMM: packed blocks of MB rows per task (its accumulators: 8 x 8 x MR x MB x 4 = 96 KiB)
 comptime AMX_RB = 8  # AMX: row blocks (2 x 16 weight rows) per task (4 and 16 measured slower)
@@ -171,15 +176,33 @@ def _stream_dots[dt: DType, READ: Int, NW: Int](
 
 
 @always_inline
+def _stream_k_slice[READ: Int](M: Int, K: Int) -> Int:
+    """Elements of K a streaming pass reduces before the next group of four x rows passes over the same weights:
+    whole rows (K) at M <= 4 (one group), and while the x rows of a chunk (up to STREAM_MAX_M) take at most
+    STREAM_WHOLE_X_BYTES in the form the dots read (float32, bf16, or int8 with its scales: 2 bytes an element);
+    longer rows run in STREAM_K_SLICE slices, so the chunk's x slices stay in L2 while the groups pass. Whole rows
+    also let the dots prefetch the next pass's rows (stream_ahead). Measured (docs/perf-notes.md, "linear
+    streaming at M > 4"): 512-element slices, before, cost 15-45% at M = 8 and 16 on K <= 4096 (one reduction
+    per slice and group, and a prefetch distance along the row that lands inside the pass on K 1024); at
+    Hy3's K 13312 2048-element slices were level with or ahead of whole rows. A multiple of Q8_BLOCK."""
+    if M <= MAX_STREAM_ROWS:
+        return K
+    comptime x_bytes = 4 if READ == READ_WIDEN or READ == READ_Q8 else 2
+    if min(M, STREAM_MAX_M) * K * x_bytes <= STREAM_WHOLE_X_BYTES:
+        return K
+    return STREAM_K_SLICE
+
+
+@always_inline
 def _stream_task[dt: DType, SWIGLU: Bool, READ: Int](pb: _Problem[dt], cols_per_task: Int, task: Int):
     """STREAM: output columns task * cols_per_task .. (their weight rows, each read from memory once when M <=
     STREAM_MAX_M), stream_rows_per_pass at a time, for the rows of x in chunks of STREAM_MAX_M (more only on the
-    portable path), each chunk in groups of four. With more than four rows the reduction runs in K slices of
-    STREAM_K_SLICE, so the weight rows' slice and the chunk's activation slices stay in L1 while each group
-    passes over them. Columns past N alias N - 1 (the same value is stored twice)."""
+    portable path), each chunk in groups of four. With more than four rows and long rows the reduction runs in K
+    slices (`_stream_k_slice`), so the chunk's activation slices stay in cache while each group passes over the
+    weight rows' slice. Columns past N alias N - 1 (the same value is stored twice)."""
     var N = pb.N
     var K = pb.K
-    var k_slice = K if pb.M <= MAX_STREAM_ROWS else STREAM_K_SLICE  # a multiple of Q8_BLOCK
+    var k_slice = _stream_k_slice[READ](pb.M, K)
     comptime Q8 = READ == READ_Q8 or READ == READ_Q8_INT8
     var row_units = q8_row_bytes(K) if Q8 else K
     # whole rows a pass: prefetch the next passes' rows (stream_ahead); K slices: along the row

@@ -33,7 +33,7 @@ from .cpu_isa import I32x, F32x, dot_bf16_pairs, dot_u8_i8
 
 comptime W = 16  # float32 SIMD width
 comptime PREFETCH_MIN_BYTES = 8192  # streaming, whole rows a pass: least distance (bytes) ahead (`stream_ahead`)
-comptime PREFETCH_AHEAD = 2048  # streaming along a row (K slices): weight elements ahead of use (~10% at M = 4..8)
+comptime PREFETCH_AHEAD = 2048  # streaming along a row (K slices): weight elements ahead of use
 comptime PREFETCH_AHEAD_Q8 = 8192  # the same for Q8_0 rows, in bytes (perf-notes: "Q8_0 streaming: the prefetch")
 comptime MAX_STREAM_ROWS = 4  # streaming: activation rows per pass (the register tile R)
 comptime STREAM_NW = 4  # streaming: weight rows per pass (the dots' NW; `stream_rows_per_pass`)
@@ -63,8 +63,8 @@ def stream_ahead(pass_units: Int, unit_bytes: Int) -> Int:
     further on (the next group of rows of one matrix): the same position in the first pass at least
     PREFETCH_MIN_BYTES ahead. A fixed distance along the row instead lands inside the current pass on short rows
     (`small`'s K 1024: 2 of 4 prefetches wasted at 2048 elements) and leaves the next pass's lines to the hardware
-    prefetcher. Callers that walk a row in K slices (linear with M > 4) pass PREFETCH_AHEAD (PREFETCH_AHEAD_Q8 for
-    Q8_0 rows), a distance along the row. Measured: docs/perf-notes.md, "prefetch"."""
+    prefetcher. Callers that walk a row in K slices (linear with M > 4 on long rows) pass PREFETCH_AHEAD
+    (PREFETCH_AHEAD_Q8 for Q8_0 rows), a distance along the row. Measured: docs/perf-notes.md, "prefetch"."""
     var pass_bytes = max(1, pass_units * unit_bytes)
     return (PREFETCH_MIN_BYTES + pass_bytes - 1) // pass_bytes * pass_units
 

@@ -154,7 +154,7 @@ def test_q8_0_matches_reference(q8_models, case):
     """Q8_0 weights, both activation dtypes: streaming at M <= 16 (vpdpbusd on int8 x where the CPU has
     AVX512_VNNI, float32 x on the portable path: the fuzz draws the ISA mode), DEQUANT at more rows (N past one
     chunk of 256 dequantized rows); K in whole blocks, including one block, odd block counts (the vpdpbusd path's
-    ymm tail) and K beyond one streaming K slice (512)."""
+    ymm tail); K slices: test_stream_k_slices."""
     dt, x, wq, uq, isa = case
     with pytest.MonkeyPatch.context() as m:
         set_isa(m, isa)
@@ -219,6 +219,25 @@ def test_deterministic_bit_for_bit(linear_models, dt, M, K):
 
 
 @pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the CPU has no AVX512_BF16")
+# Streaming at M > 4 with rows too long for the whole-row passes (kernels/linear.mojo `_stream_k_slice`: the chunk's x
+# rows past 256 KiB in the form the dots read): the reduction runs in K slices of 2048, the last one partial. The
+# fuzz tests' K (<= 1200) always runs whole rows.
+@pytest.mark.parametrize("M,K", [(5, 13312), (16, 4100), (16, 8260)])
+@pytest.mark.parametrize("isa", ["default", "portable"])
+def test_stream_k_slices(linear_models, q8_models, M, K, isa, monkeypatch):
+    set_isa(monkeypatch, isa)
+    rng = np.random.default_rng(M * K)
+    Kq = -(-K // q8_0.BLOCK) * q8_0.BLOCK  # Q8_0 rows are whole blocks
+    for dt in DTYPES:
+        assert linear_path(M, K, bf16=dt == DType.bfloat16) == "stream"
+        x = _values(rng, (M, K), dt)
+        w, up = (_values(rng, (37, K), dt, 1 / np.sqrt(K)) for _ in "wu")
+        check(linear_models, dt, x, w, up)
+        xq = _values(rng, (M, Kq), dt)
+        wq, uq = (q8_0.quantize(_values(rng, (37, Kq), DType.float32, 1 / np.sqrt(Kq))) for _ in "wu")
+        check_q8(q8_models, dt, xq, wq, uq)
+
+
 def test_bf16_paths_are_taken(linear_models, monkeypatch):
     """Where the CPU has AVX512_BF16 its paths must run (a forced portable setting in the environment does not turn
     this into a skip): the vdpbf16ps streaming and GEMM paths sum in another order than the portable path, so
