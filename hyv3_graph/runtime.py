@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from max.driver import CPU as CPUDevice
+from max.driver import Buffer
 from max.dtype import DType
 from max.engine import InferenceSession
 
@@ -270,7 +271,11 @@ class HYV3Engine:
             raise RequestError(str(e)) from None
         offsets = np.zeros(len(toks) + 1, np.uint32)
         offsets[1:] = np.cumsum([len(t) for t in toks])
-        out = self.model.execute(np.concatenate(toks), offsets, *self.cache.inputs(steps))
+        inputs = [np.concatenate(toks), offsets, *self.cache.inputs(steps)]
+        # As Buffers: MAX's execute checks any other input against its DLPack protocol (a runtime-checkable
+        # Protocol isinstance); for this step's eight small arrays that cost ~55 us a step (`tiny` decode 464 ->
+        # 408 us, docs/perf-notes.md "linear streaming at M > 4").
+        out = self.model.execute(*(a if isinstance(a, Buffer) else Buffer.from_numpy(a) for a in inputs))
         self.cache.commit(steps)
         if self.expert_stats and len(out) > 1:
             self.last_expert_counts = out[1].to_numpy()
