@@ -18,7 +18,7 @@
 #   * STREAM (M <= STREAM_MAX_M: decode, small batches): memory bound. Each weight row is read exactly once and
 #     each of its chunks feeds the FMAs of up to 4 activation rows (microkernels.stream_dots*: register tiles of 1,
 #     2 or 4 rows); larger M loops over the rows in fours while the weight rows are in L1/L2. Tasks are ~1 MiB of
-#     weight rows, taken by whichever core is free (work_queue.mojo). A pass reads its 4 rows whole (at M > 4 while
+#     weight rows, taken by whichever core is free (work_queue.mojo). A pass reads its weight rows whole (at M > 4 while
 #     the x rows fit 256 KiB, else in K slices of 2048: `_stream_k_slice`), and each row is prefetched at the same
 #     position in the first later pass at least 8 KiB on
 #     (microkernels.stream_ahead): on `small`'s short rows (K 1024) a distance along the row landed inside the
