@@ -354,10 +354,10 @@ def stream_dots_q8_vnni[R: Int, NW: Int](
     x_stride / 4 floats apart) with vpdpbusd: two Q8_0 blocks (64 weights) of a weight row against 64 activations
     per instruction, int32 sums per block, then scaled by d_w * d_x and summed in float32. vpdpbusd multiplies
     unsigned by signed bytes: the weights are its unsigned operand as w + 128 (one xor of the sign bits), x the
-    signed one, so each block's int32 sum starts at -128 * sum(x): computed once per pass for each activation row
-    and shared by all NW weight rows (per weight row and pair of blocks: two loads, an xor, the pair's scales in
-    one conversion (_q8_pair_scales), then per activation row a vpdpbusd, a convert and two float ops). A last
-    odd block runs on ymm. Only after use_vnni(). Measured: docs/perf-notes.md, "Q8_0"."""
+    signed one, so each block's int32 sum starts at -128 * sum(x): computed once per pair of blocks for each
+    activation row and shared by all NW weight rows (per weight row and pair of blocks: two loads, an xor, the
+    pair's scales in one conversion (_q8_pair_scales), then per activation row a vpdpbusd, a convert and two float
+    ops). A last odd block runs on ymm. Only after use_vnni(). Measured: docs/perf-notes.md, "Q8_0"."""
     comptime B2 = 2 * Q8_BLOCK
     var r = StaticTuple[Int, R](fill=0)
     comptime for j in range(1, R):

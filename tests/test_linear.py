@@ -218,7 +218,6 @@ def test_deterministic_bit_for_bit(linear_models, dt, M, K):
     assert all(np.array_equal(p, q) for p, q in zip(a, b))
 
 
-@pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the CPU has no AVX512_BF16")
 # Streaming at M > 4 with rows too long for the whole-row passes (kernels/linear.mojo `_stream_k_slice`: the chunk's x
 # rows past 256 KiB in the form the dots read): the reduction runs in K slices of 2048, the last one partial. The
 # fuzz tests' K (<= 1200) always runs whole rows.
@@ -238,6 +237,7 @@ def test_stream_k_slices(linear_models, q8_models, M, K, isa, monkeypatch):
         check_q8(q8_models, dt, xq, wq, uq)
 
 
+@pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the CPU has no AVX512_BF16")
 def test_bf16_paths_are_taken(linear_models, monkeypatch):
     """Where the CPU has AVX512_BF16 its paths must run (a forced portable setting in the environment does not turn
     this into a skip): the vdpbf16ps streaming and GEMM paths sum in another order than the portable path, so
