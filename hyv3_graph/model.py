@@ -34,6 +34,7 @@ from .kernels.attention import attention, attention_builtin
 from .kernels.linear import linear, linear_builtin, swiglu_mlp
 from .kernels.moe_experts import experts_builtin, moe_experts
 from .kernels.moe_router import moe_router, moe_router_builtin
+from .kernels.rms_norm import add_rms_norm, rms_norm, rms_norm_builtin
 
 CPU = DeviceRef.CPU()
 KERNEL_BACKENDS = ("builtin", "custom")
@@ -72,13 +73,6 @@ def _w(name: str, dtype: DType, shape) -> TensorValue:
     return Weight(name, dtype, shape, device=CPU, _placeholder=True)
 
 
-def _rms_norm(x: TensorValue, w: TensorValue, eps: float) -> TensorValue:
-    """HF order: normalize in float32, cast back, then scale by the weight in the model dtype."""
-    x32 = ops.cast(x, DType.float32)
-    normed = x32 / ops.sqrt(ops.mean(x32 * x32, axis=-1) + eps)  # mean keeps the axis: [T, 1]
-    return w * ops.cast(normed, x.dtype)
-
-
 class HYV3Graph:
     def __init__(self, cfg: HYV3Config, dtype: DType, kv_params: MHAKVCacheParams, n_positions: int,
                  kernels: Kernels = Kernels(), expert_stats: bool = False, quant: str | None = None):
@@ -103,6 +97,18 @@ class HYV3Graph:
     def _linear(self, x: TensorValue, w: TensorValue) -> TensorValue:
         """x [T, in] @ w[out, in]^T -> [T, out] (HF's nn.Linear layout): our `linear` op or MAX's matmul."""
         return linear(x, w) if self.kernels.custom else linear_builtin(x, w)
+
+    def _norm(self, x: TensorValue, w: TensorValue) -> TensorValue:
+        """RMSNorm (HF's order): our one-op `rms_norm`, or MAX's chain of ops."""
+        eps = self.cfg.rms_norm_eps
+        return rms_norm(x, w, eps) if self.kernels.custom else rms_norm_builtin(x, w, eps)
+
+    def _add_norm(self, x: TensorValue, d: TensorValue, w: TensorValue) -> tuple[TensorValue, TensorValue]:
+        """(x + d, RMSNorm(x + d)): the residual add and the norm after it, one op with custom kernels."""
+        if self.kernels.custom:
+            return add_rms_norm(x, d, w, self.cfg.rms_norm_eps)
+        s = x + d
+        return s, rms_norm_builtin(s, w, self.cfg.rms_norm_eps)
 
     def _extensions(self) -> list:
         """Our Mojo package only for `custom`: a builtin graph then stays cached when a kernel changes."""
@@ -134,7 +140,7 @@ class HYV3Graph:
                 counts += [c.tensor for c in stats]
 
             last = ops.cast(row_offsets.tensor[1:], DType.int64) - 1  # [B] index of each sequence's last token
-            h = _rms_norm(ops.gather(x, last, axis=0), Weight("norm.weight", dt, [H], device=CPU), cfg.rms_norm_eps)  # [B, H]
+            h = self._norm(ops.gather(x, last, axis=0), Weight("norm.weight", dt, [H], device=CPU))  # [B, H]
             logits = self._linear(h, Weight("lm_head.weight", *self._mat_type(V, H), device=CPU))  # [B, V]
             if self.expert_stats and counts:
                 g.output(ops.cast(logits, DType.float32), ops.stack(counts, axis=0))  # [B, V], [n_sparse, E]
@@ -144,7 +150,7 @@ class HYV3Graph:
 
     def _layer_subgraph(self, g: Graph, kind: str) -> Graph:
         cfg, dt = self.cfg, self.dtype
-        H, D, eps = cfg.hidden_size, cfg.head_dim, cfg.rms_norm_eps
+        H, D = cfg.hidden_size, cfg.head_dim
         types = [TensorType(dt, ["total_seq_len", H], device=CPU),
                  TensorType(DType.uint32, ["input_row_offsets_len"], device=CPU),
                  TensorType(DType.uint32, [], device=CPU),
@@ -155,11 +161,10 @@ class HYV3Graph:
             x, row_offsets, layer_idx = x.tensor, row_offsets.tensor, layer_idx.tensor
             kv = self.kv_params.unflatten_kv_inputs(iter(kv_inputs))[0]
 
-            h = _rms_norm(x, _w("input_layernorm.weight", dt, [H]), eps)  # [T, H]
-            x = x + self._linear(self._attention(h, row_offsets, layer_idx, freqs.tensor, kv),
-                                 self._mw("self_attn.o_proj.weight", H, cfg.q_dim))  # [T, H]
-
-            h = _rms_norm(x, _w("post_attention_layernorm.weight", dt, [H]), eps)  # [T, H]
+            h = self._norm(x, _w("input_layernorm.weight", dt, [H]))  # [T, H]
+            attn = self._linear(self._attention(h, row_offsets, layer_idx, freqs.tensor, kv),
+                                self._mw("self_attn.o_proj.weight", H, cfg.q_dim))  # [T, H]
+            x, h = self._add_norm(x, attn, _w("post_attention_layernorm.weight", dt, [H]))  # [T, H] each
             if kind == "dense":
                 sub.output(x + self._dense_mlp(h))  # [T, H]
             else:

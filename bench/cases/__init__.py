@@ -4,6 +4,6 @@ Each module has `BENCH` (the name in the JSON) and `results(quick, machine) -> l
 """
 
 from . import compile as compile_case
-from . import attention, e2e, linear, moe_experts, moe_router, real_slice
+from . import attention, e2e, linear, moe_experts, moe_router, real_slice, rms_norm
 
-MODULES = [moe_router, moe_experts, attention, linear, e2e, real_slice, compile_case]
+MODULES = [moe_router, moe_experts, attention, linear, rms_norm, e2e, real_slice, compile_case]
