@@ -58,24 +58,20 @@
 # `_stream_task` (x first quantized by q8_quantize_activations on the Q8_0 VNNI path); `_pack_block`, then `_amx_task`
 # or `_dot_task`; `_matmul`; `_dequant_matmul`. State lives in `_Problem`.
 #
-# Today's numbers (`python -m bench --only linear`, 2026-12-02 15:27, 2-core AMD EPYC family 26 (Zen 5), read
-# probe 39.4 GB/s at the start and 38-62 around the rows, sgemm 200 GFLOP/s; Hy3 dims), ours / MAX's matmul:
-#   M 1:   f32 29-37 GB/s (52-93% of the local read roofline), 1.4-1.7x MAX; bf16 26-39 GB/s (46-75%), 1.6-3.3x
-#          MAX (lm_head bf16 20.8 GB/s, level with MAX and torch in that minute);
-#   M 8:   f32 15-28 GB/s, bf16 16-22 GB/s (30-50%): below target (85%); torch bf16 is ahead on gate_up/qkv/o_proj;
-#          whole-row passes since (2026-12-07, Zen 4, one op a graph, weights from DRAM, old and new slicing in
-#          one process: docs/perf-notes.md "linear streaming at M > 4"): Hy3's qkv bf16 24.9 -> 28.8 GB/s, f32 25.4
-#          -> 29.2, Q8_0 10.6 -> 13.8; `small`'s lm_head bf16 16.8 -> 31.8, f32 23.6 -> 33.1 (probe ~30-35);
-#   M 512: f32 = MAX's matmul (291-322 GFLOP/s); bf16 398-593 GFLOP/s = 58-87% of the micro-kernel's own peak
-#          (`dot_peak` 684 GFLOP/s), 1.4-2.4x MAX, 0.75-1.1x torch (oneDNN bf16).
+# Today's numbers (2026-12-07 02:29-02:50 UTC, 2-core AMD EPYC family 25 model 17 (Zen 4), no AMX; the `linear`
+# bench's own case builders on Hy3's shapes, run by a script because the whole bench took > 50 min that hour
+# (docs/perf-notes.md "rms_norm as one op"); read probe 32.8 GB/s, the machine's rate moving 30-49 GB/s that hour:
+# rows above 100% are read in a faster minute), ours / MAX's matmul:
+#   M 1:   f32 28-46 GB/s (86-139% of the probe), 1.8-3.2x MAX; bf16 27-35 GB/s (83-106%), 2.3-2.8x MAX and torch
+#          (gate_up bf16 read 18.6 GB/s in that run, 28-39 GB/s in three runs alone); Q8_0 30-50 GB/s of int8 bytes.
+#   M 8:   f32 24-31 GB/s (72-95%), bf16 25-33 GB/s (76-101%), 1.7-4.5x MAX, 1.8-6.1x torch; Q8_0 12.8-13.6 GB/s
+#          (lm_head 7.3): compute bound (per activation row and block pair: vpdpbusd, convert, scale, FMA).
+#   M 512: bf16 on DOT 355-395 GFLOP/s = 93-100% of the micro-kernel's own peak (`dot_peak` 381-394 GFLOP/s) in
+#          two runs, except o_proj 309 GFLOP/s (78%) in the first (96% in the second); 2.1-2.4x MAX, 1.02-1.16x torch
+#          (oneDNN bf16) in the second run, 0.85-1.13x in the first. f32 = MAX's matmul (not re-run).
 #   M 512 bf16 on AMX (2-core Intel Xeon with amx_bf16, 2026-12-03; a timing script, not the bench yet:
 #          docs/perf-notes.md "AMX"): 1.41-1.68 TFLOP/s, ~0.8x torch's oneDNN AMX (1.72-1.83).
-#   Q8_0 (2026-12-03, 2-core Zen 4 with AVX512_VNNI, a timing script over the bench's graphs: docs/perf-notes.md
-#          "Q8_0"): M 1 on vpdpbusd 19-32 GB/s of int8 bytes (57-103% of the probe), 1.13-1.37x the widening path,
-#          1.2-1.7x bf16 in time; M 8 8-11 GB/s, compute bound, behind bf16; M 512 (DEQUANT) 141-165 GFLOP/s.
-#   Q8_0 M 1 with 8 rows a pass (2026-12-06, the same Zen 4, a timing script: one op a graph, weights from DRAM;
-#          docs/perf-notes.md "Q8_0 streaming: 8 rows a pass"; torch's read probe 30.5 GB/s on one core, 34.8 on
-#          two): `small`'s lm_head 26.5-32.6 GB/s (4 rows: 25), Hy3's qkv 28.6-43.0 (4 rows: 31).
+#   Q8_0 M 512 (DEQUANT; 2026-12-03, the same Zen 4, a timing script): 141-165 GFLOP/s.
 # History and the e2e effect: docs/perf-notes.md, "linear" and "Q8_0".
 import extensibility
 from extensibility import InputTensor, OutputTensor

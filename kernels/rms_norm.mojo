@@ -19,7 +19,13 @@
 # (decode), on every core above it (prefill). A row is read twice (sum of squares, then scale); at H <= 8192 it
 # stays in L1 between the two.
 #
-# Today's numbers: see the `rms_norm` bench case (docs/perf-notes.md, "rms_norm", has the measurements behind it).
+# Today's numbers (`python -m bench --only rms_norm`, 2026-12-07 02:25 UTC, 2-core AMD EPYC family 25 model 17
+# (Zen 4), read probe 31.5 GB/s; this VM's timings of a few microseconds move 2-3x between runs: read the minima
+# too), ours / MAX's op chain: a chain of 16 add + norm at T 1, H 4096: f32 256 / 288 us (min 86 / 78), bf16 109 /
+# 160 us (min 74 / 110); T 512: f32 1.24 / 1.17 ms (27-29 GB/s, both at the probe), bf16 2.31 / 3.26 ms (MAX's
+# allocation of the outputs weighs there). In the model (`small` decode, both graphs in one process, blocks of steps
+# alternating): q8_0 6.94 -> 6.75 ms a step, then 8.36 -> 8.24 in a slower minute; bf16 9.46 -> 9.17 ms: 1.5-3%.
+# docs/perf-notes.md, "rms_norm as one op".
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
@@ -41,8 +47,26 @@ def _to_dt[dt: DType, n: Int](v: SIMD[DType.float32, n]) -> SIMD[dt, n]:
 
 
 @always_inline
+def _widen_bits[n: Int](bits: SIMD[DType.uint16, n]) -> SIMD[DType.float32, n]:
+    """bf16 bits -> float32 (exact): a shift."""
+    return bitcast[DType.float32, n](bits.cast[DType.uint32]() << 16)
+
+
+@always_inline
 def _load[dt: DType, n: Int](p: Pointer[Scalar[dt], _], i: Int) -> SIMD[DType.float32, n]:
-    return p.unsafe_load[width=n](i).cast[DType.float32]()
+    comptime if dt == DType.bfloat16:
+        return _widen_bits[n](p.unsafe_bitcast[UInt16]().unsafe_load[width=n](i))
+    else:
+        return p.unsafe_load[width=n](i).cast[DType.float32]()
+
+
+@always_inline
+def _rounded[dt: DType, n: Int](v: SIMD[DType.float32, n]) -> SIMD[DType.float32, n]:
+    """v rounded to dt, as float32 (the value a dt store then load would give)."""
+    comptime if dt == DType.bfloat16:
+        return _widen_bits[n](round_to_bf16[n](v))
+    else:
+        return v
 
 
 @always_inline
@@ -76,11 +100,11 @@ def _norm_row[dt: DType](y: Pointer[mut=True, Scalar[dt], _], x: Pointer[Scalar[
     var inv = Float32(1) / sqrt(ss / Float32(H) + eps)
     i = 0
     while i + W <= H:
-        var normed = _to_dt[dt, W](_load[dt, W](x, i) * inv).cast[DType.float32]()
+        var normed = _rounded[dt, W](_load[dt, W](x, i) * inv)
         y.unsafe_store(i, _to_dt[dt, W](_load[dt, W](w, i) * normed))
         i += W
     while i < H:
-        var normed = _to_dt[dt, 1](_load[dt, 1](x, i) * inv).cast[DType.float32]()
+        var normed = _rounded[dt, 1](_load[dt, 1](x, i) * inv)
         y[unsafe_offset=i] = _to_dt[dt, 1](_load[dt, 1](w, i) * normed)
         i += 1
 

@@ -38,7 +38,8 @@ def test_bench_quick_json(tmp_path):
             assert r["agreed"] is True, r
         else:  # bf16 / q8_0 e2e rows report theirs
             assert isinstance(r["agreed"], bool), r
-        if r["bench"] in ("router", "experts", "attention", "linear"):  # kernel cases: a roofline probe around their timings
+        if r["bench"] in ("router", "experts", "attention", "linear", "rms_norm"):  # kernel cases: a roofline probe
+            # around their timings
             assert (r["local_roofline_frac"] is not None) == (r["gflops"] is not None or r["gbs"] is not None), r
     cases = {(r["bench"], r["case"], r["impl"]) for r in rows}
     for T in (1, 128):
@@ -73,6 +74,10 @@ def test_bench_quick_json(tmp_path):
     assert any(r["case"].startswith("dot_peak") for r in linear) == bf16_dot_available()
     if bf16_dot_available():  # the bf16 GEMM rows against the micro-kernel's own peak
         assert all("dot_peak_frac" in r for r in linear if r["case"].endswith("_bf16") and r["gflops"])
+    norms = {(c.rsplit("_", 1)[-1], i) for b, c, i in cases if b == "rms_norm"}
+    assert norms == ({("f32", i) for i in ("mojo", "max", "torch", "numpy")}
+                     | {("bf16", i) for i in ("mojo", "max", "torch")})
+    assert any(b == "rms_norm" and c.startswith("add_chain") for b, c, _ in cases)  # the decode-shaped chain
     assert (ROOT / "bench" / "results" / "latest-quick.md").exists()
 
 

@@ -42,7 +42,8 @@ def norm_models():
     for dt, eps in VARIANTS:
         for fused in (False, True):
             rows = TensorType(dt, ["T", "H"], device=cpu)
-            types = [rows, rows, TensorType(dt, ["H"], device=cpu)] if fused else [rows, TensorType(dt, ["H"], device=cpu)]
+            weight = TensorType(dt, ["H"], device=cpu)
+            types = [rows, rows, weight] if fused else [rows, weight]
             with Graph(f"rms_norm_{fused}_{dt}_{eps}", input_types=types, custom_extensions=[MOJO_KERNELS]) as g:
                 if fused:
                     x, d, w = (v.tensor for v in g.inputs)
