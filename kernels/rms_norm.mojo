@@ -22,10 +22,11 @@
 # Today's numbers (`python -m bench --only rms_norm`, 2026-12-07 02:25 UTC, 2-core AMD EPYC family 25 model 17
 # (Zen 4), read probe 31.5 GB/s; this VM's timings of a few microseconds move 2-3x between runs: read the minima
 # too), ours / MAX's op chain: a chain of 16 add + norm at T 1, H 4096: f32 256 / 288 us (min 86 / 78), bf16 109 /
-# 160 us (min 74 / 110); T 512: f32 1.24 / 1.17 ms (27-29 GB/s, both at the probe), bf16 2.31 / 3.26 ms (MAX's
-# allocation of the outputs weighs there). In the model (`small` decode, both graphs in one process, blocks of steps
-# alternating): q8_0 6.94 -> 6.75 ms a step, then 8.36 -> 8.24 in a slower minute; bf16 9.46 -> 9.17 ms: 1.5-3%.
-# docs/perf-notes.md, "rms_norm as one op".
+# 160 us (min 74 / 110); T 512: f32 1.24 / 1.17 ms (27-29 GB/s, both at the probe), bf16 2.31 / 3.26 ms (a
+# standalone loop over those rows takes 1.8 us a row, the op 4.5: likely MAX's allocation of the outputs, not timed
+# apart). In the model (`small` decode, both graphs in one process, blocks of steps alternating): q8_0 6.94 -> 6.75
+# ms a step, then 8.36 -> 8.24 in a slower minute; bf16 9.46 -> 9.17 ms: 1.5-3%. docs/perf-notes.md, "rms_norm as
+# one op".
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
