@@ -60,7 +60,7 @@ from max.gpu.host import DeviceContext
 from std.math import exp, sqrt
 from std.memory import bitcast
 from std.utils import StaticTuple
-from .cpu_isa import I32x, adjacent_bf16_pairs, dot_bf16_pairs, round_to_bf16, use_bf16_dot
+from .cpu_isa import I32x, adjacent_bf16_pairs, dot_bf16_pairs, from_f32, round_to_bf16, use_bf16_dot
 from .microkernels import untracked
 from .work_queue import parallelize_dynamic, parallelize_sized, sort_codes_by_cost
 from std.atomic import Atomic
@@ -81,14 +81,6 @@ comptime PFH = 2  # a narrow (tile, kv head) pass prefetches the K/V rows of the
 
 
 @always_inline
-def _from_f32[dt: DType, n: Int](v: SIMD[DType.float32, n]) -> SIMD[dt, n]:
-    comptime if dt == DType.bfloat16:
-        return bitcast[dt, n](round_to_bf16[n](v))
-    else:
-        return v.cast[dt]()
-
-
-@always_inline
 def _widen[dt: DType](dst: Pointer[mut=True, Float32, _], src: Pointer[Scalar[dt], _], n: Int):
     var i = 0
     while i + W <= n:
@@ -103,10 +95,10 @@ def _widen[dt: DType](dst: Pointer[mut=True, Float32, _], src: Pointer[Scalar[dt
 def _narrow[dt: DType](dst: Pointer[mut=True, Scalar[dt], _], src: Pointer[Float32, _], n: Int):
     var i = 0
     while i + W <= n:
-        dst.unsafe_store(i, _from_f32[dt, W](src.unsafe_load[width=W](i)))
+        dst.unsafe_store(i, from_f32[dt, W](src.unsafe_load[width=W](i)))
         i += W
     while i < n:
-        dst[unsafe_offset=i] = _from_f32[dt, 1](src[unsafe_offset=i])
+        dst[unsafe_offset=i] = from_f32[dt, 1](src[unsafe_offset=i])
         i += 1
 
 
@@ -874,7 +866,7 @@ def _attend_wide[dt: DType](
         var inv = 1.0 / lp[unsafe_offset=r]
         var dst = outp.unsafe_offset(((tok0 + r // G) * Hq + g * G + r % G) * D)
         for d in range(D):
-            dst[unsafe_offset=d] = _from_f32[dt, 1](op[unsafe_offset=d * Rp + r] * inv)
+            dst[unsafe_offset=d] = from_f32[dt, 1](op[unsafe_offset=d * Rp + r] * inv)
 
 
 @extensibility.register("attention")

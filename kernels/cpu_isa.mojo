@@ -156,6 +156,21 @@ def round_to_bf16[n: Int](v: SIMD[DType.float32, n]) -> SIMD[DType.uint16, n]:
 
 
 @always_inline
+def from_f32[dt: DType, n: Int](v: SIMD[DType.float32, n]) -> SIMD[dt, n]:
+    """Float32 -> dt (float32 or bfloat16: rounded to nearest even by round_to_bf16)."""
+    comptime if dt == DType.bfloat16:
+        return bitcast[dt, n](round_to_bf16[n](v))
+    else:
+        return v.cast[dt]()
+
+
+@always_inline
+def bf16_bits_to_f32[n: Int](bits: SIMD[DType.uint16, n]) -> SIMD[DType.float32, n]:
+    """bf16 bits -> float32 (exact): a shift."""
+    return bitcast[DType.float32, n](bits.cast[DType.uint32]() << 16)
+
+
+@always_inline
 def adjacent_bf16_pairs[n: Int](v: SIMD[DType.float32, 2 * n]) -> SIMD[DType.int32, n]:
     """2n consecutive float32 -> n bf16 pairs (v[2i] in the low half of lane i): vdpbf16ps's layout along a row."""
     return bitcast[DType.int32, n](round_to_bf16[2 * n](v))

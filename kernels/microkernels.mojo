@@ -29,7 +29,7 @@ from std.memory import bitcast
 from std.utils import StaticTuple
 from std.sys.intrinsics import prefetch, PrefetchOptions
 from std.sys._assembly import inlined_assembly
-from .cpu_isa import I32x, F32x, dot_bf16_pairs, dot_u8_i8
+from .cpu_isa import I32x, F32x, bf16_bits_to_f32, dot_bf16_pairs, dot_u8_i8
 
 comptime W = 16  # float32 SIMD width
 comptime PREFETCH_MIN_BYTES = 8192  # streaming, whole rows a pass: least distance (bytes) ahead (`stream_ahead`)
@@ -171,9 +171,9 @@ def stream_dots_bf16[R: Int, NW: Int](
     while i < K:
         var xs = SIMD[DType.float32, 4](0)
         comptime for j in range(R):
-            xs[j] = _bf16_bits_to_f32(x[unsafe_offset=r[j] + i])
+            xs[j] = bf16_bits_to_f32[1](x[unsafe_offset=r[j] + i])
         comptime for v in range(NW):
-            out[v] += _bf16_bits_to_f32(w[unsafe_offset=w_rows[v] + i]) * xs
+            out[v] += bf16_bits_to_f32[1](w[unsafe_offset=w_rows[v] + i]) * xs
         i += 1
     return out
 
@@ -421,11 +421,6 @@ def stream_dots_q8_vnni[NW: Int](
             stream_dots_q8_vnni[MAX_STREAM_ROWS](w, _first_half(w_rows), xq, xs, x_stride, n_rows, K, ahead),
             stream_dots_q8_vnni[MAX_STREAM_ROWS](w, _second_half(w_rows), xq, xs, x_stride, n_rows, K, ahead))
     return stream_dots_q8_vnni[MAX_STREAM_ROWS](w, w_rows, xq, xs, x_stride, n_rows, K, ahead)
-
-
-@always_inline
-def _bf16_bits_to_f32(b: UInt16) -> Float32:
-    return bitcast[DType.float32, 1](b.cast[DType.uint32]() << 16)
 
 
 @always_inline

@@ -1,6 +1,6 @@
 # RMSNorm at the decoder's layer boundaries, alone (op `rms_norm`) or fused with the residual add before it
 # (op `add_rms_norm`). x, the addend, the weight and the outputs share one dtype (float32 or bfloat16: the model's).
-#   rms_norm:     y = w * dt(x32 / sqrt(mean(x32^2) + eps)),       x32 = float32(x)
+#   rms_norm:     y = w * dt(x32 * (1 / sqrt(mean(x32^2) + eps))), x32 = float32(x)
 #   add_rms_norm: s = dt(x + d);  y = rms_norm(s)                  (outputs s, the new residual stream, and y)
 # HF's order (HYV3RMSNorm): normalize in float32, round to the model dtype, then multiply by the weight in the model
 # dtype (a bf16 product is the float32 product rounded once, to nearest even; so is a bf16 sum). The mean is a
@@ -12,7 +12,7 @@
 # Fuzz test:            tests/test_rms_norm.py     Bench: bench/cases/rms_norm.py (`rms_norm` cases)
 #
 # Design, and why: the norm is memory bound and tiny at decode ([1, H]: 16 KiB at H 4096), where what it costs is the
-# op count, not the bytes: as MAX ops the norm is a chain of ~6 graph ops (cast, square, mean, add, sqrt, divide,
+# op count, not the bytes: as MAX ops the norm is a chain of ~8 graph ops (cast, square, mean, add, sqrt, divide,
 # cast, multiply) and the residual add one more, each one op launch inside the step (`rms_norm` bench case: MAX's
 # chain against this op at T 1). One op per norm, with the add fused, takes two launches a layer instead of ~14.
 # Rows are independent: one row per work item, on the calling core below work_queue.PARALLEL_MIN_BYTES of traffic
@@ -31,32 +31,16 @@ import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
 from std.math import sqrt
-from std.memory import bitcast
 from std.sys import size_of
-from .cpu_isa import F32x, round_to_bf16
+from .cpu_isa import F32x, bf16_bits_to_f32, from_f32, round_to_bf16
 from .microkernels import W, untracked
 from .work_queue import parallelize_sized
 
 
 @always_inline
-def _to_dt[dt: DType, n: Int](v: SIMD[DType.float32, n]) -> SIMD[dt, n]:
-    """Float32 -> dt, rounded to nearest even for bf16 (without the compiler's per-element libcall)."""
-    comptime if dt == DType.bfloat16:
-        return bitcast[dt, n](round_to_bf16[n](v))
-    else:
-        return v.cast[dt]()
-
-
-@always_inline
-def _widen_bits[n: Int](bits: SIMD[DType.uint16, n]) -> SIMD[DType.float32, n]:
-    """bf16 bits -> float32 (exact): a shift."""
-    return bitcast[DType.float32, n](bits.cast[DType.uint32]() << 16)
-
-
-@always_inline
 def _load[dt: DType, n: Int](p: Pointer[Scalar[dt], _], i: Int) -> SIMD[DType.float32, n]:
     comptime if dt == DType.bfloat16:
-        return _widen_bits[n](p.unsafe_bitcast[UInt16]().unsafe_load[width=n](i))
+        return bf16_bits_to_f32[n](p.unsafe_bitcast[UInt16]().unsafe_load[width=n](i))
     else:
         return p.unsafe_load[width=n](i).cast[DType.float32]()
 
@@ -65,7 +49,7 @@ def _load[dt: DType, n: Int](p: Pointer[Scalar[dt], _], i: Int) -> SIMD[DType.fl
 def _rounded[dt: DType, n: Int](v: SIMD[DType.float32, n]) -> SIMD[DType.float32, n]:
     """v rounded to dt, as float32 (the value a dt store then load would give)."""
     comptime if dt == DType.bfloat16:
-        return _widen_bits[n](round_to_bf16[n](v))
+        return bf16_bits_to_f32[n](round_to_bf16[n](v))
     else:
         return v
 
@@ -76,17 +60,17 @@ def _add_row[dt: DType](s: Pointer[mut=True, Scalar[dt], _], x: Pointer[Scalar[d
     """s = dt(x + d), one row."""
     var i = 0
     while i + W <= H:
-        s.unsafe_store(i, _to_dt[dt, W](_load[dt, W](x, i) + _load[dt, W](d, i)))
+        s.unsafe_store(i, from_f32[dt, W](_load[dt, W](x, i) + _load[dt, W](d, i)))
         i += W
     while i < H:
-        s[unsafe_offset=i] = _to_dt[dt, 1](_load[dt, 1](x, i) + _load[dt, 1](d, i))
+        s[unsafe_offset=i] = from_f32[dt, 1](_load[dt, 1](x, i) + _load[dt, 1](d, i))
         i += 1
 
 
 @always_inline
 def _norm_row[dt: DType](y: Pointer[mut=True, Scalar[dt], _], x: Pointer[Scalar[dt], _], w: Pointer[Scalar[dt], _],
                          H: Int, eps: Float32):
-    """y = w * dt(x32 / sqrt(mean(x32^2) + eps)), one row (HF's order; see the header)."""
+    """y = w * dt(x32 * (1 / sqrt(mean(x32^2) + eps))), one row (HF's order, its rsqrt; see the header)."""
     var acc = F32x(0)
     var i = 0
     while i + W <= H:
@@ -102,11 +86,11 @@ def _norm_row[dt: DType](y: Pointer[mut=True, Scalar[dt], _], x: Pointer[Scalar[
     i = 0
     while i + W <= H:
         var normed = _rounded[dt, W](_load[dt, W](x, i) * inv)
-        y.unsafe_store(i, _to_dt[dt, W](_load[dt, W](w, i) * normed))
+        y.unsafe_store(i, from_f32[dt, W](_load[dt, W](w, i) * normed))
         i += W
     while i < H:
         var normed = _rounded[dt, 1](_load[dt, 1](x, i) * inv)
-        y[unsafe_offset=i] = _to_dt[dt, 1](_load[dt, 1](w, i) * normed)
+        y[unsafe_offset=i] = from_f32[dt, 1](_load[dt, 1](w, i) * normed)
         i += 1
 
 
