@@ -84,11 +84,13 @@ from std.runtime import parallelism_level
 from std.sys import size_of
 from std.utils import StaticTuple
 from std.memory import bitcast
-from .cpu_isa import F32x, amx_configure, amx_release, round_to_bf16, use_amx, use_bf16_dot, use_vnni
+from .cpu_isa import (F32x, adjacent_bf16_pairs, amx_configure, amx_release, round_to_bf16, use_amx, use_bf16_dot,
+                      use_vnni)
 from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, KC, NVMAX, AMX_TILE, PREFETCH_AHEAD, PREFETCH_AHEAD_Q8,
                            Q8_BLOCK, Q8_BLOCK_BYTES, align64,
                            amx_c_tiles, amx_k_ok, amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token, transpose16,
-                           dot_panel, dot_tile, n_blocks, q8_activation_scales, q8_dequantize_row,
+                           dot_panel, dot_tile, n_blocks, q8_dot_panel, q8_dot_scratch_pairs,
+                           q8_dot_scratch_scales, q8_activation_scales, q8_dequantize_row,
                            q8_quantize_activations, q8_row_bytes, silu, stream_dots, stream_dots_bf16, stream_dots_q8_0,
                            stream_dots_q8_vnni, stream_ahead, stream_rows_per_pass, swiglu_row,
                            untracked)
@@ -237,10 +239,22 @@ def _stream_task[dt: DType, SWIGLU: Bool, READ: Int](pb: _Problem[dt], cols_per_
 
 
 @always_inline
+def _x_pairs[dt: DType, n: Int](pb: _Problem[dt], x32: Pointer[mut=True, Int32, MutUntrackedOrigin], p: Int) -> SIMD[
+        DType.int32, n]:
+    """Pairs p .. p + n of x's flat [M, K / 2] bf16 pairs: x's own (bf16), or float32 x rounded (Q8_0 on DOT)."""
+    comptime if dt == DType.bfloat16:
+        return x32.unsafe_load[width=n](p)
+    else:
+        return adjacent_bf16_pairs[n](pb.xf.unsafe_load[width=2 * n](2 * p))
+
+
+@always_inline
 def _pack_block[dt: DType](pb: _Problem[dt], xk: Pointer[mut=True, Int32, MutUntrackedOrigin], blk: Int):
-    """DOT and AMX: rows blk * MB .. of x (bf16 pairs) -> packed block [K/2][MB]; rows past M (up to a whole vector)
-    are 0. 16 rows x 16 pairs at a time through a register transpose (the int32 pairs travel as float32 bits)."""
-    var K2 = pb.K // 2
+    """DOT and AMX: rows blk * MB .. of x as bf16 pairs -> packed block [K/2][MB]; rows past M (up to a whole vector)
+    are 0. 16 rows x 16 pairs at a time through a register transpose (the int32 pairs travel as float32 bits). A
+    float32 x (Q8_0 weights on DOT) is rounded to bf16 on the way, to nearest even."""
+    var K = pb.K
+    var K2 = K // 2
     var x32 = pb.xp.unsafe_bitcast[Int32]()
     var dst = xk.unsafe_offset(blk * K2 * MB)
     var m_first = blk * MB
@@ -251,23 +265,24 @@ def _pack_block[dt: DType](pb: _Problem[dt], xk: Pointer[mut=True, Int32, MutUnt
             var r = StaticTuple[F32x, W](fill=F32x(0))
             comptime for i in range(W):
                 if m0 + i < n_real:
-                    r[i] = bitcast[DType.float32, W](x32.unsafe_load[width=W]((m_first + m0 + i) * K2 + p))
+                    r[i] = bitcast[DType.float32, W](_x_pairs[dt, W](pb, x32, (m_first + m0 + i) * K2 + p))
             var t = transpose16(r)
             comptime for j in range(W):
                 dst.unsafe_store((p + j) * MB + m0, bitcast[DType.int32, W](t[j]))
             p += W
         for q in range(p, K2):
             for i in range(W):
-                var real = m0 + i < n_real
-                dst[unsafe_offset=q * MB + m0 + i] = x32[unsafe_offset=(m_first + m0 + i) * K2 + q] if real else 0
+                var pair = _x_pairs[dt, 1](pb, x32, (m_first + m0 + i) * K2 + q)[0] if m0 + i < n_real else 0
+                dst[unsafe_offset=q * MB + m0 + i] = pair
 
 
 @always_inline
-def _dot_task[dt: DType, SWIGLU: Bool](
+def _dot_task[dt: DType, SWIGLU: Bool, Q8: Bool](
     pb: _Problem[dt], xk: Pointer[mut=True, Int32, MutUntrackedOrigin], n_tiles: Int, task: Int,
 ):
     """DOT: output columns of tile task % n_tiles (GROUPS x MR weight rows) for the rows of chunk task // n_tiles
-    (CHUNK_BLOCKS packed blocks); a transposed store, MR outputs of a row at a time."""
+    (CHUNK_BLOCKS packed blocks); a transposed store, MR outputs of a row at a time. Q8: Q8_0 weight rows on
+    microkernels.q8_dot_panel (each K slice widened into a scratch of this task's)."""
     var N = pb.N
     var K2 = pb.K // 2
     var blk0 = (task // n_tiles) * CHUNK_BLOCKS
@@ -276,18 +291,28 @@ def _dot_task[dt: DType, SWIGLU: Bool](
     var blocks = n_blocks(rows)
     var n_first = (task % n_tiles) * MR * GROUPS
     var groups = min(GROUPS, (N - n_first + MR - 1) // MR)
+    var row_units = q8_row_bytes(pb.K) if Q8 else K2  # a weight row: Q8_0 bytes, or bf16 pairs
     var offsets = List[Int](length=groups * MR, fill=0)
     for i in range(groups * MR):  # rows past N alias the last one; never stored
-        offsets[i] = min(n_first + i, N - 1) * K2
+        offsets[i] = min(n_first + i, N - 1) * row_units
     var xb = xk.unsafe_offset(blk0 * K2 * MB)
     var size = groups * blocks * MR * MB
     var ca = List[Float32](unsafe_uninit_length=size)  # the first K slice stores, never loads
     var cap = ca.unsafe_ptr()
-    dot_panel(pb.wa.unsafe_bitcast[Int32](), offsets.unsafe_ptr(), groups, xb, rows, K2, cap)
     var cu = List[Float32](unsafe_uninit_length=size if SWIGLU else 0)
     var cup = cu.unsafe_ptr()
-    comptime if SWIGLU:
-        dot_panel(pb.wb.unsafe_bitcast[Int32](), offsets.unsafe_ptr(), groups, xb, rows, K2, cup)
+    var wk = List[Int32](unsafe_uninit_length=q8_dot_scratch_pairs(groups * MR) if Q8 else 0)
+    var ws = List[Float32](unsafe_uninit_length=q8_dot_scratch_scales(groups * MR) if Q8 else 0)
+    comptime if Q8:
+        var wkp = wk.unsafe_ptr()
+        var wsp = ws.unsafe_ptr()
+        q8_dot_panel(pb.wa.unsafe_bitcast[UInt8](), offsets.unsafe_ptr(), groups, xb, rows, K2, cap, wkp, wsp)
+        comptime if SWIGLU:
+            q8_dot_panel(pb.wb.unsafe_bitcast[UInt8](), offsets.unsafe_ptr(), groups, xb, rows, K2, cup, wkp, wsp)
+    else:
+        dot_panel(pb.wa.unsafe_bitcast[Int32](), offsets.unsafe_ptr(), groups, xb, rows, K2, cap)
+        comptime if SWIGLU:
+            dot_panel(pb.wb.unsafe_bitcast[Int32](), offsets.unsafe_ptr(), groups, xb, rows, K2, cup)
     for b in range(blocks):
         for g in range(groups):
             var tile = (g * blocks + b) * MR * MB
@@ -311,6 +336,8 @@ def _dot_task[dt: DType, SWIGLU: Bool](
     _ = offsets^
     _ = ca^
     _ = cu^
+    _ = wk^
+    _ = ws^
 
 
 @always_inline
@@ -457,7 +484,7 @@ def _path[dt: DType, Q8: Bool](M: Int, K: Int) -> Int:
     if M <= STREAM_MAX_M:
         return STREAM
     comptime if Q8:
-        return DEQUANT
+        return DOT if use_bf16_dot() else DEQUANT
     comptime if dt == DType.float32:
         return MATMUL
     else:
@@ -483,7 +510,7 @@ def _run[dt: DType, SWIGLU: Bool, Q8: Bool](
     var path = _path[dt, Q8](M, K)
     var pairs = dt == DType.bfloat16 and use_bf16_dot() and not Q8  # streaming on vdpbf16ps
     # The portable streaming path and the Q8_0 paths read x as float32: x itself, or a bf16 x widened once.
-    var widen = dt != DType.float32 and (Q8 or (path == STREAM and not pairs))
+    var widen = dt != DType.float32 and ((Q8 and path != DOT) or (path == STREAM and not pairs))
     var widened = List[Float32](unsafe_uninit_length=M * K if widen else 0)
     var xf = untracked(x).unsafe_bitcast[Float32]()
     comptime if dt != DType.float32:
@@ -562,7 +589,7 @@ def _run[dt: DType, SWIGLU: Bool, Q8: Bool](
             var chunks = (blocks + CHUNK_BLOCKS - 1) // CHUNK_BLOCKS
 
             def dot(task: Int) {var pb, var xk, var n_tiles}:
-                _dot_task[dt, SWIGLU](pb, xk, n_tiles, task)
+                _dot_task[dt, SWIGLU, Q8](pb, xk, n_tiles, task)
 
             parallelize_dynamic(dot, chunks * n_tiles)
         _ = packed^

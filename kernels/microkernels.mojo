@@ -29,7 +29,7 @@ from std.memory import bitcast
 from std.utils import StaticTuple
 from std.sys.intrinsics import prefetch, PrefetchOptions
 from std.sys._assembly import inlined_assembly
-from .cpu_isa import I32x, F32x, bf16_bits_to_f32, dot_bf16_pairs, dot_u8_i8
+from .cpu_isa import I32x, F32x, adjacent_bf16_pairs, bf16_bits_to_f32, dot_bf16_pairs, dot_u8_i8
 
 comptime W = 16  # float32 SIMD width
 comptime PREFETCH_MIN_BYTES = 8192  # streaming, whole rows a pass: least distance (bytes) ahead (`stream_ahead`)
@@ -492,6 +492,104 @@ def dot_panel(
                 else:
                     dot_tile[NVMAX](w, rows, xb, kc, cb, p0 == 0)
 
+
+
+# ---- Q8_0 weights on the bf16-dot GEMM: each block's int8 weights are exact bf16 values, its scale applied per block
+comptime Q8_PAIRS = Q8_BLOCK // 2  # bf16 pairs of one Q8_0 block along K
+comptime Q8_KC_BLOCKS = KC // Q8_PAIRS  # Q8_0 blocks in one KC slice (KC is a multiple of Q8_PAIRS)
+comptime Q8_MR = MR // 2  # q8_dot_tile: weight rows per call (acc + block sums: 2 x Q8_MR x NVMAX = 24 zmm)
+
+
+@always_inline
+def q8_dot_scratch_pairs(rows: Int) -> Int:
+    """int32 elements of q8_dot_panel's scratch for `rows` weight rows: one KC slice of bf16 pairs a row."""
+    return rows * KC
+
+
+@always_inline
+def q8_dot_scratch_scales(rows: Int) -> Int:
+    """float32 elements of q8_dot_panel's scale scratch for `rows` weight rows: one KC slice's block scales a row."""
+    return rows * Q8_KC_BLOCKS
+
+
+def q8_widen_slice(
+    w: Pointer[UInt8, _], row_offsets: Pointer[Int, _], n_rows: Int, p0: Int, kc: Int,
+    wk: Pointer[mut=True, Int32, _], ws: Pointer[mut=True, Float32, _],
+):
+    """q8_dot_panel's scratch for one K slice (pairs p0 .. p0 + kc, whole Q8_0 blocks): for each of n_rows Q8_0
+    weight rows (byte offsets row_offsets[i] from w), wk[i * KC ..] = its int8 weights as bf16 pairs (exact: an
+    integer of magnitude <= 128 has at most 8 significant bits, bf16's precision) and ws[i * Q8_KC_BLOCKS ..] = its
+    blocks' scales as float32. Widening once per slice serves every packed activation block of the task."""
+    var b0 = p0 // Q8_PAIRS
+    for i in range(n_rows):
+        var row = w.unsafe_offset(row_offsets[unsafe_offset=i] + b0 * Q8_BLOCK_BYTES)
+        for b in range(kc // Q8_PAIRS):
+            var blk = row.unsafe_offset(b * Q8_BLOCK_BYTES)
+            ws[unsafe_offset=i * Q8_KC_BLOCKS + b] = _q8_scale(blk)
+            var q = blk.unsafe_offset(2).unsafe_bitcast[Int8]().unsafe_load[width=Q8_BLOCK](0)
+            wk.unsafe_store(i * KC + b * Q8_PAIRS, adjacent_bf16_pairs[Q8_PAIRS](q.cast[DType.float32]()))
+
+
+@always_inline
+def q8_dot_tile[NV: Int](
+    wk: Pointer[Int32, _], ws: Pointer[Float32, _], xb: Pointer[Int32, _], kc: Int, c: Pointer[mut=True, Float32, _],
+    first: Bool,
+):
+    """c [Q8_MR][MB] += Q8_MR Q8_0 weight rows (q8_widen_slice's scratch: wk rows KC pairs apart, ws rows
+    Q8_KC_BLOCKS scales apart) . kc pairs of a packed activation block xb [kc][MB], for its first NV vectors of
+    rows. Block by block: the 16 pairs of a Q8_0 block sum q * x on vdpbf16ps into fresh accumulators (each product
+    exact in float32), which are then scaled by the block's d and added: d * sum(q * x), the dequantized weights'
+    dot, not rounded to bf16. Half of dot_tile's MR rows, so that the block sums fit the registers beside c's."""
+    var acc = StaticTuple[F32x, Q8_MR * NV](fill=F32x(0))
+    if not first:
+        comptime for i in range(Q8_MR):
+            comptime for j in range(NV):
+                acc[i * NV + j] = c.unsafe_load[width=W](i * MB + j * W)
+    for blk in range(kc // Q8_PAIRS):
+        var part = StaticTuple[F32x, Q8_MR * NV](fill=F32x(0))
+        for p in range(blk * Q8_PAIRS, (blk + 1) * Q8_PAIRS):
+            var bv = StaticTuple[I32x, NV](fill=I32x(0))
+            comptime for j in range(NV):
+                bv[j] = xb.unsafe_load[width=W](p * MB + j * W)
+            comptime for i in range(Q8_MR):
+                var av = I32x(wk[unsafe_offset=i * KC + p])
+                comptime for j in range(NV):
+                    part[i * NV + j] = dot_bf16_pairs(part[i * NV + j], av, bv[j])
+        comptime for i in range(Q8_MR):
+            var d = F32x(ws[unsafe_offset=i * Q8_KC_BLOCKS + blk])
+            comptime for j in range(NV):
+                acc[i * NV + j] = part[i * NV + j].fma(d, acc[i * NV + j])
+    comptime for i in range(Q8_MR):
+        comptime for j in range(NV):
+            c.unsafe_store(i * MB + j * W, acc[i * NV + j])
+
+
+def q8_dot_panel(
+    w: Pointer[UInt8, _], row_offsets: Pointer[Int, _], groups: Int, xk: Pointer[Int32, _], n: Int, K2: Int,
+    c: Pointer[mut=True, Float32, _], wk: Pointer[mut=True, Int32, _], ws: Pointer[mut=True, Float32, _],
+):
+    """dot_panel for Q8_0 weight rows (row_offsets: bytes from w; K2 = K / 2, K a multiple of Q8_BLOCK): the same
+    c [groups][blocks][MR][MB], task shape and KC slices, each slice's rows first widened into the scratch wk
+    (q8_dot_scratch_pairs(groups * MR)) and ws (q8_dot_scratch_scales(groups * MR)) by q8_widen_slice, then
+    q8_dot_tile on each half of every group's MR rows."""
+    var blocks = n_blocks(n)
+    for p0 in range(0, K2, KC):
+        var kc = min(KC, K2 - p0)
+        q8_widen_slice(w, row_offsets, groups * MR, p0, kc, wk, ws)
+        for b in range(blocks):
+            var nv = n_vec(n, b)
+            var xb = xk.unsafe_offset((b * K2 + p0) * MB)
+            for h in range(groups * MR // Q8_MR):
+                var wkh = wk.unsafe_offset(h * Q8_MR * KC)
+                var wsh = ws.unsafe_offset(h * Q8_MR * Q8_KC_BLOCKS)
+                var g = h * Q8_MR // MR
+                var cb = c.unsafe_offset(((g * blocks + b) * MR + h * Q8_MR % MR) * MB)
+                if nv == 1:
+                    q8_dot_tile[1](wkh, wsh, xb, kc, cb, p0 == 0)
+                elif nv == 2:
+                    q8_dot_tile[2](wkh, wsh, xb, kc, cb, p0 == 0)
+                else:
+                    q8_dot_tile[NVMAX](wkh, wsh, xb, kc, cb, p0 == 0)
 
 # ---- AMX bf16 tiles (cpu_isa.use_amx): the same packed activations as dot_panel, 16 tokens per B tile ----
 comptime AMX_TILE = 16  # rows of an A tile (weight rows), columns of a B tile (tokens): C tiles 16 x 16 fp32

@@ -14,6 +14,8 @@ no activation rounding needs modelling: the dot and AMX paths use x's own bf16 v
 is (float32, or bf16 widened exactly) and dequantize the weights exactly (d * q fits float32): the same bound.
 Where their streaming path runs vpdpbusd (AVX512_VNNI), x is quantized to int8 blocks first; the reference then
 takes exactly those values (q8_0.quantize_activations), and the int32 block sums are exact: the same bound again.
+Their GEMM on vdpbf16ps (AVX512_BF16, M > 16) rounds a float32 x to bf16 (the reference takes those values) and
+sums each block's exact q * x products in float32 before scaling by d: the same bound.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from max.graph import DeviceRef, Graph, TensorType
 from hyv3_graph import q8_0
 from hyv3_graph.dtypes import bf16_rounded, buffer_numpy, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
-from hyv3_graph.kernels.cpu_isa import (DISABLE_AMX_ENV, PORTABLE_ENV, cpu_has_avx512_bf16, cpu_has_avx512_vnni,
-                                        vnni_available)
+from hyv3_graph.kernels.cpu_isa import (DISABLE_AMX_ENV, PORTABLE_ENV, bf16_dot_available, cpu_has_avx512_bf16,
+                                        cpu_has_avx512_vnni, vnni_available)
 from hyv3_graph.kernels.linear import STREAM_MAX_M, linear, linear_path, linear_reference, linear_swiglu
 
 from conftest import ISA_MODES, set_isa
@@ -89,11 +91,12 @@ def check(models, dt, x, w, up):
 
 
 def check_q8(models, dt, x, wq, uq):
-    """The Q8_0 ops against the reference on the dequantized weights, and on x's int8 blocks where the call takes
-    the vpdpbusd path (linear_path "vnni")."""
-    vnni = linear_path(x.shape[0], x.shape[1], dt == DType.bfloat16, q8=True) == "vnni"
-    return check_outputs(run_q8(models, dt, x, wq, uq), dt, q8_0.quantize_activations(x) if vnni else x,
-                         q8_0.dequantize(wq), q8_0.dequantize(uq))
+    """The Q8_0 ops against the reference on the dequantized weights, and on the activations the call's path
+    computes with: x's int8 blocks on the vpdpbusd path (linear_path "vnni"), x rounded to bf16 on the bf16-dot GEMM
+    ("dot"), else x itself."""
+    path = linear_path(x.shape[0], x.shape[1], dt == DType.bfloat16, q8=True)
+    x_ref = q8_0.quantize_activations(x) if path == "vnni" else bf16_rounded(x) if path == "dot" else x
+    return check_outputs(run_q8(models, dt, x, wq, uq), dt, x_ref, q8_0.dequantize(wq), q8_0.dequantize(uq))
 
 
 def check_outputs(outputs, dt, x, w, up):
@@ -152,8 +155,9 @@ def q8_case(draw):
 @given(q8_case())
 def test_q8_0_matches_reference(q8_models, case):
     """Q8_0 weights, both activation dtypes: streaming at M <= 16 (vpdpbusd on int8 x where the CPU has
-    AVX512_VNNI, float32 x on the portable path: the fuzz draws the ISA mode), DEQUANT at more rows (N past one
-    chunk of 256 dequantized rows); K in whole blocks, including one block, odd block counts (the vpdpbusd path's
+    AVX512_VNNI, float32 x on the portable path: the fuzz draws the ISA mode); at more rows the bf16-dot GEMM
+    (AVX512_BF16; partial activation blocks, weight rows past N, K slices past 128 pairs) or, portable, DEQUANT (N
+    past one chunk of 256 dequantized rows); K in whole blocks, including one block, odd block counts (the vpdpbusd path's
     ymm tail); K slices: test_stream_k_slices."""
     dt, x, wq, uq, isa = case
     with pytest.MonkeyPatch.context() as m:
@@ -170,7 +174,8 @@ def test_q8_0_deterministic_bit_for_bit(q8_models, dt, M):
     a, b = run_q8(q8_models, dt, x, wq, uq), run_q8(q8_models, dt, x, wq, uq)
     assert all(np.array_equal(p, q) for p, q in zip(a, b))
     assert linear_path(M, 1024, bf16=dt == DType.bfloat16, q8=True) == (
-        ("vnni" if vnni_available() else "stream") if M <= STREAM_MAX_M else "dequant")
+        ("vnni" if vnni_available() else "stream") if M <= STREAM_MAX_M
+        else "dot" if bf16_dot_available() else "dequant")
 
 
 @pytest.mark.skipif(not cpu_has_avx512_vnni(), reason="the CPU has no AVX512_VNNI")
@@ -190,6 +195,26 @@ def test_vnni_path_is_taken(q8_models, monkeypatch):
         exact = check_q8(q8_models, DType.float32, x, wq, uq)
         monkeypatch.delenv(PORTABLE_ENV)
         assert not np.array_equal(fast[0], exact[0]), f"M={M}: the vpdpbusd path gave the float32 path's bits"
+
+
+@pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the CPU has no AVX512_BF16")
+def test_q8_0_dot_path_is_taken(q8_models, monkeypatch):
+    """Where the CPU has AVX512_BF16 the Q8_0 ops' GEMM (M > 16) runs vdpbf16ps on the blocks' int8 values (a forced
+    portable setting in the environment does not turn this into a skip): it meets the reference on x rounded to
+    bf16, and differs from DEQUANT (the portable choice), which meets it on x itself. Shapes: one partial
+    activation block with weight rows past N; K 4128 (129 blocks: a last K slice of one block) with 97 rows."""
+    monkeypatch.delenv(PORTABLE_ENV, raising=False)
+    rng = np.random.default_rng(12)
+    for M, N, K in ((17, 70, 96), (97, 300, 4128)):
+        x = _values(rng, (M, K), DType.float32)
+        wq, uq = (q8_0.quantize(_values(rng, (N, K), DType.float32, 1 / np.sqrt(K))) for _ in "wu")
+        assert linear_path(M, K, bf16=False, q8=True) == "dot"
+        fast = check_q8(q8_models, DType.float32, x, wq, uq)
+        monkeypatch.setenv(PORTABLE_ENV, "1")
+        assert linear_path(M, K, bf16=False, q8=True) == "dequant"
+        exact = check_q8(q8_models, DType.float32, x, wq, uq)
+        monkeypatch.delenv(PORTABLE_ENV)
+        assert not np.array_equal(fast[0], exact[0]), f"M={M}: the bf16-dot GEMM gave DEQUANT's bits"
 
 
 @pytest.mark.parametrize("K,cols", [(33, 34), (64, 34), (64, 70)])

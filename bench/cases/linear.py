@@ -15,7 +15,8 @@ Check: every output within a tolerance of the float32 numpy result on the same v
 to max |y|. Rooflines: M <= 8 against the weight bytes (each read once) over the measured bandwidth; M = 512
 against 2 M N K FLOPs (two GEMMs for SwiGLU) over the measured fp32 GEMM peak.
 Case `dot_peak` (where the CPU has AVX512_BF16): the bf16-dot micro-kernel alone on L1-resident operands, all
-cores: the yardstick of the bf16 M = 512 rows, whose `dot_peak_frac` is their GFLOP/s over it.
+cores: the yardstick of the bf16 and Q8_0 M = 512 rows (both on that micro-kernel without AMX), whose
+`dot_peak_frac` is their GFLOP/s over it.
 `--quick`: `tiny`'s shapes at M in {1, 64}.
 """
 
@@ -30,7 +31,7 @@ from max.engine import InferenceSession
 from max.graph import DeviceRef, Graph, TensorType
 
 from hyv3_graph import q8_0
-from hyv3_graph.dtypes import bf16_bits_to_f32, buffer_numpy, f32_to_bf16_bits, to_buffer, to_dtype
+from hyv3_graph.dtypes import bf16_bits_to_f32, bf16_rounded, buffer_numpy, f32_to_bf16_bits, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
 from hyv3_graph.kernels.cpu_isa import bf16_dot_available
 from hyv3_graph.kernels.linear import (DOT_TILE_FLOPS, linear, linear_builtin, linear_dot_peak, linear_path, linear_swiglu,
@@ -96,8 +97,9 @@ def _q8_case(models, rng, model, name, N, K, swiglu, M) -> Case:
 
     ref = run_numpy()
     path = linear_path(M, K, False, q8=True)
-    vnni = path == "vnni"  # ours takes x's int8 blocks: so does its reference
-    ours_ref = run_numpy(q8_0.quantize_activations(x).astype(np.float32)) if vnni else ref
+    # ours takes x's int8 blocks (vnni) or x rounded to bf16 (dot): so does its reference
+    x_ours = {"vnni": q8_0.quantize_activations(x).astype(np.float32), "dot": bf16_rounded(x)}.get(path)
+    ours_ref = ref if x_ours is None else run_numpy(x_ours)
     tol = TOL[DType.float32]
 
     def check(outputs):
@@ -106,7 +108,8 @@ def _q8_case(models, rng, model, name, N, K, swiglu, M) -> Case:
         assert_close("linear q8_0 (mojo vs numpy float32, dequantized)", outputs["mojo"], ours_ref, rtol=0,
                      atol=tol * max(1.0, float(np.abs(ours_ref).max())))
     check.__doc__ = (f"within {tol:g} x max(1, max|y|) of numpy float32 on the dequantized weights"
-                     + (" and, for ours, on x's int8 blocks (q8_0.quantize_activations)" if vnni else ""))
+                     + {"vnni": " and, for ours, on x's int8 blocks (q8_0.quantize_activations)",
+                        "dot": " and, for ours, on x rounded to bf16"}.get(path, ""))
 
     n_w = len(quantized)
     return Case(bench=BENCH, name=f"{model}_{name}_M{M}_{'N%dx2' % N if swiglu else 'N%d' % N}_K{K}_q8_0",
@@ -211,7 +214,7 @@ def cases(quick: bool, cores: int = 1):
 def results(quick: bool, machine: dict) -> list[dict]:
     rows = [row for case in cases(quick, machine["cores"]) for row in run_case(case, machine)]
     peak = next((r["gflops"] for r in rows if r["case"].startswith("dot_peak")), None)
-    for r in rows:  # the bf16 GEMM rows against the micro-kernel's own peak (the issue's yardstick without AMX)
-        if peak and r["case"].endswith("_bf16") and r.get("gflops"):
+    for r in rows:  # the bf16-dot GEMM rows (bf16 and Q8_0 weights) against the micro-kernel's own peak
+        if peak and r["case"].endswith(("_bf16", "_q8_0")) and r.get("gflops"):
             r["dot_peak_frac"] = r["gflops"] / peak
     return rows

@@ -21,12 +21,13 @@ DOT_TILE_FLOPS = 8 * 3 * 128 * 64  # one microkernels.dot_tile call: MR x NVMAX 
 def linear_path(M: int, K: int, bf16: bool, q8: bool = False) -> str:
     """The path kernels/linear.mojo takes for an [M, K] input: "stream", "amx" (AMX bf16 tiles), "dot" (bf16-dot
     GEMM), "matmul" (MAX's float32 matmul) or, for Q8_0 weights (q8), "vnni" (streaming on vpdpbusd, x quantized to
-    int8: q8_0.quantize_activations), "stream" or "dequant" (float32 rows into MAX's matmul). Mirrors `_path` there;
+    int8: q8_0.quantize_activations), "stream", "dot" (the bf16-dot GEMM on the blocks' int8 values, each block's
+    sum scaled by its d; x rounded to bf16) or "dequant" (float32 rows into MAX's matmul). Mirrors `_path` there;
     the tests use it to cover every path and to pick the reference's activations."""
     if M <= STREAM_MAX_M:
         return "vnni" if q8 and vnni_available() else "stream"
     if q8:
-        return "dequant"
+        return "dot" if bf16_dot_available() else "dequant"
     if not bf16:
         return "matmul"
     if K > 0 and K % AMX_K_STEP == 0 and amx_available():
