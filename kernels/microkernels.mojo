@@ -547,7 +547,8 @@ def q8_dot_tile[NV: Int](
                 acc[i * NV + j] = c.unsafe_load[width=W](i * MB + j * W)
     for blk in range(kc // Q8_PAIRS):
         var part = StaticTuple[F32x, Q8_MR * NV](fill=F32x(0))
-        for p in range(blk * Q8_PAIRS, (blk + 1) * Q8_PAIRS):
+        comptime for pp in range(Q8_PAIRS):
+            var p = blk * Q8_PAIRS + pp
             var bv = StaticTuple[I32x, NV](fill=I32x(0))
             comptime for j in range(NV):
                 bv[j] = xb.unsafe_load[width=W](p * MB + j * W)

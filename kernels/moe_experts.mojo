@@ -92,7 +92,8 @@ from std.sys import size_of
 from .cpu_isa import F32x, adjacent_bf16_pairs, amx_configure, amx_release, bf16_pairs, use_amx, use_bf16_dot, use_vnni
 from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, AMX_TILE, Q8_BLOCK, Q8_BLOCK_BYTES, align64,
                            amx_c_tile, amx_c_tiles, amx_k_ok, amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token,
-                           dot_panel, n_blocks, n_vec, q8_activation_scales, q8_dequantize_row, q8_quantize_activations,
+                           dot_panel, n_blocks, n_vec, q8_activation_scales, q8_dequantize_row, q8_dot_panel,
+                           q8_dot_scratch_pairs, q8_dot_scratch_scales, q8_quantize_activations,
                            q8_row_bytes, silu, stream_ahead, stream_dots, stream_dots_q8_0, stream_dots_q8_vnni,
                            stream_rows_per_pass, swiglu_row, untracked)
 
@@ -222,13 +223,11 @@ struct _Stream(ImplicitlyCopyable, Movable):
 
 @fieldwise_init
 struct _Dot(ImplicitlyCopyable, Movable):
-    """The bf16-dot experts: packed bf16-pair activations for gate_up (xkp) and down (akp), the weights as bf16
-    pairs, each expert's first block and each block's expert, the task counts per expert, and whether the GEMMs
-    run on AMX tiles (the tasks then cover AMX_RB row blocks) or on vdpbf16ps."""
+    """The bf16-dot experts (bf16 or Q8_0 weights): packed bf16-pair activations for gate_up (xkp) and down (akp),
+    each expert's first block and each block's expert, the task counts per expert, and whether the GEMMs run on
+    AMX tiles (bf16 only; the tasks then cover AMX_RB row blocks) or on vdpbf16ps."""
     var xkp: Pointer[mut=True, Int32, MutUntrackedOrigin]
     var akp: Pointer[mut=True, Int32, MutUntrackedOrigin]
-    var gu32: Pointer[mut=True, Int32, MutUntrackedOrigin]
-    var dn32: Pointer[mut=True, Int32, MutUntrackedOrigin]
     var dp: Pointer[mut=True, Int, MutUntrackedOrigin]
     var dbp: Pointer[mut=True, Int, MutUntrackedOrigin]
     var bep: Pointer[mut=True, Int, MutUntrackedOrigin]
@@ -383,17 +382,41 @@ def _dot_pack_x(
 
 
 @always_inline
+def _pair_rows[wdt: DType](K: Int) -> Int:
+    """A weight row of K on the bf16-dot GEMM, in the units its row offsets count: Q8_0 bytes, or bf16 pairs."""
+    return q8_row_bytes(K) if wdt == DType.uint8 else K // 2
+
+
+@always_inline
+def _expert_panel[wdt: DType](
+    w: Pointer[mut=True, Scalar[wdt], MutUntrackedOrigin], offsets: Pointer[Int, _], groups: Int,
+    xk: Pointer[mut=True, Int32, MutUntrackedOrigin], n: Int, K2: Int, c: Pointer[mut=True, Float32, _],
+):
+    """c = groups x MR rows of one expert's weight (w: the expert's first row; offsets: `_pair_rows` units) . its n
+    packed activation rows, over K2 pairs: microkernels.dot_panel on bf16 weights, q8_dot_panel (with its scratch)
+    on Q8_0 weights."""
+    comptime if wdt == DType.uint8:
+        var wk = List[Int32](unsafe_uninit_length=q8_dot_scratch_pairs(groups * MR))
+        var ws = List[Float32](unsafe_uninit_length=q8_dot_scratch_scales(groups * MR))
+        q8_dot_panel(w.unsafe_bitcast[UInt8](), offsets, groups, xk, n, K2, c, wk.unsafe_ptr(), ws.unsafe_ptr())
+        _ = wk^
+        _ = ws^
+    else:
+        dot_panel(w.unsafe_bitcast[Int32](), offsets, groups, xk, n, K2, c)
+
+
+@always_inline
 def _dot_gate_up[wdt: DType](
     rt: _Routing, wt: _Weights[wdt], rw: _Rows, dt_: _Dot, task: Int,
 ):
     """bf16-dot path, gate_up task: GROUPS micro-tiles of gate/up rows; SwiGLU in the
     epilogue writes the down GEMM's packed bf16 input."""
+    var unit = _pair_rows[wdt](rt.H)
     var I = rt.I
     var offp = rt.offp
     var gu_es = wt.gu_es
     var xkp = dt_.xkp
     var akp = dt_.akp
-    var gu32 = dt_.gu32
     var dp = dt_.dp
     var dbp = dt_.dbp
     var H2 = dt_.H2
@@ -409,13 +432,13 @@ def _dot_gate_up[wdt: DType](
     for g in range(groups):
         for i in range(GU_ROWS):  # rows past I alias the last one; never stored
             var o = min(o_first + g * GU_ROWS + i, I - 1)
-            offsets[g * MR + i] = o * H2
-            offsets[g * MR + GU_ROWS + i] = (I + o) * H2
+            offsets[g * MR + i] = o * unit
+            offsets[g * MR + GU_ROWS + i] = (I + o) * unit
     var c = List[Float32](unsafe_uninit_length=groups * blocks * MR * MB)  # the first K slice stores, never loads
     var cp = c.unsafe_ptr()
     var blk0 = dbp[unsafe_offset=d]
-    dot_panel(gu32.unsafe_offset(e * (gu_es // 2)), offsets.unsafe_ptr(), groups,
-               xkp.unsafe_offset(blk0 * H2 * MB), n, H2, cp)
+    _expert_panel[wdt](wt.gup.unsafe_offset(e * gu_es), offsets.unsafe_ptr(), groups,
+                       xkp.unsafe_offset(blk0 * H2 * MB), n, H2, cp)
     for g in range(groups):
         for b in range(blocks):
             var nv = n_vec(n, b)
@@ -434,12 +457,12 @@ def _dot_down[wdt: DType](
     rt: _Routing, wt: _Weights[wdt], rw: _Rows, dt_: _Dot, task: Int,
 ):
     """bf16-dot path, down task: GROUPS micro-tiles of down rows; a transposed store of y."""
+    var unit = _pair_rows[wdt](rt.I)
     var H = rt.H
     var offp = rt.offp
     var dn_es = wt.dn_es
     var yp = rw.yp
     var akp = dt_.akp
-    var dn32 = dt_.dn32
     var dp = dt_.dp
     var dbp = dt_.dbp
     var I2 = dt_.I2
@@ -453,11 +476,11 @@ def _dot_down[wdt: DType](
     var groups = min(GROUPS, (H - h_first + MR - 1) // MR)
     var offsets = List[Int](length=groups * MR, fill=0)
     for i in range(groups * MR):
-        offsets[i] = min(h_first + i, H - 1) * I2
+        offsets[i] = min(h_first + i, H - 1) * unit
     var c = List[Float32](unsafe_uninit_length=groups * blocks * MR * MB)  # the first K slice stores, never loads
     var cp = c.unsafe_ptr()
-    dot_panel(dn32.unsafe_offset(e * (dn_es // 2)), offsets.unsafe_ptr(), groups,
-               akp.unsafe_offset(dbp[unsafe_offset=d] * I2 * MB), n, I2, cp)
+    _expert_panel[wdt](wt.dnp.unsafe_offset(e * dn_es), offsets.unsafe_ptr(), groups,
+                       akp.unsafe_offset(dbp[unsafe_offset=d] * I2 * MB), n, I2, cp)
     for b in range(blocks):  # transposed store: c's lanes are rows of y, MR outputs per row at a time
         for g in range(groups):
             var cb = cp.unsafe_offset((g * blocks + b) * MR * MB)
@@ -753,7 +776,7 @@ struct MoeExperts:
                 raise Error("moe_experts: slot out of range: ", s)
 
         # Each expert's path (see the header): STREAM, MATMUL (float32), DOT (the bf16-dot GEMM) or DEQUANT (Q8_0).
-        var dot = wdt == DType.bfloat16 and H > 0 and I > 0 and H % 2 == 0 and I % 2 == 0 and use_bf16_dot()
+        var dot = wdt != DType.float32 and H > 0 and I > 0 and H % 2 == 0 and I % 2 == 0 and use_bf16_dot()
         var path = List[Int](length=E, fill=0)
         var small = List[Int]()  # streaming experts
         var dots = List[Int]()  # bf16-dot experts
@@ -765,10 +788,10 @@ struct MoeExperts:
             var n = Int(offp[unsafe_offset=e + 1]) - Int(offp[unsafe_offset=e])
             if n == 0:
                 continue
-            if Q8 and n > Q8_STREAM_MAX_ROWS:
+            if Q8 and n > Q8_STREAM_MAX_ROWS and not dot:
                 path[e] = DEQUANT
                 dequants.append(e)
-            elif n <= SMALL_ROWS or (wdt != DType.float32 and not dot):
+            elif n <= (Q8_STREAM_MAX_ROWS if Q8 else SMALL_ROWS) or (wdt != DType.float32 and not dot):
                 path[e] = STREAM
                 small.append(e)
             elif wdt == DType.float32:
@@ -868,15 +891,13 @@ struct MoeExperts:
             var dp = dots.unsafe_ptr()
             var dbp = dot_blk0.unsafe_ptr()
             var bep = blk_expert.unsafe_ptr()
-            var gu32 = gup.unsafe_bitcast[Int32]()
-            var dn32 = dnp.unsafe_bitcast[Int32]()
-            var amx = amx_k_ok(H) and amx_k_ok(I) and use_amx()
+            var amx = not Q8 and amx_k_ok(H) and amx_k_ok(I) and use_amx()  # AMX: bf16 weights only
             var gu_cols = AMX_RB * AMX_TILE if amx else GU_ROWS * GROUPS  # gate rows per task
             var dn_cols = AMX_RB * 2 * AMX_TILE if amx else MR * GROUPS  # down rows per task
             var gu_tasks = (I + gu_cols - 1) // gu_cols
             var dn_tasks = (H + dn_cols - 1) // dn_cols
-            var dt_ = _Dot(untracked(xkp), untracked(akp), untracked(gu32), untracked(dn32), untracked(dp),
-                           untracked(dbp), untracked(bep), H2, I2, gu_tasks, dn_tasks, amx)
+            var dt_ = _Dot(untracked(xkp), untracked(akp), untracked(dp), untracked(dbp), untracked(bep), H2, I2,
+                           gu_tasks, dn_tasks, amx)
 
             def pack_x(blk: Int) {var rt, var rw, var dt_}:
                 _dot_pack_x(rt, rw, dt_, blk)

@@ -3,7 +3,8 @@
 One graph (router + experts) is compiled once per session per variant (three k with float32 weights, one
 with bfloat16 weights, one with Q8_0 weights); T, E, H, I are symbolic, so hypothesis varies every shape at run
 time without recompiling. Q8_0 weights are checked against the reference on their dequantized values (the op
-computes with exactly those), at the float32 tolerance.
+computes with exactly those), at the float32 tolerance, or at the bf16-dot one where an expert's GEMM rounds its
+activations to bf16 (bf16_dot_experts(..., q8=True)).
 """
 
 from __future__ import annotations
@@ -78,13 +79,17 @@ def check_q8(models, x, logits, gate_up, down):
     """Against the reference on the dequantized weights; where experts stream on vpdpbusd (int8_dot_experts),
     on their int8-quantized x and SwiGLU output. x's blocks are the op's exactly; the SwiGLU output is the op's
     float32 sums, whose int8 rounding may land one step away from the reference's float64 one: each element of
-    such an expert may be off by one step d of its block, so its output row gets |w| * (|down| @ d) more."""
+    such an expert may be off by one step d of its block, so its output row gets |w| * (|down| @ d) more. Where
+    experts take the bf16-dot GEMM (bf16_dot_experts, q8=True), on x and SwiGLU outputs rounded to bf16, at
+    BF16_DOT_RTOL (as `check`)."""
     out, ids, w, gate_up, down = run_q8(models, x, logits, gate_up, down)
     E, H, I = down.shape
     int8 = int8_dot_experts(ids, E)
-    ref = moe_experts_reference(x, ids, w, gate_up, down, int8_activations=int8)
+    rounded = bf16_dot_experts(ids, E, H, I, q8=True)
+    ref = moe_experts_reference(x, ids, w, gate_up, down, bf16_activations=rounded, int8_activations=int8)
     assert out.shape == x.shape and out.dtype == np.float32
-    tol = np.full(x.shape, RTOL * max(1.0, float(np.abs(ref).max(initial=0))))
+    rtol = BF16_DOT_RTOL if rounded.any() else RTOL
+    tol = np.full(x.shape, rtol * max(1.0, float(np.abs(ref).max(initial=0))))
     for t, e in zip(*np.nonzero(int8[ids])):  # token t's j-th expert streams on int8
         h = gate_up[ids[t, e]].astype(np.float64) @ q8_0.quantize_activations(x[t])
         act = (h[:I] / (1 + np.exp(-h[:I])) * h[I:]).astype(np.float32)
@@ -147,9 +152,10 @@ def test_moe_experts_matches_reference(experts_models, case):
        st.sampled_from(ISA_MODES))
 def test_q8_0_experts_match_reference(experts_models, E, T, H, I, one_expert, seed, isa):
     """Q8_0 expert weights (H and I multiples of 32): experts with <= 16 rows stream their int8 blocks, experts with
-    more (one_expert, or large T) take the dequantized float32 matmul path, in row chunks that end mid-dim when
-    I = 160 or H = 96. The ISA mode is drawn: the streaming experts run vpdpbusd on int8 activations where the CPU
-    has AVX512_VNNI, or widen the int8 weights against float32 activations (portable)."""
+    more (one_expert, or large T) take a GEMM: the bf16-dot one on the blocks' int8 values where the CPU has
+    AVX512_BF16, else (portable) the dequantized float32 matmul, in row chunks that end mid-dim when I = 160 or
+    H = 96. The ISA mode is drawn: the streaming experts run vpdpbusd on int8 activations where the CPU has
+    AVX512_VNNI, or widen the int8 weights against float32 activations (portable)."""
     if T * max(H, I) * Q8_TOP_K > 600_000:
         T = 600_000 // (max(H, I) * Q8_TOP_K)
     rng = np.random.default_rng(seed)
@@ -177,6 +183,28 @@ def test_q8_0_vnni_path_is_taken(experts_models, monkeypatch):
     assert not int8_dot_experts(np.arange(T * Q8_TOP_K) % E, E).any()
     exact = check_q8(experts_models, *args)
     assert not np.array_equal(fast, exact), "the vpdpbusd path gave the float32 path's bits"
+
+
+@pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the CPU has no AVX512_BF16")
+def test_q8_0_dot_path_is_taken(experts_models, monkeypatch):
+    """Where the CPU has AVX512_BF16, Q8_0 experts with more than 16 rows take the bf16-dot GEMM (a forced portable
+    setting in the environment does not turn this into a skip): it meets the reference on bf16-rounded activations
+    and differs from DEQUANT (the portable choice), which meets it on exact ones. H 288 is two K slices of the GEMM
+    (the second one block), I 160 five blocks; 60 tokens over 8 experts give each 60 rows (two activation blocks,
+    the second partial)."""
+    monkeypatch.delenv(PORTABLE_ENV, raising=False)
+    rng = np.random.default_rng(6)
+    T, E, H, I = 60, 8, 288, 160
+    args = (rng.standard_normal((T, H)).astype(np.float32), rng.standard_normal((T, E)).astype(np.float32),
+            (rng.standard_normal((E, 2 * I, H)) / 17).astype(np.float32),
+            (rng.standard_normal((E, H, I)) / 13).astype(np.float32))
+    ids = np.tile(np.arange(E), (T, 1))
+    assert bf16_dot_experts(ids, E, H, I, q8=True).all()
+    fast = check_q8(experts_models, *args)
+    monkeypatch.setenv(PORTABLE_ENV, "1")
+    assert not bf16_dot_experts(ids, E, H, I, q8=True).any()
+    exact = check_q8(experts_models, *args)
+    assert not np.array_equal(fast, exact), "the bf16-dot GEMM gave DEQUANT's bits"
 
 
 def test_q8_0_experts_deterministic_and_bad_k_refused(experts_models):

@@ -3,8 +3,8 @@
 Hy3 dimensions H = 4096, I = 1536, k = 8, with E = 32 experts (to fit in memory here), float32, for
 T in {1, 8, 512, 2048}, plus bfloat16 weights for the same T (ours reads bf16; at large T it computes on bf16
 pairs with vdpbf16ps where the CPU has it), plus Q8_0 weights (`_q8_0` rows, hyv3_graph/q8_0.py, quantized from the
-float32 weights) for T in {1, 8, 512}: ours reads the int8 blocks, the torch eager loop gets the dequantized values
-in float32 (no peer has a CPU Q8_0 MoE; llama.cpp's q8_0 is in the e2e rows). Every implementation gets the
+float32 weights) for T in {1, 8, 512}: ours reads the int8 blocks (at T 512 on the bf16-dot GEMM where the CPU has
+AVX512_BF16, activations rounded to bf16 as for bf16 rows), the torch eager loop gets the dequantized values in float32 (no peer has a CPU Q8_0 MoE; llama.cpp's q8_0 is in the e2e rows). Every implementation gets the
 same x, routing (ids, weights) and weights; the dispatch metadata our op takes is the router's (computed once,
 outside the timing, as in the model).
 Two torch peers, both HF's own HYV3Experts module:
@@ -30,7 +30,8 @@ from max.graph import DeviceRef, Graph, TensorType
 from hyv3_graph import q8_0
 from hyv3_graph.dtypes import bf16_bits_to_f32, f32_to_bf16_bits, to_buffer
 from hyv3_graph.kernels import MOJO_KERNELS
-from hyv3_graph.kernels.moe_experts import experts_builtin, int8_dot_experts, moe_experts, moe_experts_reference
+from hyv3_graph.kernels.moe_experts import (bf16_dot_experts, experts_builtin, int8_dot_experts, moe_experts,
+                                          moe_experts_reference)
 from hyv3_graph.kernels.moe_router import moe_router_reference
 
 from ..harness import Case, assert_close, run_case
@@ -115,11 +116,14 @@ def _cases(torch, rng, T, E, k, H, I, wname, run_mojo, eager, grouped, builtin, 
     if builtin is not None and T <= MAX_DENSE_T:
         eager_impls["max"] = lambda: builtin.execute(bx, bi, bw, b_gu, b_dn)[0].to_numpy()
 
-    int8 = int8_dot_experts(ids, E) if wname == "q8_0" else np.zeros(E, bool)
+    q8 = wname == "q8_0"
+    int8 = int8_dot_experts(ids, E) if q8 else np.zeros(E, bool)
+    q8_gemm = bf16_dot_experts(ids, E, H, I, q8=True) if q8 else np.zeros(E, bool)  # their activations in bf16
     # Q8_0 rows on vpdpbusd: ours rounds its activations to int8 blocks, so it is held to the float64 reference that
-    # rounds them the same way (q8_0.quantize_activations); torch keeps the exact ones
+    # rounds them the same way (q8_0.quantize_activations; and to bf16 for any expert on the bf16-dot GEMM); torch
+    # keeps the exact ones
     int8_ref = (moe_experts_reference(x, ids, w, eager.gate_up_proj.detach().numpy(), eager.down_proj.detach().numpy(),
-                                      int8_activations=int8) if int8.any() else None)
+                                      bf16_activations=q8_gemm, int8_activations=int8) if int8.any() else None)
 
     def check_against_torch(tol):
         def check(outputs):
@@ -136,8 +140,8 @@ def _cases(torch, rng, T, E, k, H, I, wname, run_mojo, eager, grouped, builtin, 
             if int8_ref is not None else "")
         return check
 
-    # bf16 weights: experts with many rows round their activations to bf16 (the op's bf16-dot path)
-    tol = BF16_DOT_TOL if wname == "bf16" else F32_TOL
+    # bf16 weights, or Q8_0 where the bf16-dot GEMM runs: experts with many rows round their activations to bf16
+    tol = BF16_DOT_TOL if wname == "bf16" or q8_gemm.any() else F32_TOL
     active = len(np.unique(ids))
     wbytes = WEIGHT_BYTES[wname]
     name = f"T{T}_E{E}_k{k}_H{H}_I{I}_{wname}"

@@ -17,7 +17,7 @@ from .cpu_isa import AMX_K_STEP, amx_available, bf16_dot_available, vnni_availab
 
 
 SMALL_ROWS = 4  # kernels/moe_experts.mojo: experts with at most this many rows stream (exact float32 activations)
-Q8_STREAM_MAX_ROWS = 16  # kernels/moe_experts.mojo: Q8_0 experts with more rows dequantize into MAX's matmul
+Q8_STREAM_MAX_ROWS = 16  # kernels/moe_experts.mojo: Q8_0 experts with more rows take a GEMM (bf16-dot or DEQUANT)
 
 
 def bf16_gemm(H: int, I: int) -> str:
@@ -29,10 +29,14 @@ def bf16_gemm(H: int, I: int) -> str:
     return "dot" if H > 0 and I > 0 and H % 2 == 0 and I % 2 == 0 and bf16_dot_available() else "stream"
 
 
-def bf16_dot_experts(topk_ids, E: int, H: int, I: int) -> np.ndarray:
-    """[E] bool: the experts the op computes with bf16-rounded activations (bf16 weights): those with more than
-    SMALL_ROWS rows where `bf16_gemm` is "amx" or "dot" (both round x and the SwiGLU output to bf16)."""
+def bf16_dot_experts(topk_ids, E: int, H: int, I: int, q8: bool = False) -> np.ndarray:
+    """[E] bool: the experts the op computes with bf16-rounded activations (their GEMMs round x and the SwiGLU
+    output to bf16). bf16 weights: those with more than SMALL_ROWS rows where `bf16_gemm` is "amx" or "dot".
+    Q8_0 weights (q8): those with more than Q8_STREAM_MAX_ROWS rows where the CPU has AVX512_BF16 (the bf16-dot
+    GEMM on the blocks' int8 values, each block's sum scaled by its d; Q8_0 never takes AMX)."""
     rows = np.bincount(np.asarray(topk_ids).reshape(-1), minlength=E)[:E]
+    if q8:
+        return (rows > Q8_STREAM_MAX_ROWS) & (H > 0 and I > 0 and H % 2 == 0 and I % 2 == 0 and bf16_dot_available())
     return (rows > SMALL_ROWS) & (bf16_gemm(H, I) != "stream")
 
 
