@@ -48,15 +48,20 @@
 #     vpdpbusd at M = 1; docs/perf-notes.md, "Q8_0 streaming: 8 rows a pass"). Otherwise (no VNNI,
 #     HYV3_PORTABLE_KERNELS=1): microkernels.stream_dots_q8_0,
 #     each block widened and scaled exactly and FMA'd into float32 x, so y is x . dequantize(w)^T to float32
-#     rounding. M > STREAM_MAX_M: DEQUANT, DEQUANT_ROWS weight rows at a time dequantized into float32 and
-#     multiplied by MAX's matmul (the dequantization is 1/M of the work). Not built: an int8 GEMM (vpdpbusd or
-#     AMX-int8), whose per-32 scales cost a convert, a multiply and an FMA next to each vpdpbusd (perf-notes).
+#     rounding. M > STREAM_MAX_M on a CPU with AVX512_BF16: DOT on Q8_0 rows (microkernels.q8_dot_panel, the same
+#     tasks, packing and epilogue): each task widens its rows' K slice into a scratch of bf16 pairs (int8 values are
+#     exact in bf16) and sums each block's 16 pairs apart, then scales them by the block's d, so the weights are
+#     exactly the dequantized ones and only x is rounded to bf16 (packed as bf16 pairs; a bf16 x as it is). 2.0-2.3x
+#     DEQUANT, 0.86-0.92x the bf16 weights' DOT (docs/perf-notes.md, "Q8_0 on the bf16-dot GEMM"). Without
+#     AVX512_BF16 (or HYV3_PORTABLE_KERNELS=1): DEQUANT, DEQUANT_ROWS weight rows at a time dequantized into
+#     float32 and multiplied by MAX's matmul (the dequantization is 1/M of the work). Not built: an int8 GEMM
+#     (vpdpbusd or AMX-int8), whose per-32 scales cost a convert, a multiply and an FMA next to each vpdpbusd.
 #   * Why no AMX for float32 weights or at M <= 16: the tiles take bf16 only (rounding float32 weights would change
 #     the model), and decode is bound by the weight bytes, which the streaming path already reads once.
 #
 # Code map: `Linear.execute` / `LinearSwiglu.execute` check shapes, then `_run` picks the path and runs its passes:
 # `_stream_task` (x first quantized by q8_quantize_activations on the Q8_0 VNNI path); `_pack_block`, then `_amx_task`
-# or `_dot_task`; `_matmul`; `_dequant_matmul`. State lives in `_Problem`.
+# or `_dot_task` (bf16 or Q8_0 rows); `_matmul`; `_dequant_matmul`. State lives in `_Problem`.
 #
 # Today's numbers (2026-12-07 02:29-02:50 UTC, 2-core AMD EPYC family 25 model 17 (Zen 4), no AMX; the `linear`
 # bench's own case builders on Hy3's shapes, run by a script because the whole bench took > 50 min that hour
@@ -71,7 +76,9 @@
 #          (oneDNN bf16) in the second run, 0.85-1.13x in the first. f32 = MAX's matmul (not re-run).
 #   M 512 bf16 on AMX (2-core Intel Xeon with amx_bf16, 2026-12-03; a timing script, not the bench yet:
 #          docs/perf-notes.md "AMX"): 1.41-1.68 TFLOP/s, ~0.8x torch's oneDNN AMX (1.72-1.83).
-#   Q8_0 M 512 (DEQUANT; 2026-12-03, the same Zen 4, a timing script): 141-165 GFLOP/s.
+#   Q8_0 M 512 (DOT on Q8_0 rows; 2026-12-07 05:15, the same Zen 4, a timing script beside DEQUANT and bf16 DOT in
+#          one process, docs/perf-notes.md "Q8_0 on the bf16-dot GEMM"): 299-339 GFLOP/s, 2.0-2.3x DEQUANT
+#          (133-176), 0.86-0.92x bf16 DOT (329-391).
 # History and the e2e effect: docs/perf-notes.md, "linear" and "Q8_0".
 import extensibility
 from extensibility import InputTensor, OutputTensor
@@ -428,8 +435,8 @@ def _matmul[SWIGLU: Bool](pb: _Problem[DType.float32]) raises:
 
 
 def _dequant_matmul[dt: DType, SWIGLU: Bool](pb: _Problem[dt]) raises:
-    """DEQUANT (Q8_0 weights, M > STREAM_MAX_M): DEQUANT_ROWS weight rows at a time are dequantized into float32
-    (exact; all cores), multiplied with the float32 x by MAX's CPU matmul (transpose_b, all cores), and stored as
+    """DEQUANT (Q8_0 weights, M > STREAM_MAX_M, no AVX512_BF16): DEQUANT_ROWS weight rows at a time are dequantized
+    into float32 (exact; all cores), multiplied with the float32 x by MAX's CPU matmul (transpose_b, all cores), and stored as
     those columns of y (SwiGLU: combined). Dequantizing costs 1 / M of the matmul's work."""
     var M = pb.M
     var N = pb.N

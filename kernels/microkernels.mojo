@@ -16,6 +16,12 @@
 #   * dot_tile / dot_panel: the bf16-dot GEMM (vdpbf16ps), compute bound: MR weight rows read in place, a bf16
 #     pair broadcast against MB activation rows packed [K/2][MB] (each op packs its own: moe_experts rounds float32
 #     rows, linear copies bf16 ones). moe_experts' bf16 experts with many rows and linear's bf16 prefill.
+#   * q8_dot_tile / q8_dot_panel: the same GEMM on Q8_0 weight rows (both ops' Q8_0 prefill): each K slice of a
+#     task's rows is first widened into a scratch of bf16 pairs (int8 values are exact in bf16) with the blocks'
+#     scales (q8_widen_slice); each block's 16 pairs then sum into fresh accumulators, scaled by its d and added,
+#     so the weights are the dequantized ones exactly; only x is rounded to bf16. Q8_MR = 4 weight rows a tile
+#     (the block sums need registers beside the accumulators). 2.0-2.3x the DEQUANT path it replaced, 0.86-0.92x
+#     the bf16 weights' dot_panel (docs/perf-notes.md, "Q8_0 on the bf16-dot GEMM").
 #   * amx_panel: the bf16 GEMM on AMX tiles (Intel Sapphire Rapids and later), the same operands as dot_panel:
 #     weight rows in place as A tiles (each K slice first copied into 64-byte aligned tiles), dot_panel's packed
 #     activation blocks as B tiles (16 tokens a tile, MB x 4 bytes between tile rows), 2 x 2 C tiles of fp32 held

@@ -53,19 +53,22 @@
 #     blocks (microkernels.q8_quantize_activations) and dotted on vpdpbusd (stream_dots_q8_vnni), as linear does,
 #     Q8_STREAM_NW = 8 weight rows a pass (4 gate rows with their up rows, or 8 down rows);
 #     otherwise each weight block is widened and scaled, exact in float32, against exact float32 activations
-#     (stream_dots_q8_0). An expert with more rows (prefill) takes DEQUANT, as linear does: tasks of (expert,
-#     DEQUANT_ROWS weight rows: gate rows with their up rows, or down rows), each dequantizing its rows once into a
-#     float32 scratch (exact) and multiplying the expert's rows by them through MAX's matmul on its core; streaming
-#     them instead re-read every expert's activations from L3 for each 4 weight rows. Why no int8 GEMM for
-#     them: docs/perf-notes.md, "Q8_0".
+#     (stream_dots_q8_0). An expert with more rows (prefill) takes the bf16-dot GEMM below on its Q8_0 rows where
+#     the CPU has AVX512_BF16 (microkernels.q8_dot_panel: each K slice widened into a scratch per task, each block's
+#     sum scaled by its d, so the weights are exactly the dequantized ones; x and the SwiGLU output rounded to bf16
+#     as for bf16 weights; never AMX): 1.66x DEQUANT at Hy3's dims (docs/perf-notes.md, "Q8_0 on the bf16-dot
+#     GEMM"). Otherwise DEQUANT, as linear does: tasks of (expert, DEQUANT_ROWS weight rows: gate rows with their
+#     up rows, or down rows), each dequantizing its rows once into a float32 scratch (exact) and multiplying the
+#     expert's rows by them through MAX's matmul on its core; streaming them instead re-read every expert's
+#     activations from L3 for each 4 weight rows. Why no int8 GEMM: docs/perf-notes.md, "Q8_0".
 #   * The streaming and bf16-dot tasks go to whichever core is free (work_queue.mojo): MAX's parallelize
 #     gives each core a fixed half of the task list, which leaves one idle when experts' row counts differ.
 #   * Combine is deterministic, without atomics: out[t] accumulates its experts in ascending expert
 #     order, whatever the thread count; the shared expert(s) stay in the graph (a dense SwiGLU).
 #
 # Code map: `MoeExperts.execute` validates the routing, picks each expert's path, then runs the passes: `_gather_row`;
-# streaming `_stream_gate_up`, `_stream_down`; bf16-dot `_dot_pack_x`, `_dot_gate_up`, `_dot_down` (AMX:
-# `_amx_gate_up`, `_amx_down`); float32 matmul `_matmul_expert`; Q8_0 `_dequant_gate_up`, `_dequant_down`; and
+# streaming `_stream_gate_up`, `_stream_down`; bf16-dot `_dot_pack_x`, `_dot_gate_up`, `_dot_down` (their GEMM:
+# `_expert_panel`; AMX: `_amx_gate_up`, `_amx_down`); float32 matmul `_matmul_expert`; Q8_0 `_dequant_gate_up`, `_dequant_down`; and
 # `_combine_token`. They read the op's state from small structs (`_Routing`, `_Weights`, `_Rows`, `_Stream`, `_Dot`,
 # `_Matmul`, `_Dequant`). The streaming dots and the bf16-dot micro-kernel are microkernels.mojo's
 # (shared with linear.mojo).
@@ -76,7 +79,8 @@
 # On AMX (`python -m bench --only experts`, 2026-12-03, 2-core Intel Xeon with amx_bf16): bf16 T 512 177-182 ms
 # (849-874 GFLOP/s, 1.66x torch's bf16 grouped_mm), T 2048 466-486 ms (1.27-1.33 TFLOP/s, 2.33x).
 # Q8_0 (2026-12-03, 2-core Zen 4 with AVX512_VNNI, a timing script: docs/perf-notes.md "Q8_0"): T 1 7.42 ms
-# (21.6 GB/s; bf16 9.60 ms), T 8 36.3 ms (bf16 41.8), T 512 998 ms on DEQUANT (155 GFLOP/s; bf16 467 ms).
+# (21.6 GB/s; bf16 9.60 ms), T 8 36.3 ms (bf16 41.8). T 512 (2026-12-07 05:20, the same Zen 4, a timing script,
+# the three in one process): on the bf16-dot GEMM 574 ms (269 GFLOP/s), DEQUANT 954 ms (162), bf16 464 ms (333).
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
@@ -872,8 +876,9 @@ struct MoeExperts:
                 parallelize_sized(quantize_act, T * k, T * k * I * 5)
             parallelize_dynamic(down_task, n_small * dn_tiles, n_small * H * dn_row_bytes)
 
-        # bf16-dot path (bfloat16 weights, CPU with AVX512_BF16): activations rounded to bf16 and packed in
-        # blocks of MB rows, [block][K/2][MB] bf16 pairs; weights read in place as bf16 pairs.
+        # bf16-dot path (bfloat16 or Q8_0 weights, CPU with AVX512_BF16): activations rounded to bf16 and packed in
+        # blocks of MB rows, [block][K/2][MB] bf16 pairs; bf16 weights read in place as bf16 pairs, Q8_0 ones
+        # widened a K slice at a time (microkernels.q8_dot_panel).
         var n_dots = len(dots)
         if n_dots > 0:
             var H2 = H // 2
