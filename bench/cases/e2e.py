@@ -17,6 +17,11 @@ wrong GGUF does); bf16 and q8_0 rows report whether their prefill logits' error 
 LOW_PRECISION_SLACK x HF bf16's own error (+0.05, medians over four prompts: see `_check`) with correlations
 > 0.9, and their greedy-token agreement (random weights: greedy paths part after a few tokens in any lower
 precision), reported, not required.
+Timing: every implementation is loaded before the first timing, and the repeats run in rounds: each round times
+every implementation's prefill, then every one's decode, then every one's ragged batch, so the rows compared
+in a ratio are timed within seconds of each other (this machine's bandwidth moves 20-40% within an hour; timing
+one implementation's repeats in a block, as before 2026-12-07, let that drift into the ratios). Medians over
+the rounds; one warm-up call of each before the first round.
 Rooflines: prefill against its FLOPs over the measured peak, decode against the bytes one step must read
 (active weights: attention, dense MLP, router, the k chosen and the shared experts, lm_head; plus the KV
 cache) over the measured bandwidth.
@@ -220,6 +225,29 @@ def _check(impls: dict, prompt, short, decode_n) -> dict:
     return out
 
 
+def _interleaved_times(impls: dict, prompt, short, ragged, s: dict) -> dict:
+    """{(impl key, "prefill" | "decode" | "ragged"): seconds per repeat}, timed in rounds across the
+    implementations (the module docstring says why). Decode counts the decode loop only (its prefill excluded),
+    as `generate` reports it."""
+    def timed(fn):
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    runs = {"prefill": lambda impl: timed(lambda: impl.prefill_logits(prompt)),
+            "decode": lambda impl: impl.decode(short, s["decode"])[1],
+            "ragged": lambda impl: timed(lambda: impl.batch(ragged, s["ragged_new"]))}
+    for impl in impls.values():  # warm-up (the checks ran decode already)
+        impl.prefill_logits(prompt)
+        impl.batch(ragged, s["ragged_new"])
+    times = {(key, kind): [] for key in impls for kind in runs}
+    for _ in range(s["repeats"]):
+        for kind, run in runs.items():
+            for key, impl in impls.items():
+                times[key, kind].append(run(impl))
+    return times
+
+
 def results(quick: bool, machine: dict) -> list[dict]:
     import torch
 
@@ -234,6 +262,7 @@ def results(quick: bool, machine: dict) -> list[dict]:
     impls, versions = _impls(s, path, cfg, machine)
     checks = _check(impls, prompt, short, s["decode"])
 
+    times = _interleaved_times(impls, prompt, short, ragged, s)
     rows = []
     for key, impl in impls.items():
         name, wt = key
@@ -242,19 +271,18 @@ def results(quick: bool, machine: dict) -> list[dict]:
         kv_bytes = 2 * cfg.num_hidden_layers * cfg.kv_dim * kv_item * (len(short) + s["decode"] // 2)
         decode_bytes = active_weight_bytes(cfg, bytes_per) + kv_bytes
         base = {"bench": BENCH, "impl": name, "weights": wt, "version": versions[key], **checks[key]}
-        _, med, mn = _median_min(lambda: impl.prefill_logits(prompt), s["repeats"])
+        med, mn = statistics.median(times[key, "prefill"]), min(times[key, "prefill"])
         fl = prefill_flops(cfg, len(prompt))
         rows.append(base | {"case": f"{s['preset']}_prefill{len(prompt)}{suffix}",
                             "median_s": med, "min_s": mn, "tok_s": len(prompt) / med, "gflops": fl / med / 1e9,
                             "gbs": None, "roofline_frac": fl / med / 1e9 / machine["peak_gflops"]})
-        decode_times = [impl.decode(short, s["decode"])[1] for _ in range(s["repeats"])]
-        med, mn = statistics.median(decode_times), min(decode_times)
+        med, mn = statistics.median(times[key, "decode"]), min(times[key, "decode"])
         steps = s["decode"] - 1
         gbs = decode_bytes * steps / med / 1e9
         rows.append(base | {"case": f"{s['preset']}_decode{s['decode']}_b1{suffix}",
                             "median_s": med, "min_s": mn, "tok_s": steps / med, "gflops": None, "gbs": gbs,
                             "roofline_frac": gbs / machine["bandwidth_gbs"]})
-        _, med, mn = _median_min(lambda: impl.batch(ragged, s["ragged_new"]), s["repeats"])
+        med, mn = statistics.median(times[key, "ragged"]), min(times[key, "ragged"])
         n_tok = len(ragged) * s["ragged_new"]
         rows.append(base | {"case": f"{s['preset']}_ragged{len(ragged)}x{s['ragged_new']}{suffix}",
                             "median_s": med, "min_s": mn, "tok_s": n_tok / med, "gflops": None, "gbs": None,
