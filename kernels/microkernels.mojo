@@ -499,7 +499,6 @@ def dot_panel(
                     dot_tile[NVMAX](w, rows, xb, kc, cb, p0 == 0)
 
 
-
 # ---- Q8_0 weights on the bf16-dot GEMM: each block's int8 weights are exact bf16 values, its scale applied per block
 comptime Q8_PAIRS = Q8_BLOCK // 2  # bf16 pairs of one Q8_0 block along K
 comptime Q8_KC_BLOCKS = KC // Q8_PAIRS  # Q8_0 blocks in one KC slice (KC is a multiple of Q8_PAIRS)
