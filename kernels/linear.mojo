@@ -96,8 +96,7 @@ from .cpu_isa import (F32x, adjacent_bf16_pairs, amx_configure, amx_release, rou
 from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, KC, NVMAX, AMX_TILE, PREFETCH_AHEAD, PREFETCH_AHEAD_Q8,
                            Q8_BLOCK, Q8_BLOCK_BYTES, align64,
                            amx_c_tiles, amx_k_ok, amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token, transpose16,
-                           dot_panel, dot_tile, n_blocks, q8_dot_panel, q8_dot_scratch_pairs,
-                           q8_dot_scratch_scales, q8_activation_scales, q8_dequantize_row,
+                           dot_panel, dot_tile, n_blocks, q8_dot_panel, q8_activation_scales, q8_dequantize_row,
                            q8_quantize_activations, q8_row_bytes, silu, stream_dots, stream_dots_bf16, stream_dots_q8_0,
                            stream_dots_q8_vnni, stream_ahead, stream_rows_per_pass, swiglu_row,
                            untracked)
@@ -260,8 +259,7 @@ def _pack_block[dt: DType](pb: _Problem[dt], xk: Pointer[mut=True, Int32, MutUnt
     """DOT and AMX: rows blk * MB .. of x as bf16 pairs -> packed block [K/2][MB]; rows past M (up to a whole vector)
     are 0. 16 rows x 16 pairs at a time through a register transpose (the int32 pairs travel as float32 bits). A
     float32 x (Q8_0 weights on DOT) is rounded to bf16 on the way, to nearest even."""
-    var K = pb.K
-    var K2 = K // 2
+    var K2 = pb.K // 2
     var x32 = pb.xp.unsafe_bitcast[Int32]()
     var dst = xk.unsafe_offset(blk * K2 * MB)
     var m_first = blk * MB
@@ -289,7 +287,7 @@ def _dot_task[dt: DType, SWIGLU: Bool, Q8: Bool](
 ):
     """DOT: output columns of tile task % n_tiles (GROUPS x MR weight rows) for the rows of chunk task // n_tiles
     (CHUNK_BLOCKS packed blocks); a transposed store, MR outputs of a row at a time. Q8: Q8_0 weight rows on
-    microkernels.q8_dot_panel (each K slice widened into a scratch of this task's)."""
+    microkernels.q8_dot_panel."""
     var N = pb.N
     var K2 = pb.K // 2
     var blk0 = (task // n_tiles) * CHUNK_BLOCKS
@@ -308,14 +306,10 @@ def _dot_task[dt: DType, SWIGLU: Bool, Q8: Bool](
     var cap = ca.unsafe_ptr()
     var cu = List[Float32](unsafe_uninit_length=size if SWIGLU else 0)
     var cup = cu.unsafe_ptr()
-    var wk = List[Int32](unsafe_uninit_length=q8_dot_scratch_pairs(groups * MR) if Q8 else 0)
-    var ws = List[Float32](unsafe_uninit_length=q8_dot_scratch_scales(groups * MR) if Q8 else 0)
     comptime if Q8:
-        var wkp = wk.unsafe_ptr()
-        var wsp = ws.unsafe_ptr()
-        q8_dot_panel(pb.wa.unsafe_bitcast[UInt8](), offsets.unsafe_ptr(), groups, xb, rows, K2, cap, wkp, wsp)
+        q8_dot_panel(pb.wa.unsafe_bitcast[UInt8](), offsets.unsafe_ptr(), groups, xb, rows, K2, cap)
         comptime if SWIGLU:
-            q8_dot_panel(pb.wb.unsafe_bitcast[UInt8](), offsets.unsafe_ptr(), groups, xb, rows, K2, cup, wkp, wsp)
+            q8_dot_panel(pb.wb.unsafe_bitcast[UInt8](), offsets.unsafe_ptr(), groups, xb, rows, K2, cup)
     else:
         dot_panel(pb.wa.unsafe_bitcast[Int32](), offsets.unsafe_ptr(), groups, xb, rows, K2, cap)
         comptime if SWIGLU:
@@ -343,8 +337,6 @@ def _dot_task[dt: DType, SWIGLU: Bool, Q8: Bool](
     _ = offsets^
     _ = ca^
     _ = cu^
-    _ = wk^
-    _ = ws^
 
 
 @always_inline
@@ -436,8 +428,8 @@ def _matmul[SWIGLU: Bool](pb: _Problem[DType.float32]) raises:
 
 def _dequant_matmul[dt: DType, SWIGLU: Bool](pb: _Problem[dt]) raises:
     """DEQUANT (Q8_0 weights, M > STREAM_MAX_M, no AVX512_BF16): DEQUANT_ROWS weight rows at a time are dequantized
-    into float32 (exact; all cores), multiplied with the float32 x by MAX's CPU matmul (transpose_b, all cores), and stored as
-    those columns of y (SwiGLU: combined). Dequantizing costs 1 / M of the matmul's work."""
+    into float32 (exact; all cores), multiplied with the float32 x by MAX's CPU matmul (transpose_b, all cores), and
+    stored as those columns of y (SwiGLU: combined). Dequantizing costs 1 / M of the matmul's work."""
     var M = pb.M
     var N = pb.N
     var K = pb.K

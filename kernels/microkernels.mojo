@@ -505,18 +505,6 @@ comptime Q8_KC_BLOCKS = KC // Q8_PAIRS  # Q8_0 blocks in one KC slice (KC is a m
 comptime Q8_MR = MR // 2  # q8_dot_tile: weight rows per call (acc + block sums: 2 x Q8_MR x NVMAX = 24 zmm)
 
 
-@always_inline
-def q8_dot_scratch_pairs(rows: Int) -> Int:
-    """int32 elements of q8_dot_panel's scratch for `rows` weight rows: one KC slice of bf16 pairs a row."""
-    return rows * KC
-
-
-@always_inline
-def q8_dot_scratch_scales(rows: Int) -> Int:
-    """float32 elements of q8_dot_panel's scale scratch for `rows` weight rows: one KC slice's block scales a row."""
-    return rows * Q8_KC_BLOCKS
-
-
 def q8_widen_slice(
     w: Pointer[UInt8, _], row_offsets: Pointer[Int, _], n_rows: Int, p0: Int, kc: Int,
     wk: Pointer[mut=True, Int32, _], ws: Pointer[mut=True, Float32, _],
@@ -572,12 +560,16 @@ def q8_dot_tile[NV: Int](
 
 def q8_dot_panel(
     w: Pointer[UInt8, _], row_offsets: Pointer[Int, _], groups: Int, xk: Pointer[Int32, _], n: Int, K2: Int,
-    c: Pointer[mut=True, Float32, _], wk: Pointer[mut=True, Int32, _], ws: Pointer[mut=True, Float32, _],
+    c: Pointer[mut=True, Float32, _],
 ):
     """dot_panel for Q8_0 weight rows (row_offsets: bytes from w; K2 = K / 2, K a multiple of Q8_BLOCK): the same
-    c [groups][blocks][MR][MB], task shape and KC slices, each slice's rows first widened into the scratch wk
-    (q8_dot_scratch_pairs(groups * MR)) and ws (q8_dot_scratch_scales(groups * MR)) by q8_widen_slice, then
-    q8_dot_tile on each half of every group's MR rows."""
+    c [groups][blocks][MR][MB], task shape and KC slices, each slice's rows first widened by q8_widen_slice into a
+    scratch of the call's (groups x MR rows x KC pairs, ~34 KiB), then q8_dot_tile on each half of every group's MR
+    rows."""
+    var wk_buf = List[Int32](unsafe_uninit_length=groups * MR * KC)  # every pair read is widened first
+    var ws_buf = List[Float32](unsafe_uninit_length=groups * MR * Q8_KC_BLOCKS)
+    var wk = wk_buf.unsafe_ptr()
+    var ws = ws_buf.unsafe_ptr()
     var blocks = n_blocks(n)
     for p0 in range(0, K2, KC):
         var kc = min(KC, K2 - p0)
@@ -596,6 +588,9 @@ def q8_dot_panel(
                     q8_dot_tile[2](wkh, wsh, xb, kc, cb, p0 == 0)
                 else:
                     q8_dot_tile[NVMAX](wkh, wsh, xb, kc, cb, p0 == 0)
+    _ = wk_buf^
+    _ = ws_buf^
+
 
 # ---- AMX bf16 tiles (cpu_isa.use_amx): the same packed activations as dot_panel, 16 tokens per B tile ----
 comptime AMX_TILE = 16  # rows of an A tile (weight rows), columns of a B tile (tokens): C tiles 16 x 16 fp32

@@ -68,10 +68,10 @@
 #
 # Code map: `MoeExperts.execute` validates the routing, picks each expert's path, then runs the passes: `_gather_row`;
 # streaming `_stream_gate_up`, `_stream_down`; bf16-dot `_dot_pack_x`, `_dot_gate_up`, `_dot_down` (their GEMM:
-# `_expert_panel`; AMX: `_amx_gate_up`, `_amx_down`); float32 matmul `_matmul_expert`; Q8_0 `_dequant_gate_up`, `_dequant_down`; and
-# `_combine_token`. They read the op's state from small structs (`_Routing`, `_Weights`, `_Rows`, `_Stream`, `_Dot`,
-# `_Matmul`, `_Dequant`). The streaming dots and the bf16-dot micro-kernel are microkernels.mojo's
-# (shared with linear.mojo).
+# `_expert_panel`; AMX: `_amx_gate_up`, `_amx_down`); float32 matmul `_matmul_expert`; Q8_0 `_dequant_gate_up`,
+# `_dequant_down`; and `_combine_token`. They read the op's state from small structs (`_Routing`, `_Weights`,
+# `_Rows`, `_Stream`, `_Dot`, `_Matmul`, `_Dequant`). The streaming dots and the bf16-dot micro-kernels are
+# microkernels.mojo's (shared with linear.mojo).
 #
 # Today's numbers (`python -m bench`, bench/results/latest.md, 2026-12-02, 2-core AMD EPYC family 26 (Zen 5); H 4096,
 # I 1536, E 32, k 8): fp32 T 1 17.1 ms (35 GB/s, 2.4x torch's eager loop), T 512 561 ms (275 GFLOP/s), T 2048
@@ -97,7 +97,7 @@ from .cpu_isa import F32x, adjacent_bf16_pairs, amx_configure, amx_release, bf16
 from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, AMX_TILE, Q8_BLOCK, Q8_BLOCK_BYTES, align64,
                            amx_c_tile, amx_c_tiles, amx_k_ok, amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token,
                            dot_panel, n_blocks, n_vec, q8_activation_scales, q8_dequantize_row, q8_dot_panel,
-                           q8_dot_scratch_pairs, q8_dot_scratch_scales, q8_quantize_activations,
+                           q8_quantize_activations,
                            q8_row_bytes, silu, stream_ahead, stream_dots, stream_dots_q8_0, stream_dots_q8_vnni,
                            stream_rows_per_pass, swiglu_row, untracked)
 
@@ -397,14 +397,9 @@ def _expert_panel[wdt: DType](
     xk: Pointer[mut=True, Int32, MutUntrackedOrigin], n: Int, K2: Int, c: Pointer[mut=True, Float32, _],
 ):
     """c = groups x MR rows of one expert's weight (w: the expert's first row; offsets: `_pair_rows` units) . its n
-    packed activation rows, over K2 pairs: microkernels.dot_panel on bf16 weights, q8_dot_panel (with its scratch)
-    on Q8_0 weights."""
+    packed activation rows, over K2 pairs: microkernels.dot_panel on bf16 weights, q8_dot_panel on Q8_0 weights."""
     comptime if wdt == DType.uint8:
-        var wk = List[Int32](unsafe_uninit_length=q8_dot_scratch_pairs(groups * MR))
-        var ws = List[Float32](unsafe_uninit_length=q8_dot_scratch_scales(groups * MR))
-        q8_dot_panel(w.unsafe_bitcast[UInt8](), offsets, groups, xk, n, K2, c, wk.unsafe_ptr(), ws.unsafe_ptr())
-        _ = wk^
-        _ = ws^
+        q8_dot_panel(w.unsafe_bitcast[UInt8](), offsets, groups, xk, n, K2, c)
     else:
         dot_panel(w.unsafe_bitcast[Int32](), offsets, groups, xk, n, K2, c)
 

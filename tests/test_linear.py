@@ -157,8 +157,8 @@ def test_q8_0_matches_reference(q8_models, case):
     """Q8_0 weights, both activation dtypes: streaming at M <= 16 (vpdpbusd on int8 x where the CPU has
     AVX512_VNNI, float32 x on the portable path: the fuzz draws the ISA mode); at more rows the bf16-dot GEMM
     (AVX512_BF16; partial activation blocks, weight rows past N, K slices past 128 pairs) or, portable, DEQUANT (N
-    past one chunk of 256 dequantized rows); K in whole blocks, including one block, odd block counts (the vpdpbusd path's
-    ymm tail); K slices: test_stream_k_slices."""
+    past one chunk of 256 dequantized rows); K in whole blocks, including one block, odd block counts (the vpdpbusd
+    path's ymm tail); K slices: test_stream_k_slices."""
     dt, x, wq, uq, isa = case
     with pytest.MonkeyPatch.context() as m:
         set_isa(m, isa)

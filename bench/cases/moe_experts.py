@@ -4,9 +4,10 @@ Hy3 dimensions H = 4096, I = 1536, k = 8, with E = 32 experts (to fit in memory 
 T in {1, 8, 512, 2048}, plus bfloat16 weights for the same T (ours reads bf16; at large T it computes on bf16
 pairs with vdpbf16ps where the CPU has it), plus Q8_0 weights (`_q8_0` rows, hyv3_graph/q8_0.py, quantized from the
 float32 weights) for T in {1, 8, 512}: ours reads the int8 blocks (at T 512 on the bf16-dot GEMM where the CPU has
-AVX512_BF16, activations rounded to bf16 as for bf16 rows), the torch eager loop gets the dequantized values in float32 (no peer has a CPU Q8_0 MoE; llama.cpp's q8_0 is in the e2e rows). Every implementation gets the
-same x, routing (ids, weights) and weights; the dispatch metadata our op takes is the router's (computed once,
-outside the timing, as in the model).
+AVX512_BF16, activations rounded to bf16 as for bf16 rows), the torch eager loop gets the dequantized values in
+float32 (no peer has a CPU Q8_0 MoE; llama.cpp's q8_0 is in the e2e rows). Every implementation gets the same x,
+routing (ids, weights) and weights; the dispatch metadata our op takes is the router's (computed once, outside the
+timing, as in the model).
 Two torch peers, both HF's own HYV3Experts module:
   * `<case>`: the eager per-expert loop, in float32 (for bf16 rows, the same rounded values in float32): the
     yardstick the experts issue sets its targets against;
