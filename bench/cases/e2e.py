@@ -21,7 +21,9 @@ Timing: every implementation is loaded before the first timing, and the repeats 
 every implementation's prefill, then every one's decode, then every one's ragged batch, so the rows compared
 in a ratio are timed within seconds of each other (this machine's bandwidth moves 20-40% within an hour; timing
 one implementation's repeats in a block, as before 2026-12-07, let that drift into the ratios). Medians over
-the rounds; one warm-up call of each before the first round.
+the rounds; one warm-up call of each before the first round. Each timed call starts once the process's other
+threads are quiet (MAX's workers spin ~150 ms after an execute and slowed the peer timed next: llama.cpp decode
+after ours; `hyv3_graph/host_threads.py`), and MAX's log-flush poller runs at SCHED_IDLE, for every row alike.
 Rooflines: prefill against its FLOPs over the measured peak, decode against the bytes one step must read
 (active weights: attention, dense MLP, router, the k chosen and the shared experts, lm_head; plus the KV
 cache) over the measured bandwidth.
@@ -37,7 +39,7 @@ import numpy as np
 
 from max.dtype import DType
 
-from hyv3_graph import gguf_export
+from hyv3_graph import gguf_export, host_threads
 from hyv3_graph.checkpoints import embedded_checkpoint
 from hyv3_graph.config import HYV3Config
 from hyv3_graph.generate import generate
@@ -83,10 +85,17 @@ def _median_min(fn, repeats):
     fn()  # warm-up
     times = []
     for _ in range(repeats):
+        host_threads.wait_until_quiet()
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
     return out, statistics.median(times), min(times)
+
+
+def _decode_s(impl, prompt, n) -> float:
+    """Seconds of `impl`'s decode loop (its own timer, the prefill excluded), started once the process is quiet."""
+    host_threads.wait_until_quiet()
+    return impl.decode(prompt, n)[1]
 
 
 class _Ours:
@@ -230,12 +239,13 @@ def _interleaved_times(impls: dict, prompt, short, ragged, s: dict) -> dict:
     implementations (the module docstring says why). Decode counts the decode loop only (its prefill excluded),
     as `generate` reports it."""
     def timed(fn):
+        host_threads.wait_until_quiet()
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
 
     runs = {"prefill": lambda impl: timed(lambda: impl.prefill_logits(prompt)),
-            "decode": lambda impl: impl.decode(short, s["decode"])[1],
+            "decode": lambda impl: _decode_s(impl, short, s["decode"]),
             "ragged": lambda impl: timed(lambda: impl.batch(ragged, s["ragged_new"]))}
     for impl in impls.values():  # warm-up (the checks ran decode already)
         impl.prefill_logits(prompt)

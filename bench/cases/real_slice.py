@@ -36,7 +36,7 @@ from hyv3_graph.config import HYV3Config
 from hyv3_graph.runtime import AnonPeak, HYV3Engine, mem_available, memory_estimate
 
 from .. import llama_cpp_peer
-from .e2e import SUFFIX, WEIGHT_BYTES, _HF, _median_min, _Ours, active_weight_bytes, gguf_for, prefill_flops
+from .e2e import SUFFIX, WEIGHT_BYTES, _HF, _decode_s, _median_min, _Ours, active_weight_bytes, gguf_for, prefill_flops
 
 BENCH = "real_slice"
 PREFILL, DECODE, REPEATS = 512, 128, 2
@@ -119,7 +119,7 @@ def results(quick: bool, machine: dict) -> list[dict]:
             load_s, compile_s = time.perf_counter() - t0, None
             _, pre_med, pre_min = _median_min(lambda: runner.prefill_logits(prompt), REPEATS)
             tokens, _ = runner.decode(short, DECODE)
-            times = [runner.decode(short, DECODE)[1] for _ in range(REPEATS)]
+            times = [_decode_s(runner, short, DECODE) for _ in range(REPEATS)]
         if impl == "mojo":
             ours_tokens[wt] = tokens
             load_s, compile_s = runner.engine.load_s, runner.engine.compile_s  # weights alone; compile apart
