@@ -37,7 +37,8 @@ def test_a_polling_thread_is_demoted_and_a_sleeping_one_is_not():
 
 
 def test_wait_until_quiet_waits_for_a_spinning_thread_only():
-    assert host_threads.wait_until_quiet() < 0.1  # nothing else runs
+    host_threads.wait_until_quiet()  # MAX's workers may still spin after an earlier test's execute
+    assert host_threads.wait_until_quiet() < 0.1  # nothing else runs now
 
     def spin(seconds=0.25):
         t0 = time.perf_counter()
