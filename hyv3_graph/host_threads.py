@@ -6,11 +6,12 @@ Two behaviours of MAX 26.7's CPU runtime cost us (and any peer timed in the same
 - The first `execute` of any model starts a log-flush thread (libmax's `[Logger]`) that waits on a condition
   variable with a 100 us timeout, forever: ~5,800 wake-ups a second, ~10% of a core even when nothing runs, and
   each wake-up preempts whichever thread holds that core. `demote_busy_pollers` moves every thread of the process
-  that wakes that often to SCHED_IDLE (it then runs only on an otherwise idle core; no privilege needed). A
+  that wakes that often to SCHED_IDLE (it then yields to every normal thread; no privilege needed). A
   `small` decode step: bf16 8.62 -> 7.55 ms, f32 13.6 -> 12.4, q8_0 6.35 -> 5.76 (in-process A/B).
-- After an `execute`, MAX's worker threads spin ~130-150 ms before they sleep: whatever runs next in the process
-  (a peer's timed loop, a roofline probe) shares the cores with two spinners. `wait_until_quiet` waits until the
-  process's other threads are idle; the bench calls it before each timed section.
+- After an `execute`, MAX's worker threads spin ~130-150 ms before they sleep (numpy's OpenBLAS threads ~110 ms
+  after a matmul): whatever runs next in the process (a peer's timed loop, a roofline probe) shares the cores
+  with two spinners. `wait_until_quiet` waits until the process's other threads are idle; the bench calls it
+  before each timed section.
 
 Per-thread CPU time comes from Linux's per-thread CPU clocks (the clock id glibc's `pthread_getcpuclockid` builds
 from a thread id), nanosecond-exact where /proc's tick counts are 10 ms.
@@ -102,7 +103,8 @@ def is_idle_policy(tid: int) -> bool:
 
 def wait_until_quiet(max_wait_s: float = 1.0, window_s: float = 0.01, busy_frac: float = 0.05) -> float:
     """Sleeps until the other threads of this process (SCHED_IDLE ones aside) used less than `busy_frac` of one
-    core over a `window_s` window, or `max_wait_s` passed; returns the seconds waited (one window where threads cannot be listed)."""
+    core over a `window_s` window, or `max_wait_s` passed; returns the seconds waited (one window where threads
+    cannot be listed)."""
     me, t0 = threading.get_native_id(), time.perf_counter()
     while time.perf_counter() - t0 < max_wait_s:
         tids = [t for t in _thread_ids() if t != me and not is_idle_policy(t)]
