@@ -219,6 +219,20 @@ class HYV3Engine:
         with heartbeat(say, "compiling"):
             self.model = self.session.load(self.graph.build(), weights_registry=self._registry(weights))
         self.compile_s = time.perf_counter() - t0
+        say("warm-up: one step of one token")
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One step of one token on a scratch sequence, released at once (the cache is empty: nothing else is
+        touched). MAX's first execute in a process starts its log-flush poller, which is demoted here (20 ms, once per
+        process), so that no step of the caller's is timed beside it or pays for finding it."""
+        self.add_sequence(0)
+        try:
+            self.step([(0, [0])])
+        finally:
+            self.release(0)
+            self.last_expert_counts = None
+        _demote_max_poller_once()
 
     def _registry(self, weights: LoadedWeights) -> dict:
         reg = {name: to_buffer(a, DType.float32 if a.dtype == np.float32 else self.dtype) for name, a in weights.tensors.items()}
@@ -277,21 +291,20 @@ class HYV3Engine:
         # 408 us, docs/perf-notes.md "linear streaming at M > 4").
         out = self.model.execute(*(a if isinstance(a, Buffer) else Buffer.from_numpy(a) for a in inputs))
         self.cache.commit(steps)
-        _demote_max_poller_once()
         if self.expert_stats and len(out) > 1:
             self.last_expert_counts = out[1].to_numpy()
         return out[0].to_numpy()
 
 
-_pollers_demoted = False
+_pollers_checked = False
 
 
 def _demote_max_poller_once() -> None:
-    """After the process's first execute (which starts MAX's log-flush thread, a 100 us poller): move it to
-    SCHED_IDLE (host_threads.py; a `small` decode step 10-14% faster on 2 cores). 20 ms, once per process."""
-    global _pollers_demoted
-    if not _pollers_demoted:
-        _pollers_demoted = True
+    """Once per process, after its first execute (which starts MAX's log-flush thread, a 100 us poller): move the
+    poller to SCHED_IDLE (host_threads.py; a `small` decode step 9-12% faster on 2 cores). Takes 20 ms."""
+    global _pollers_checked
+    if not _pollers_checked:
+        _pollers_checked = True
         host_threads.demote_busy_pollers()
 
 
