@@ -89,6 +89,21 @@ def demote_busy_pollers() -> list[int]:
         return done
 
 
+_searched = False
+
+
+def demote_busy_pollers_once() -> None:
+    """`demote_busy_pollers` the first time it is called in this process, nothing after: MAX starts its poller once,
+    at the process's first execute, so call it after an execute (the engine's warm-up step, the bench's first graph).
+    Saves each later engine build or bench graph the 20 ms search."""
+    global _searched
+    with _demote_lock:
+        if _searched:
+            return
+        _searched = True
+    demote_busy_pollers()
+
+
 def demoted() -> list[int]:
     """The threads `demote_busy_pollers` moved to SCHED_IDLE so far (some may have exited since)."""
     return sorted(_demoted)

@@ -225,14 +225,15 @@ class HYV3Engine:
     def _warm_up(self) -> None:
         """One step of one token on a scratch sequence, released at once (the cache is empty: nothing else is
         touched). MAX's first execute in a process starts its log-flush poller, which is demoted here (20 ms, once per
-        process), so that no step of the caller's is timed beside it or pays for finding it."""
+        process: host_threads.py; a `small` decode step 9-12% faster on 2 cores), so that no step of the caller's is
+        timed beside it or pays for finding it."""
         self.add_sequence(0)
         try:
             self.step([(0, [0])])
         finally:
             self.release(0)
             self.last_expert_counts = None
-        _demote_max_poller_once()
+        host_threads.demote_busy_pollers_once()
 
     def _registry(self, weights: LoadedWeights) -> dict:
         reg = {name: to_buffer(a, DType.float32 if a.dtype == np.float32 else self.dtype) for name, a in weights.tensors.items()}
@@ -294,18 +295,6 @@ class HYV3Engine:
         if self.expert_stats and len(out) > 1:
             self.last_expert_counts = out[1].to_numpy()
         return out[0].to_numpy()
-
-
-_pollers_checked = False
-
-
-def _demote_max_poller_once() -> None:
-    """Once per process, after its first execute (which starts MAX's log-flush thread, a 100 us poller): move the
-    poller to SCHED_IDLE (host_threads.py; a `small` decode step 9-12% faster on 2 cores). Takes 20 ms."""
-    global _pollers_checked
-    if not _pollers_checked:
-        _pollers_checked = True
-        host_threads.demote_busy_pollers()
 
 
 def _check_seq_id(seq_id) -> None:

@@ -81,14 +81,20 @@ def prefill_flops(cfg: HYV3Config, n: int) -> float:
     return 2 * n * (active_weight_bytes(cfg, 1) - 3 * router) + attn  # router bytes are 4 per weight at any width
 
 
+def _quiet_timed(fn):
+    """(fn(), its seconds), started once the process's other threads are quiet (hyv3_graph/host_threads.py)."""
+    host_threads.wait_until_quiet()
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
 def _median_min(fn, repeats):
     fn()  # warm-up
     times = []
     for _ in range(repeats):
-        host_threads.wait_until_quiet()
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
+        out, seconds = _quiet_timed(fn)
+        times.append(seconds)
     return out, statistics.median(times), min(times)
 
 
@@ -238,15 +244,9 @@ def _interleaved_times(impls: dict, prompt, short, ragged, s: dict) -> dict:
     """{(impl key, "prefill" | "decode" | "ragged"): seconds per repeat}, timed in rounds across the
     implementations (the module docstring says why). Decode counts the decode loop only (its prefill excluded),
     as `generate` reports it."""
-    def timed(fn):
-        host_threads.wait_until_quiet()
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-    runs = {"prefill": lambda impl: timed(lambda: impl.prefill_logits(prompt)),
+    runs = {"prefill": lambda impl: _quiet_timed(lambda: impl.prefill_logits(prompt))[1],
             "decode": lambda impl: _decode_s(impl, short, s["decode"]),
-            "ragged": lambda impl: timed(lambda: impl.batch(ragged, s["ragged_new"]))}
+            "ragged": lambda impl: _quiet_timed(lambda: impl.batch(ragged, s["ragged_new"]))[1]}
     for impl in impls.values():  # warm-up (the checks ran decode already)
         impl.prefill_logits(prompt)
         impl.batch(ragged, s["ragged_new"])
