@@ -60,6 +60,7 @@ def test_thread_cpu_clock_counts_a_threads_own_time():
     assert x > 0 and abs(used - used_own) < 0.2 * used_own + 2e6, (used, used_own)
 
 
+@pytest.mark.slow  # builds (compiles) the tiny engine
 def test_max_log_poller_is_demoted_when_an_engine_is_built(engines, tiny_path):
     """MAX 26.7 starts a log-flush thread at a process's first execute that wakes every 100 us; once an engine is
     built (its warm-up step executes) no thread of the process polls that fast at normal priority."""
