@@ -24,7 +24,10 @@
 #     (microkernels.stream_ahead): on `small`'s short rows (K 1024) a distance along the row landed inside the
 #     current pass. bf16 on a CPU with AVX512_BF16:
 #     vdpbf16ps straight on the stored bf16 x and w (no conversion: bf16 products are exact in float32);
-#     otherwise the weights are widened exactly and x is float32 (a bf16 x is widened once per call).
+#     otherwise the weights are widened exactly and x is float32 (a bf16 x is widened once per call). A pass reads
+#     microkernels.stream_rows_per_pass rows: 4 float32, 8 bf16 (1.04-1.08x the rate of 4 at M 1 on Hy3's shapes)
+#     except at M > 4, where 8 rows' K slices (32 KiB) fall out of L1 before the next group of x rows rereads them
+#     (4 rows; docs/perf-notes.md, "linear: 8 bf16 rows a pass").
 #   * AMX (bf16, M > STREAM_MAX_M, K a multiple of 32, AMX-BF16 granted by Linux; cpu_isa.use_amx): compute bound,
 #     on the tile unit (microkernels.amx_panel: 2 x 2 C tiles of 16 x 16 fp32, tdpbf16ps). The weight rows are the A
 #     tiles, read in place (a K slice copied into aligned tiles per task: tile loads from unaligned rows ran 35%
@@ -44,7 +47,7 @@
 #     (microkernels.q8_quantize_activations), and microkernels.stream_dots_q8_vnni runs vpdpbusd on two weight blocks
 #     at a time, exact int32 block sums scaled by d_w * d_x in float32: 1.4-1.6x the compute ceiling of widening
 #     (docs/perf-notes.md, "Q8_0"), at the cost of x's int8 rounding (as llama.cpp's q8_0 does, with a float32
-#     rather than float16 scale). Q8_0 passes read Q8_STREAM_NW = 8 weight rows (1.2-1.4x the rate of 4 on
+#     rather than float16 scale). Q8_0 passes read 8 weight rows (1.2-1.4x the rate of 4 on
 #     vpdpbusd at M = 1; docs/perf-notes.md, "Q8_0 streaming: 8 rows a pass"). Otherwise (no VNNI,
 #     HYV3_PORTABLE_KERNELS=1): microkernels.stream_dots_q8_0,
 #     each block widened and scaled exactly and FMA'd into float32 x, so y is x . dequantize(w)^T to float32
@@ -93,7 +96,8 @@ from std.utils import StaticTuple
 from std.memory import bitcast
 from .cpu_isa import (F32x, adjacent_bf16_pairs, amx_configure, amx_release, round_to_bf16, use_amx, use_bf16_dot,
                       use_vnni)
-from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, KC, NVMAX, AMX_TILE, PREFETCH_AHEAD, PREFETCH_AHEAD_Q8,
+from .microkernels import (W, MAX_STREAM_ROWS, STREAM_NW, MB, MR, KC, NVMAX, AMX_TILE, PREFETCH_AHEAD,
+                           PREFETCH_AHEAD_Q8,
                            Q8_BLOCK, Q8_BLOCK_BYTES, align64,
                            amx_c_tiles, amx_k_ok, amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token, transpose16,
                            dot_panel, dot_tile, n_blocks, q8_dot_panel, q8_activation_scales, q8_dequantize_row,
@@ -197,10 +201,20 @@ def _stream_k_slice[READ: Int](M: Int, K: Int) -> Int:
     return STREAM_K_SLICE
 
 
+def _stream_pass[dt: DType, SWIGLU: Bool, READ: Int, NW: Int](pb: _Problem[dt], cols: Int, tasks: Int,
+                                                              weight_bytes: Int):
+    """STREAM: the call's `tasks` tasks of `cols` output columns (a multiple of NW), on whichever core is free."""
+
+    def task_fn(task: Int) {var pb, var cols}:
+        _stream_task[dt, SWIGLU, READ, NW](pb, cols, task)
+
+    parallelize_dynamic(task_fn, tasks, weight_bytes)
+
+
 @always_inline
-def _stream_task[dt: DType, SWIGLU: Bool, READ: Int](pb: _Problem[dt], cols_per_task: Int, task: Int):
+def _stream_task[dt: DType, SWIGLU: Bool, READ: Int, NW: Int](pb: _Problem[dt], cols_per_task: Int, task: Int):
     """STREAM: output columns task * cols_per_task .. (their weight rows, each read from memory once when M <=
-    STREAM_MAX_M), stream_rows_per_pass at a time, for the rows of x in chunks of STREAM_MAX_M (more only on the
+    STREAM_MAX_M), NW at a time, for the rows of x in chunks of STREAM_MAX_M (more only on the
     portable path), each chunk in groups of four. With more than four rows and long rows the reduction runs in K
     slices (`_stream_k_slice`), so the chunk's activation slices stay in cache while each group passes over the
     weight rows' slice. Columns past N alias N - 1 (the same value is stored twice)."""
@@ -210,7 +224,6 @@ def _stream_task[dt: DType, SWIGLU: Bool, READ: Int](pb: _Problem[dt], cols_per_
     comptime Q8 = READ == READ_Q8 or READ == READ_Q8_INT8
     var row_units = q8_row_bytes(K) if Q8 else K
     # whole rows a pass: prefetch the next passes' rows (stream_ahead); K slices: along the row
-    comptime NW = stream_rows_per_pass[Q8]()
     var ahead = stream_ahead(NW * row_units, 1 if Q8 else size_of[dt]()) if k_slice >= K else (
         PREFETCH_AHEAD_Q8 if Q8 else PREFETCH_AHEAD)
     var o0 = task * cols_per_task
@@ -531,34 +544,29 @@ def _run[dt: DType, SWIGLU: Bool, Q8: Bool](
 
     if path == STREAM:
         var row_bytes = (q8_row_bytes(K) if Q8 else K * size_of[dt]()) * (2 if SWIGLU else 1)  # an output's rows
-        var cols = _stream_cols_per_task(N, row_bytes, stream_rows_per_pass[Q8]())
+        comptime NW = stream_rows_per_pass[DType.uint8 if Q8 else dt]()
+        # bf16 at M > 4: STREAM_NW rows a pass; the next group of x rows rereads each K slice of 8 rows (32 KiB),
+        # which then no longer sits in L1 (8 rows: 0.93x at M 8; docs/perf-notes.md, "linear: 8 bf16 rows a pass")
+        var narrow = NW != STREAM_NW and M > MAX_STREAM_ROWS and not Q8
+        var cols = _stream_cols_per_task(N, row_bytes, STREAM_NW if narrow else NW)
         var tasks = (N + cols - 1) // cols
         var weight_bytes = N * row_bytes  # what the pass reads (a small one runs inline)
-
-        def stream_pairs(task: Int) {var pb, var cols}:
-            _stream_task[dt, SWIGLU, READ_PAIRS](pb, cols, task)
-
-        def stream_widened(task: Int) {var pb, var cols}:
-            _stream_task[dt, SWIGLU, READ_WIDEN](pb, cols, task)
-
-        def stream_q8(task: Int) {var pb, var cols}:
-            _stream_task[dt, SWIGLU, READ_Q8](pb, cols, task)
-
-        def stream_q8_int8(task: Int) {var pb, var cols}:
-            _stream_task[dt, SWIGLU, READ_Q8_INT8](pb, cols, task)
-
         comptime if Q8:
             if int8:
-                parallelize_dynamic(stream_q8_int8, tasks, weight_bytes)
+                _stream_pass[dt, SWIGLU, READ_Q8_INT8, NW](pb, cols, tasks, weight_bytes)
             else:
-                parallelize_dynamic(stream_q8, tasks, weight_bytes)
+                _stream_pass[dt, SWIGLU, READ_Q8, NW](pb, cols, tasks, weight_bytes)
         elif dt == DType.bfloat16:
-            if pairs:
-                parallelize_dynamic(stream_pairs, tasks, weight_bytes)
+            if pairs and narrow:
+                _stream_pass[dt, SWIGLU, READ_PAIRS, STREAM_NW](pb, cols, tasks, weight_bytes)
+            elif pairs:
+                _stream_pass[dt, SWIGLU, READ_PAIRS, NW](pb, cols, tasks, weight_bytes)
+            elif narrow:
+                _stream_pass[dt, SWIGLU, READ_WIDEN, STREAM_NW](pb, cols, tasks, weight_bytes)
             else:
-                parallelize_dynamic(stream_widened, tasks, weight_bytes)
+                _stream_pass[dt, SWIGLU, READ_WIDEN, NW](pb, cols, tasks, weight_bytes)
         else:
-            parallelize_dynamic(stream_widened, tasks, weight_bytes)
+            _stream_pass[dt, SWIGLU, READ_WIDEN, NW](pb, cols, tasks, weight_bytes)
     elif path == DOT or path == AMX:
         var K2 = K // 2
         var blocks = n_blocks(M)

@@ -11,8 +11,8 @@
 #     GEMM (MAX's float32 matmul). linear's and moe_experts' Q8_0 paths.
 #   * stream_dots_q8_vnni, q8_quantize_activations: the same weight rows against activations quantized to int8
 #     blocks of 32 (float32 scales) on vpdpbusd (AVX512_VNNI), exact int32 block sums: the Q8_0 streaming paths of
-#     both ops where cpu_isa.use_vnni says yes. Both Q8_0 kernels take Q8_STREAM_NW = 8 weight rows a pass (their
-#     dispatchers split them in halves where 8 x 4 accumulators would not fit the registers).
+#     both ops where cpu_isa.use_vnni says yes. bf16 and Q8_0 weights stream 8 rows a pass, float32 4
+#     (stream_rows_per_pass; the dispatchers split 8 in halves where 8 x 4 accumulators would not fit the registers).
 #   * dot_tile / dot_panel: the bf16-dot GEMM (vdpbf16ps), compute bound: MR weight rows read in place, a bf16
 #     pair broadcast against MB activation rows packed [K/2][MB] (each op packs its own: moe_experts rounds float32
 #     rows, linear copies bf16 ones). moe_experts' bf16 experts with many rows and linear's bf16 prefill.
@@ -42,8 +42,8 @@ comptime PREFETCH_MIN_BYTES = 8192  # streaming, whole rows a pass: least distan
 comptime PREFETCH_AHEAD = 2048  # streaming along a row (K slices): weight elements ahead of use
 comptime PREFETCH_AHEAD_Q8 = 8192  # the same for Q8_0 rows, in bytes (perf-notes: "Q8_0 streaming: the prefetch")
 comptime MAX_STREAM_ROWS = 4  # streaming: activation rows per pass (the register tile R)
-comptime STREAM_NW = 4  # streaming: weight rows per pass (the dots' NW; `stream_rows_per_pass`)
-comptime Q8_STREAM_NW = 8  # the same for Q8_0 weights (4: 0.75-0.85x the rate on vpdpbusd; perf-notes)
+comptime STREAM_NW = 4  # streaming float32 weights: weight rows per pass (the dots' NW; `stream_rows_per_pass`)
+comptime STREAM_NW_NARROW = 8  # the same for bf16 and Q8_0 weights (fewer bytes a row: see stream_rows_per_pass)
 comptime MB = 48  # bf16-dot GEMM: activation rows per packed block (NVMAX vectors)
 comptime NVMAX = MB // W
 comptime MR = 8  # bf16-dot GEMM: weight rows per micro-tile (MR x NVMAX accumulators)
@@ -57,10 +57,13 @@ def untracked[T: AnyType](p: Pointer[mut=True, T, _]) -> Pointer[mut=True, T, Mu
 
 
 @always_inline
-def stream_rows_per_pass[q8: Bool]() -> Int:
-    """Weight rows a streaming pass reads (the dots' NW) in linear and moe_experts: Q8_STREAM_NW for Q8_0 weights,
-    else STREAM_NW."""
-    return Q8_STREAM_NW if q8 else STREAM_NW
+def stream_rows_per_pass[wdt: DType]() -> Int:
+    """Weight rows a streaming pass reads (the dots' NW) in linear and moe_experts, by weight dtype (uint8: Q8_0):
+    STREAM_NW_NARROW for bf16 and Q8_0, STREAM_NW for float32. Measured at M 1 (docs/perf-notes.md): 8 rows read
+    1.2-1.4x the rate of 4 on vpdpbusd (Q8_0), 1.04-1.08x on vdpbf16ps at Hy3's shapes (bf16), level for float32
+    and for bf16 widened into float32 FMAs. The dispatchers split a pass in halves at more than two activation
+    rows, where 8 x 4 accumulators would not fit the registers."""
+    return STREAM_NW if wdt == DType.float32 else STREAM_NW_NARROW
 
 
 def stream_ahead(pass_units: Int, unit_bytes: Int) -> Int:
@@ -73,6 +76,34 @@ def stream_ahead(pass_units: Int, unit_bytes: Int) -> Int:
     (PREFETCH_AHEAD_Q8 for Q8_0 rows), a distance along the row. Measured: docs/perf-notes.md, "prefetch"."""
     var pass_bytes = max(1, pass_units * unit_bytes)
     return (PREFETCH_MIN_BYTES + pass_bytes - 1) // pass_bytes * pass_units
+
+
+@always_inline
+def _first_half[NW: Int](rows: StaticTuple[Int, NW]) -> StaticTuple[Int, NW // 2]:
+    var h = StaticTuple[Int, NW // 2](fill=0)
+    comptime for v in range(NW // 2):
+        h[v] = rows[v]
+    return h
+
+
+@always_inline
+def _second_half[NW: Int](rows: StaticTuple[Int, NW]) -> StaticTuple[Int, NW - NW // 2]:
+    var h = StaticTuple[Int, NW - NW // 2](fill=0)
+    comptime for v in range(NW - NW // 2):
+        h[v] = rows[NW // 2 + v]
+    return h
+
+
+@always_inline
+def _joined[NW: Int](
+    a: StaticTuple[SIMD[DType.float32, 4], NW // 2], c: StaticTuple[SIMD[DType.float32, 4], NW - NW // 2],
+) -> StaticTuple[SIMD[DType.float32, 4], NW]:
+    var out = StaticTuple[SIMD[DType.float32, 4], NW](fill=SIMD[DType.float32, 4](0))
+    comptime for v in range(NW // 2):
+        out[v] = a[v]
+    comptime for v in range(NW - NW // 2):
+        out[NW // 2 + v] = c[v]
+    return out
 
 
 @always_inline
@@ -138,11 +169,16 @@ def stream_dots[NW: Int, wdt: DType](
     w: Pointer[Scalar[wdt], _], w_rows: StaticTuple[Int, NW], x: Pointer[Float32, _], x_stride: Int, n_rows: Int,
     K: Int, ahead: Int,
 ) -> StaticTuple[SIMD[DType.float32, 4], NW]:
-    """stream_dots with the smallest register tile that holds n_rows (1..MAX_STREAM_ROWS)."""
+    """stream_dots with the smallest register tile that holds n_rows (1..MAX_STREAM_ROWS); more than 4 weight
+    rows at more than two activation rows run as two halves (the accumulators would not fit the registers)."""
     if n_rows == 1:
         return stream_dots[1](w, w_rows, x, x_stride, n_rows, K, ahead)
     if n_rows == 2:
         return stream_dots[2](w, w_rows, x, x_stride, n_rows, K, ahead)
+    comptime if NW > MAX_STREAM_ROWS:
+        return _joined[NW](
+            stream_dots[MAX_STREAM_ROWS](w, _first_half(w_rows), x, x_stride, n_rows, K, ahead),
+            stream_dots[MAX_STREAM_ROWS](w, _second_half(w_rows), x, x_stride, n_rows, K, ahead))
     return stream_dots[MAX_STREAM_ROWS](w, w_rows, x, x_stride, n_rows, K, ahead)
 
 
@@ -189,11 +225,16 @@ def stream_dots_bf16[NW: Int](
     w: Pointer[UInt16, _], w_rows: StaticTuple[Int, NW], x: Pointer[UInt16, _], x_stride: Int, n_rows: Int, K: Int,
     ahead: Int,
 ) -> StaticTuple[SIMD[DType.float32, 4], NW]:
-    """stream_dots_bf16 with the smallest register tile that holds n_rows (1..MAX_STREAM_ROWS)."""
+    """stream_dots_bf16 with the smallest register tile that holds n_rows (1..MAX_STREAM_ROWS), split as
+    stream_dots' is."""
     if n_rows == 1:
         return stream_dots_bf16[1](w, w_rows, x, x_stride, n_rows, K, ahead)
     if n_rows == 2:
         return stream_dots_bf16[2](w, w_rows, x, x_stride, n_rows, K, ahead)
+    comptime if NW > MAX_STREAM_ROWS:
+        return _joined[NW](
+            stream_dots_bf16[MAX_STREAM_ROWS](w, _first_half(w_rows), x, x_stride, n_rows, K, ahead),
+            stream_dots_bf16[MAX_STREAM_ROWS](w, _second_half(w_rows), x, x_stride, n_rows, K, ahead))
     return stream_dots_bf16[MAX_STREAM_ROWS](w, w_rows, x, x_stride, n_rows, K, ahead)
 
 
@@ -220,34 +261,6 @@ def q8_dequantize_row(w: Pointer[UInt8, _], dst: Pointer[mut=True, Float32, _], 
         var blk = w.unsafe_offset(b * Q8_BLOCK_BYTES)
         dst.unsafe_store(b * Q8_BLOCK, q8_block[W](blk, 0))
         dst.unsafe_store(b * Q8_BLOCK + W, q8_block[W](blk, W))
-
-
-@always_inline
-def _first_half[NW: Int](rows: StaticTuple[Int, NW]) -> StaticTuple[Int, NW // 2]:
-    var h = StaticTuple[Int, NW // 2](fill=0)
-    comptime for v in range(NW // 2):
-        h[v] = rows[v]
-    return h
-
-
-@always_inline
-def _second_half[NW: Int](rows: StaticTuple[Int, NW]) -> StaticTuple[Int, NW - NW // 2]:
-    var h = StaticTuple[Int, NW - NW // 2](fill=0)
-    comptime for v in range(NW - NW // 2):
-        h[v] = rows[NW // 2 + v]
-    return h
-
-
-@always_inline
-def _joined[NW: Int](
-    a: StaticTuple[SIMD[DType.float32, 4], NW // 2], c: StaticTuple[SIMD[DType.float32, 4], NW - NW // 2],
-) -> StaticTuple[SIMD[DType.float32, 4], NW]:
-    var out = StaticTuple[SIMD[DType.float32, 4], NW](fill=SIMD[DType.float32, 4](0))
-    comptime for v in range(NW // 2):
-        out[v] = a[v]
-    comptime for v in range(NW - NW // 2):
-        out[NW // 2 + v] = c[v]
-    return out
 
 
 @always_inline

@@ -51,7 +51,7 @@
 #   * Q8_0 weights: an expert with <= Q8_STREAM_MAX_ROWS rows streams, so decode reads 34 bytes per 32 weights,
 #     53% of bf16: on AVX512_VNNI (cpu_isa.use_vnni) its rows and then its SwiGLU activations are quantized to int8
 #     blocks (microkernels.q8_quantize_activations) and dotted on vpdpbusd (stream_dots_q8_vnni), as linear does,
-#     Q8_STREAM_NW = 8 weight rows a pass (4 gate rows with their up rows, or 8 down rows);
+#     8 weight rows a pass (4 gate rows with their up rows, or 8 down rows; bf16 weights the same);
 #     otherwise each weight block is widened and scaled, exact in float32, against exact float32 activations
 #     (stream_dots_q8_0). An expert with more rows (prefill) takes the bf16-dot GEMM below on its Q8_0 rows where
 #     the CPU has AVX512_BF16 (microkernels.q8_dot_panel: each K slice widened into a scratch per task, each block's
@@ -93,12 +93,14 @@ from layout.tile_layout import row_major
 from linalg.matmul.cpu import matmul as cpu_matmul
 from std.utils import StaticTuple
 from std.sys import size_of
-from .cpu_isa import F32x, adjacent_bf16_pairs, amx_configure, amx_release, bf16_pairs, use_amx, use_bf16_dot, use_vnni
+from .cpu_isa import (F32x, adjacent_bf16_pairs, amx_configure, amx_release, bf16_pairs, round_to_bf16, use_amx,
+                      use_bf16_dot, use_vnni)
 from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, AMX_TILE, Q8_BLOCK, Q8_BLOCK_BYTES, align64,
                            amx_c_tile, amx_c_tiles, amx_k_ok, amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token,
                            dot_panel, n_blocks, n_vec, q8_activation_scales, q8_dequantize_row, q8_dot_panel,
                            q8_quantize_activations,
-                           q8_row_bytes, silu, stream_ahead, stream_dots, stream_dots_q8_0, stream_dots_q8_vnni,
+                           q8_row_bytes, silu, stream_ahead, stream_dots, stream_dots_bf16, stream_dots_q8_0,
+                           stream_dots_q8_vnni,
                            stream_rows_per_pass, swiglu_row, untracked)
 
 comptime SMALL_ROWS = MAX_STREAM_ROWS  # experts with at most this many rows take the streaming path
@@ -130,14 +132,20 @@ def _row_len[wdt: DType](K: Int) -> Int:
 def _stream_dots_w[wdt: DType, NW: Int](
     w: Pointer[mut=True, Scalar[wdt], MutUntrackedOrigin], w_rows: StaticTuple[Int, NW],
     x: Pointer[mut=True, Float32, MutUntrackedOrigin], xq: Pointer[mut=True, UInt8, MutUntrackedOrigin],
-    xs: Pointer[mut=True, Float32, MutUntrackedOrigin], int8: Bool, n_rows: Int, K: Int, ahead: Int,
+    xs: Pointer[mut=True, Float32, MutUntrackedOrigin], xb: Pointer[mut=True, UInt16, MutUntrackedOrigin],
+    int8: Bool, pairs: Bool, n_rows: Int, K: Int, ahead: Int,
 ) -> StaticTuple[SIMD[DType.float32, 4], NW]:
-    """The streaming dots for this weight format: stream_dots (float32, bf16 widened), stream_dots_q8_0, or with
-    int8 (Q8_0 on AVX512_VNNI) stream_dots_q8_vnni on the same rows quantized (xq, xs)."""
+    """The streaming dots for this weight format: stream_dots (float32, bf16 widened), stream_dots_q8_0, with
+    int8 (Q8_0 on AVX512_VNNI) stream_dots_q8_vnni on the same rows quantized (xq, xs), or with pairs (bf16 on
+    AVX512_BF16) stream_dots_bf16 on the rows rounded to bf16 (xb)."""
     comptime if wdt == DType.uint8:
         if int8:
             return stream_dots_q8_vnni(w.unsafe_bitcast[UInt8](), w_rows, xq, xs, K, n_rows, K, ahead)
         return stream_dots_q8_0(w.unsafe_bitcast[UInt8](), w_rows, x, K, n_rows, K, ahead)
+    elif wdt == DType.bfloat16:
+        if pairs:
+            return stream_dots_bf16(w.unsafe_bitcast[UInt16](), w_rows, xb, K, n_rows, K, ahead)
+        return stream_dots(w, w_rows, x, K, n_rows, K, ahead)
     else:
         return stream_dots(w, w_rows, x, K, n_rows, K, ahead)
 
@@ -212,7 +220,9 @@ struct _Rows(ImplicitlyCopyable, Movable):
 struct _Stream(ImplicitlyCopyable, Movable):
     """The streaming experts (few rows each) and their task tiling: weight rows per task and tasks per expert;
     with int8 (Q8_0 weights, AVX512_VNNI), the grouped rows and the SwiGLU activations quantized to int8 blocks
-    (microkernels.q8_quantize_activations: xq [T k, H] and xs [T k, H / 4], aq [T k, I] and as_ [T k, I / 4])."""
+    (microkernels.q8_quantize_activations: xq [T k, H] and xs [T k, H / 4], aq [T k, I] and as_ [T k, I / 4]);
+    with pairs (bf16 weights, AVX512_BF16), the same rows and activations rounded to bf16 (xb [T k, H], ab [T k, I]:
+    bf16 bits) for vdpbf16ps."""
     var sp: Pointer[mut=True, Int, MutUntrackedOrigin]
     var gu_rows: Int
     var gu_tiles: Int
@@ -223,6 +233,9 @@ struct _Stream(ImplicitlyCopyable, Movable):
     var xs: Pointer[mut=True, Float32, MutUntrackedOrigin]
     var aq: Pointer[mut=True, UInt8, MutUntrackedOrigin]
     var as_: Pointer[mut=True, Float32, MutUntrackedOrigin]
+    var pairs: Bool
+    var xb: Pointer[mut=True, UInt16, MutUntrackedOrigin]
+    var ab: Pointer[mut=True, UInt16, MutUntrackedOrigin]
 
 
 @fieldwise_init
@@ -271,6 +284,18 @@ def _gather_row(
         dst[unsafe_offset=h] = src[unsafe_offset=h]
 
 
+def _round_row_bf16(src: Pointer[mut=True, Float32, MutUntrackedOrigin],
+                    dst: Pointer[mut=True, UInt16, MutUntrackedOrigin], n: Int):
+    """dst[0 .. n) = src's float32 values rounded to bf16 bits, to nearest even (the streaming pairs path's x)."""
+    var i = 0
+    while i + W <= n:
+        dst.unsafe_store(i, round_to_bf16[W](src.unsafe_load[width=W](i)))
+        i += W
+    while i < n:
+        dst[unsafe_offset=i] = round_to_bf16[1](src.unsafe_load[width=1](i))[0]
+        i += 1
+
+
 @always_inline
 def _stream_gate_up[wdt: DType](
     rt: _Routing, wt: _Weights[wdt], rw: _Rows, st: _Stream, task: Int,
@@ -293,7 +318,7 @@ def _stream_gate_up[wdt: DType](
     var w = gup.unsafe_offset(e * gu_es)
     var o0 = (task % gu_tiles) * gu_rows
     var row_len = _row_len[wdt](H)
-    comptime NW = stream_rows_per_pass[wdt == DType.uint8]()
+    comptime NW = stream_rows_per_pass[wdt]()
     comptime GATES = NW // 2  # gate rows a pass, each with its up row
     var ahead = stream_ahead(GATES * row_len, size_of[wdt]())  # the next passes' gate and up rows
     for o in range(o0, min(I, o0 + gu_rows), GATES):  # gate rows o.. with up rows I + o..
@@ -305,11 +330,16 @@ def _stream_gate_up[wdt: DType](
             var gn = min(SMALL_ROWS, n - g0)
             var row = r0 + g0
             var gu = _stream_dots_w[wdt, NW](w, w_rows, rp.unsafe_offset(row * H), st.xq.unsafe_offset(row * H),
-                                             st.xs.unsafe_offset(row * (H // 4)), st.int8, gn, H, ahead)
+                                             st.xs.unsafe_offset(row * (H // 4)), st.xb.unsafe_offset(row * H),
+                                             st.int8, st.pairs, gn, H, ahead)
             for r in range(gn):
                 comptime for v in range(GATES):
-                    ap[unsafe_offset=(r0 + g0 + r) * I + min(o + v, I - 1)] = (
-                        silu[1](gu[v][r]) * gu[GATES + v][r])
+                    var a = silu[1](gu[v][r]) * gu[GATES + v][r]
+                    var at = (r0 + g0 + r) * I + min(o + v, I - 1)
+                    if st.pairs:  # the down pass's bf16 input, rounded as the bf16-dot GEMM's epilogue rounds it
+                        st.ab[unsafe_offset=at] = round_to_bf16[1](a)[0]
+                    else:
+                        ap[unsafe_offset=at] = a
 
 
 @always_inline
@@ -333,7 +363,7 @@ def _stream_down[wdt: DType](
     var w = dnp.unsafe_offset(e * dn_es)
     var h0 = (task % dn_tiles) * dn_rows
     var row_len = _row_len[wdt](I)
-    comptime NW = stream_rows_per_pass[wdt == DType.uint8]()
+    comptime NW = stream_rows_per_pass[wdt]()
     var ahead = stream_ahead(NW * row_len, size_of[wdt]())  # the next passes' rows
     for h in range(h0, min(H, h0 + dn_rows), NW):  # rows past H alias H - 1 (same value stored)
         var w_rows = StaticTuple[Int, NW](fill=0)
@@ -343,7 +373,8 @@ def _stream_down[wdt: DType](
             var gn = min(SMALL_ROWS, n - g0)
             var row = r0 + g0
             var y = _stream_dots_w[wdt, NW](w, w_rows, ap.unsafe_offset(row * I), st.aq.unsafe_offset(row * I),
-                                            st.as_.unsafe_offset(row * (I // 4)), st.int8, gn, I, ahead)
+                                            st.as_.unsafe_offset(row * (I // 4)), st.ab.unsafe_offset(row * I),
+                                            st.int8, st.pairs, gn, I, ahead)
             for r in range(gn):
                 comptime for v in range(NW):
                     yp[unsafe_offset=(r0 + g0 + r) * H + min(h + v, H - 1)] = y[v][r]
@@ -833,7 +864,7 @@ struct MoeExperts:
         var sp = small.unsafe_ptr()
         var gu_row_bytes = 2 * h_len * size_of[wdt]()  # a gate row with its up row
         var dn_row_bytes = i_len * size_of[wdt]()
-        comptime NW = stream_rows_per_pass[wdt == DType.uint8]()
+        comptime NW = stream_rows_per_pass[wdt]()
         var gu_rows = _stream_rows_per_task(gu_row_bytes, NW)  # gate rows (each with its up row) per task
         var dn_rows = _stream_rows_per_task(dn_row_bytes, NW)
         var gu_tiles = (I + gu_rows - 1) // gu_rows
@@ -844,8 +875,13 @@ struct MoeExperts:
         var xs_buf = List[Float32](unsafe_uninit_length=T * k * q8_activation_scales(H) if int8 else 0)
         var aq_buf = List[UInt8](unsafe_uninit_length=T * k * I if int8 else 0)
         var as_buf = List[Float32](unsafe_uninit_length=T * k * q8_activation_scales(I) if int8 else 0)
+        # bf16 weights on AVX512_BF16: the same rows, and then their activations, rounded to bf16 for vdpbf16ps.
+        var pairs = wdt == DType.bfloat16 and n_small > 0 and dot
+        var xb_buf = List[UInt16](unsafe_uninit_length=T * k * H if pairs else 0)
+        var ab_buf = List[UInt16](unsafe_uninit_length=T * k * I if pairs else 0)
         var st = _Stream(untracked(sp), gu_rows, gu_tiles, dn_rows, dn_tiles, int8, untracked(xq_buf.unsafe_ptr()),
-                         untracked(xs_buf.unsafe_ptr()), untracked(aq_buf.unsafe_ptr()), untracked(as_buf.unsafe_ptr()))
+                         untracked(xs_buf.unsafe_ptr()), untracked(aq_buf.unsafe_ptr()), untracked(as_buf.unsafe_ptr()),
+                         pairs, untracked(xb_buf.unsafe_ptr()), untracked(ab_buf.unsafe_ptr()))
 
         def gate_up_task(task: Int) {var rt, var wt, var rw, var st}:
             _stream_gate_up[wdt](rt, wt, rw, st, task)
@@ -858,6 +894,10 @@ struct MoeExperts:
                 q8_quantize_activations(rw.rp.unsafe_offset(r * rt.H), rt.H, st.xq.unsafe_offset(r * rt.H),
                                         st.xs.unsafe_offset(r * q8_activation_scales(rt.H)))
 
+        def round_x(r: Int) {var rt, var rw, var st}:
+            if rt.pathp[unsafe_offset=rt.rep[unsafe_offset=r]] == STREAM:
+                _round_row_bf16(rw.rp.unsafe_offset(r * rt.H), st.xb.unsafe_offset(r * rt.H), rt.H)
+
         def quantize_act(r: Int) {var rt, var rw, var st}:
             if rt.pathp[unsafe_offset=rt.rep[unsafe_offset=r]] == STREAM:
                 q8_quantize_activations(rw.ap.unsafe_offset(r * rt.I), rt.I, st.aq.unsafe_offset(r * rt.I),
@@ -866,6 +906,8 @@ struct MoeExperts:
         if n_small > 0:
             if int8:  # float32 rows in, int8 rows out (their scales aside)
                 parallelize_sized(quantize_x, T * k, T * k * H * 5)
+            if pairs:  # float32 rows in, bf16 rows out
+                parallelize_sized(round_x, T * k, T * k * H * 6)
             parallelize_dynamic(gate_up_task, n_small * gu_tiles, n_small * I * gu_row_bytes)  # the experts' weights
             if int8:
                 parallelize_sized(quantize_act, T * k, T * k * I * 5)

@@ -16,7 +16,7 @@ from ..dtypes import bf16_rounded
 from .cpu_isa import AMX_K_STEP, amx_available, bf16_dot_available, vnni_available
 
 
-SMALL_ROWS = 4  # kernels/moe_experts.mojo: experts with at most this many rows stream (exact float32 activations)
+SMALL_ROWS = 4  # kernels/moe_experts.mojo: experts with at most this many rows stream the weights
 Q8_STREAM_MAX_ROWS = 16  # kernels/moe_experts.mojo: Q8_0 experts with more rows take a GEMM (bf16-dot or DEQUANT)
 
 
@@ -30,14 +30,14 @@ def bf16_gemm(H: int, I: int) -> str:
 
 
 def bf16_dot_experts(topk_ids, E: int, H: int, I: int, q8: bool = False) -> np.ndarray:
-    """[E] bool: the experts the op computes with bf16-rounded activations (their GEMMs round x and the SwiGLU
-    output to bf16). bf16 weights: those with more than SMALL_ROWS rows where `bf16_gemm` is "amx" or "dot".
+    """[E] bool: the experts the op computes with bf16-rounded activations (x and the SwiGLU output rounded to
+    bf16). bf16 weights: every expert where the CPU has AVX512_BF16 and H and I are even (the bf16-dot or AMX GEMM
+    above SMALL_ROWS rows, vdpbf16ps streaming below; otherwise every expert streams exact float32 activations).
     Q8_0 weights (q8): those with more than Q8_STREAM_MAX_ROWS rows where the CPU has AVX512_BF16 (the bf16-dot
     GEMM on the blocks' int8 values, each block's sum scaled by its d; Q8_0 never takes AMX)."""
     rows = np.bincount(np.asarray(topk_ids).reshape(-1), minlength=E)[:E]
-    if q8:
-        return (rows > Q8_STREAM_MAX_ROWS) & (H > 0 and I > 0 and H % 2 == 0 and I % 2 == 0 and bf16_dot_available())
-    return (rows > SMALL_ROWS) & (bf16_gemm(H, I) != "stream")
+    dot = H > 0 and I > 0 and H % 2 == 0 and I % 2 == 0 and bf16_dot_available()
+    return (rows > (Q8_STREAM_MAX_ROWS if q8 else 0)) & dot
 
 
 def int8_dot_experts(topk_ids, E: int) -> np.ndarray:
