@@ -3,7 +3,9 @@ experts, vocab 120832; `checkpoints.real_slice_checkpoint`), bf16, batch 1: pref
 decode of 128; and the same in Q8_0 (`_q8_0` cases: ours `--dtype q8_0`, llama.cpp on the slice's q8_0 GGUF).
 
 Per implementation: prefill and decode times; decode bytes per token (the active weights, as `e2e` counts them,
-plus the KV cache) and their share of the read roofline; load time and peak anonymous memory. Ours also gets
+plus the KV cache) and their share of the read roofline, the run's start probe and (`local_roofline`) the same
+probe run just before and after that row's decode timings, the better of the two; load time and peak anonymous
+memory. Ours also gets
 the projection to the full 80-layer model (1 dense + 79 sparse): per-token bytes, and tok/s at this machine's
 measured bandwidth and at 400 GB/s (a 12-channel DDR5 server), if decode kept the slice's share of the roofline.
 
@@ -36,6 +38,7 @@ from hyv3_graph.config import HYV3Config
 from hyv3_graph.runtime import AnonPeak, HYV3Engine, mem_available, memory_estimate
 
 from .. import llama_cpp_peer
+from ..harness import read_gbs
 from .e2e import SUFFIX, WEIGHT_BYTES, _HF, _decode_s, _median_min, _Ours, active_weight_bytes, gguf_for, prefill_flops
 
 BENCH = "real_slice"
@@ -119,7 +122,12 @@ def results(quick: bool, machine: dict) -> list[dict]:
             load_s, compile_s = time.perf_counter() - t0, None
             _, pre_med, pre_min = _median_min(lambda: runner.prefill_logits(prompt), REPEATS)
             tokens, _ = runner.decode(short, DECODE)
-            times = [_decode_s(runner, short, DECODE) for _ in range(REPEATS)]
+        # the decode timings between two read probes (outside AnonPeak: the probe's buffer is not the runner's
+        # memory): the machine's rate moves by up to 2x within minutes here, and the implementations are timed
+        # minutes apart, so each row is also given as a share of the rate measured around its own timings
+        before = read_gbs()
+        times = [_decode_s(runner, short, DECODE) for _ in range(REPEATS)]
+        local_gbs = max(before, read_gbs())
         if impl == "mojo":
             ours_tokens[wt] = tokens
             load_s, compile_s = runner.engine.load_s, runner.engine.compile_s  # weights alone; compile apart
@@ -150,6 +158,7 @@ def results(quick: bool, machine: dict) -> list[dict]:
         frac = gbs / machine["bandwidth_gbs"]
         row = base | {"case": f"real_slice_decode{DECODE}_b1{SUFFIX[wt]}", "median_s": dec_med, "min_s": dec_min,
                       "tok_s": steps / dec_med, "gflops": None, "gbs": gbs, "roofline_frac": frac,
+                      "local_roofline": local_gbs, "local_roofline_frac": gbs / local_gbs,
                       "bytes_per_token": decode_bytes}
         if impl == "mojo":
             row |= {"full_model_bytes_per_token": full_bytes,
