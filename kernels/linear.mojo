@@ -72,8 +72,11 @@
 # rows above 100% are read in a faster minute), ours / MAX's matmul:
 #   M 1:   f32 28-46 GB/s (86-139% of the probe), 1.8-3.2x MAX; bf16 27-35 GB/s (83-106%), 2.3-2.8x MAX and torch
 #          (gate_up bf16 read 18.6 GB/s in that run, 28-39 GB/s in three runs alone); Q8_0 30-50 GB/s of int8 bytes.
+#          Since then bf16 passes at M <= 4 read 8 rows: 1.03-1.08x on Hy3's shapes (in-process A/B, 2026-12-07
+#          11:00-12:00, docs/perf-notes.md "bf16 streaming: 8 rows a pass"); the bench case not rerun.
 #   M 8:   f32 24-31 GB/s (72-95%), bf16 25-33 GB/s (76-101%), 1.7-4.5x MAX, 1.8-6.1x torch; Q8_0 12.8-13.6 GB/s
-#          (lm_head 7.3): compute bound (per activation row and block pair: vpdpbusd, convert, scale, FMA).
+#          (lm_head 7.3). Not the vpdpbusd loop's compute: from L1 it runs ~4x that rate (perf-notes, the same
+#          section); what holds it was not found.
 #   M 512: bf16 on DOT 355-395 GFLOP/s = 93-100% of the micro-kernel's own peak (`dot_peak` 381-394 GFLOP/s) in
 #          two runs, except o_proj 309 GFLOP/s (78%) in the first (96% in the second); 2.1-2.4x MAX, 1.02-1.16x torch
 #          (oneDNN bf16) in the second run, 0.85-1.13x in the first. f32 = MAX's matmul (not re-run).

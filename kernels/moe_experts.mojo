@@ -26,7 +26,10 @@
 #     in the first later pass at least 8 KiB on (microkernels.stream_ahead: Hy3's short down rows, 3 KiB, would
 #     otherwise prefetch inside the current pass).
 #     All such experts' (expert, ~1 MiB of weight rows) tasks share one parallel loop, so both cores stay
-#     busy whether one expert or all of them are active.
+#     busy whether one expert or all of them are active. bf16 weights on a CPU with AVX512_BF16 (even H and I):
+#     the rows and then the SwiGLU outputs are rounded to bf16 (as the bf16-dot GEMM below and HF's bf16 experts
+#     round them) and dotted on vdpbf16ps (microkernels.stream_dots_bf16), 8 weight rows a pass; otherwise the
+#     weights are widened exactly against float32 activations.
 #   * An expert with many rows is compute bound. float32 weights: gathered rows times its weights through
 #     MAX's own CPU matmul (linalg.matmul.cpu, transpose_b), SwiGLU in between. Each expert runs on one core,
 #     experts with the most rows first, whenever that greedy schedule ends within 10% of an even split;
@@ -42,7 +45,7 @@
 #     packed bf16 input directly; the down epilogue stores MR outputs of a row at once. Numerics: x and the
 #     SwiGLU output are rounded to bf16 (the reference models that: moe_experts_reference's
 #     bf16_activations). Without the instruction (or with HYV3_PORTABLE_KERNELS=1), or with odd H or I, bf16
-#     experts take the streaming path instead: exact float32 activations, slower at large T.
+#     experts take the streaming path instead, on exact float32 activations: slower at large T.
 #   * AMX (bf16 weights, H and I multiples of 32, AMX-BF16 granted; cpu_isa.use_amx, HYV3_DISABLE_AMX=1 turns it
 #     off): the same packing and numerics as the bf16-dot GEMM, on the tile unit (microkernels.amx_panel): A tiles
 #     are 16 weight rows read in place (gate_up: 16 gate rows with their 16 up rows, so SwiGLU fuses as above; a
