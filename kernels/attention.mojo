@@ -60,7 +60,8 @@ from max.gpu.host import DeviceContext
 from std.math import exp, sqrt
 from std.memory import bitcast
 from std.utils import StaticTuple
-from .cpu_isa import I32x, adjacent_bf16_pairs, dot_bf16_pairs, from_f32, round_to_bf16, use_bf16_dot
+from .cpu_isa import (I32x, adjacent_bf16_pairs, dot_bf16_pairs, from_f32, narrow_row, round_to_bf16, use_bf16_dot,
+                      widen_row)
 from .microkernels import untracked
 from .work_queue import parallelize_dynamic, parallelize_sized, sort_codes_by_cost
 from std.atomic import Atomic
@@ -81,28 +82,6 @@ comptime PFH = 2  # a narrow (tile, kv head) pass prefetches the K/V rows of the
 
 
 @always_inline
-def _widen[dt: DType](dst: Pointer[mut=True, Float32, _], src: Pointer[Scalar[dt], _], n: Int):
-    var i = 0
-    while i + W <= n:
-        dst.unsafe_store(i, src.unsafe_load[width=W](i).cast[DType.float32]())
-        i += W
-    while i < n:
-        dst[unsafe_offset=i] = src[unsafe_offset=i].cast[DType.float32]()
-        i += 1
-
-
-@always_inline
-def _narrow[dt: DType](dst: Pointer[mut=True, Scalar[dt], _], src: Pointer[Float32, _], n: Int):
-    var i = 0
-    while i + W <= n:
-        dst.unsafe_store(i, from_f32[dt, W](src.unsafe_load[width=W](i)))
-        i += W
-    while i < n:
-        dst[unsafe_offset=i] = from_f32[dt, 1](src[unsafe_offset=i])
-        i += 1
-
-
-@always_inline
 def _axpy(y: Pointer[mut=True, Float32, _], a: Float32, x: Pointer[Float32, _], n: Int):
     var i = 0
     while i + W <= n:
@@ -119,7 +98,7 @@ def _norm_rope[dt: DType](
     cs: Pointer[Float32, _], x: Pointer[mut=True, Float32, _], D: Int, eps: Float32, mul: Float32,
 ):
     """dst = rope(rms_norm(src) * gamma) * mul, HF order; cs = this position's freqs_cis row, x = [D] scratch."""
-    _widen(x, src, D)
+    widen_row(x, src, D)
     var ssv = F32x(0)
     var i = 0
     while i + W <= D:
@@ -514,7 +493,7 @@ def _prepare_token[dt: DType, eps: Float32](
     var slot = bp.unsafe_offset(_cache_offset(lutp.unsafe_offset(b * lut_s), pos, page, s_page, s_tok) + kv_base)
     for h in range(Hkv):
         _norm_rope(kr, row.unsafe_offset((Hq + h) * D), knp, cs, x, D, eps, 1.0)
-        _narrow(slot.unsafe_offset(h * s_head), kr, D)
+        narrow_row(slot.unsafe_offset(h * s_head), kr, D)
         var v = row.unsafe_offset((Hq + Hkv + h) * D)
         var vdst = slot.unsafe_offset(s_kind + h * s_head)
         for d in range(D):
@@ -560,7 +539,7 @@ def _combine_narrow[dt: DType](
                 acc[unsafe_offset=dd] = 0
             for c in range(first, last):
                 _axpy(acc, wp[unsafe_offset=c - first] / total, pop.unsafe_offset(((c * Hkv + g) * NR + r) * D), D)
-            _narrow(outp.unsafe_offset(((tok0 + r // G) * Hq + g * G + r % G) * D), acc, D)
+            narrow_row(outp.unsafe_offset(((tok0 + r // G) * Hq + g * G + r % G) * D), acc, D)
 
 
 @always_inline
@@ -807,8 +786,8 @@ def _attend_wide[dt: DType](
             for j in range(nk):  # rows past nk keep stale values: their scores are never read
                 var at = bp.unsafe_offset(_cache_offset(lutp.unsafe_offset(b * lut_s), k0 + j, page, s_page, s_tok)
                                           + kv_base + g * s_head)
-                _widen(kp.unsafe_offset(j * D), at, D)
-                _widen(vp.unsafe_offset(j * D), at.unsafe_offset(s_kind), D)
+                widen_row(kp.unsafe_offset(j * D), at, D)
+                widen_row(vp.unsafe_offset(j * D), at.unsafe_offset(s_kind), D)
         # S^T = K Qp
         var v0 = 0
         while v0 + NV <= nvec:

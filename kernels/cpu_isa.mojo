@@ -165,6 +165,30 @@ def from_f32[dt: DType, n: Int](v: SIMD[DType.float32, n]) -> SIMD[dt, n]:
 
 
 @always_inline
+def widen_row[dt: DType](dst: Pointer[mut=True, Float32, _], src: Pointer[Scalar[dt], _], n: Int):
+    """dst[0 .. n) = src's float32 or bf16 values as float32 (exact)."""
+    var i = 0
+    while i + 16 <= n:
+        dst.unsafe_store(i, src.unsafe_load[width=16](i).cast[DType.float32]())
+        i += 16
+    while i < n:
+        dst[unsafe_offset=i] = src[unsafe_offset=i].cast[DType.float32]()
+        i += 1
+
+
+@always_inline
+def narrow_row[dt: DType](dst: Pointer[mut=True, Scalar[dt], _], src: Pointer[Float32, _], n: Int):
+    """dst[0 .. n) = src's float32 values as dt (from_f32: bf16 rounded to nearest even)."""
+    var i = 0
+    while i + 16 <= n:
+        dst.unsafe_store(i, from_f32[dt, 16](src.unsafe_load[width=16](i)))
+        i += 16
+    while i < n:
+        dst[unsafe_offset=i] = from_f32[dt, 1](src[unsafe_offset=i])
+        i += 1
+
+
+@always_inline
 def bf16_bits_to_f32[n: Int](bits: SIMD[DType.uint16, n]) -> SIMD[DType.float32, n]:
     """bf16 bits -> float32 (exact): a shift."""
     return bitcast[DType.float32, n](bits.cast[DType.uint32]() << 16)

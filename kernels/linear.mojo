@@ -27,7 +27,7 @@
 #     otherwise the weights are widened exactly and x is float32 (a bf16 x is widened once per call). A pass reads
 #     microkernels.stream_rows_per_pass rows: 4 float32, 8 bf16 (1.04-1.08x the rate of 4 at M 1 on Hy3's shapes)
 #     except at M > 4, where 8 rows' K slices (32 KiB) fall out of L1 before the next group of x rows rereads them
-#     (4 rows; docs/perf-notes.md, "linear: 8 bf16 rows a pass").
+#     (4 rows; docs/perf-notes.md, "bf16 streaming: 8 rows a pass").
 #   * AMX (bf16, M > STREAM_MAX_M, K a multiple of 32, AMX-BF16 granted by Linux; cpu_isa.use_amx): compute bound,
 #     on the tile unit (microkernels.amx_panel: 2 x 2 C tiles of 16 x 16 fp32, tdpbf16ps). The weight rows are the A
 #     tiles, read in place (a K slice copied into aligned tiles per task: tile loads from unaligned rows ran 35%
@@ -549,9 +549,9 @@ def _run[dt: DType, SWIGLU: Bool, Q8: Bool](
         var row_bytes = (q8_row_bytes(K) if Q8 else K * size_of[dt]()) * (2 if SWIGLU else 1)  # an output's rows
         comptime NW = stream_rows_per_pass[DType.uint8 if Q8 else dt]()
         # bf16 at M > 4: STREAM_NW rows a pass; the next group of x rows rereads each K slice of 8 rows (32 KiB),
-        # which then no longer sits in L1 (8 rows: 0.93x at M 8; docs/perf-notes.md, "linear: 8 bf16 rows a pass")
-        var narrow = NW != STREAM_NW and M > MAX_STREAM_ROWS and not Q8
-        var cols = _stream_cols_per_task(N, row_bytes, STREAM_NW if narrow else NW)
+        # which then no longer sits in L1 (8 rows: 0.93x at M 8; docs/perf-notes.md, "bf16 streaming: 8 rows a pass")
+        var four_rows = dt == DType.bfloat16 and not Q8 and M > MAX_STREAM_ROWS
+        var cols = _stream_cols_per_task(N, row_bytes, STREAM_NW if four_rows else NW)
         var tasks = (N + cols - 1) // cols
         var weight_bytes = N * row_bytes  # what the pass reads (a small one runs inline)
         comptime if Q8:
@@ -560,11 +560,11 @@ def _run[dt: DType, SWIGLU: Bool, Q8: Bool](
             else:
                 _stream_pass[dt, SWIGLU, READ_Q8, NW](pb, cols, tasks, weight_bytes)
         elif dt == DType.bfloat16:
-            if pairs and narrow:
+            if pairs and four_rows:
                 _stream_pass[dt, SWIGLU, READ_PAIRS, STREAM_NW](pb, cols, tasks, weight_bytes)
             elif pairs:
                 _stream_pass[dt, SWIGLU, READ_PAIRS, NW](pb, cols, tasks, weight_bytes)
-            elif narrow:
+            elif four_rows:
                 _stream_pass[dt, SWIGLU, READ_WIDEN, STREAM_NW](pb, cols, tasks, weight_bytes)
             else:
                 _stream_pass[dt, SWIGLU, READ_WIDEN, NW](pb, cols, tasks, weight_bytes)

@@ -43,7 +43,7 @@ comptime PREFETCH_AHEAD = 2048  # streaming along a row (K slices): weight eleme
 comptime PREFETCH_AHEAD_Q8 = 8192  # the same for Q8_0 rows, in bytes (perf-notes: "Q8_0 streaming: the prefetch")
 comptime MAX_STREAM_ROWS = 4  # streaming: activation rows per pass (the register tile R)
 comptime STREAM_NW = 4  # streaming float32 weights: weight rows per pass (the dots' NW; `stream_rows_per_pass`)
-comptime STREAM_NW_NARROW = 8  # the same for bf16 and Q8_0 weights (fewer bytes a row: see stream_rows_per_pass)
+comptime STREAM_NW_COMPACT = 8  # the same for the compact weights, bf16 and Q8_0 (see stream_rows_per_pass)
 comptime MB = 48  # bf16-dot GEMM: activation rows per packed block (NVMAX vectors)
 comptime NVMAX = MB // W
 comptime MR = 8  # bf16-dot GEMM: weight rows per micro-tile (MR x NVMAX accumulators)
@@ -59,11 +59,11 @@ def untracked[T: AnyType](p: Pointer[mut=True, T, _]) -> Pointer[mut=True, T, Mu
 @always_inline
 def stream_rows_per_pass[wdt: DType]() -> Int:
     """Weight rows a streaming pass reads (the dots' NW) in linear and moe_experts, by weight dtype (uint8: Q8_0):
-    STREAM_NW_NARROW for bf16 and Q8_0, STREAM_NW for float32. Measured at M 1 (docs/perf-notes.md): 8 rows read
+    STREAM_NW_COMPACT for bf16 and Q8_0, STREAM_NW for float32. Measured at M 1 (docs/perf-notes.md): 8 rows read
     1.2-1.4x the rate of 4 on vpdpbusd (Q8_0), 1.04-1.08x on vdpbf16ps at Hy3's shapes (bf16), level for float32
     and for bf16 widened into float32 FMAs. The dispatchers split a pass in halves at more than two activation
     rows, where 8 x 4 accumulators would not fit the registers."""
-    return STREAM_NW if wdt == DType.float32 else STREAM_NW_NARROW
+    return STREAM_NW if wdt == DType.float32 else STREAM_NW_COMPACT
 
 
 def stream_ahead(pass_units: Int, unit_bytes: Int) -> Int:

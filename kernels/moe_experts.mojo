@@ -96,8 +96,8 @@ from layout.tile_layout import row_major
 from linalg.matmul.cpu import matmul as cpu_matmul
 from std.utils import StaticTuple
 from std.sys import size_of
-from .cpu_isa import (F32x, adjacent_bf16_pairs, amx_configure, amx_release, bf16_pairs, round_to_bf16, use_amx,
-                      use_bf16_dot, use_vnni)
+from .cpu_isa import (F32x, adjacent_bf16_pairs, amx_configure, amx_release, bf16_pairs, narrow_row, round_to_bf16,
+                      use_amx, use_bf16_dot, use_vnni)
 from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, AMX_TILE, Q8_BLOCK, Q8_BLOCK_BYTES, align64,
                            amx_c_tile, amx_c_tiles, amx_k_ok, amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token,
                            dot_panel, n_blocks, n_vec, q8_activation_scales, q8_dequantize_row, q8_dot_panel,
@@ -285,18 +285,6 @@ def _gather_row(
     var dst = rp.unsafe_offset(r * H)
     for h in range(H):
         dst[unsafe_offset=h] = src[unsafe_offset=h]
-
-
-def _round_row_bf16(src: Pointer[mut=True, Float32, MutUntrackedOrigin],
-                    dst: Pointer[mut=True, UInt16, MutUntrackedOrigin], n: Int):
-    """dst[0 .. n) = src's float32 values rounded to bf16 bits, to nearest even (the streaming pairs path's x)."""
-    var i = 0
-    while i + W <= n:
-        dst.unsafe_store(i, round_to_bf16[W](src.unsafe_load[width=W](i)))
-        i += W
-    while i < n:
-        dst[unsafe_offset=i] = round_to_bf16[1](src.unsafe_load[width=1](i))[0]
-        i += 1
 
 
 @always_inline
@@ -899,7 +887,8 @@ struct MoeExperts:
 
         def round_x(r: Int) {var rt, var rw, var st}:
             if rt.pathp[unsafe_offset=rt.rep[unsafe_offset=r]] == STREAM:
-                _round_row_bf16(rw.rp.unsafe_offset(r * rt.H), st.xb.unsafe_offset(r * rt.H), rt.H)
+                var xb = st.xb.unsafe_offset(r * rt.H).unsafe_bitcast[BFloat16]()
+                narrow_row(xb, rw.rp.unsafe_offset(r * rt.H), rt.H)
 
         def quantize_act(r: Int) {var rt, var rw, var st}:
             if rt.pathp[unsafe_offset=rt.rep[unsafe_offset=r]] == STREAM:
