@@ -66,20 +66,18 @@
 # `_stream_task` (x first quantized by q8_quantize_activations on the Q8_0 VNNI path); `_pack_block`, then `_amx_task`
 # or `_dot_task` (bf16 or Q8_0 rows); `_matmul`; `_dequant_matmul`. State lives in `_Problem`.
 #
-# Today's numbers (2026-12-07 02:29-02:50 UTC, 2-core AMD EPYC family 25 model 17 (Zen 4), no AMX; the `linear`
-# bench's own case builders on Hy3's shapes, run by a script because the whole bench took > 50 min that hour
-# (docs/perf-notes.md "rms_norm as one op"); read probe 32.8 GB/s, the machine's rate moving 30-49 GB/s that hour:
-# rows above 100% are read in a faster minute), ours / MAX's matmul:
-#   M 1:   f32 28-46 GB/s (86-139% of the probe), 1.8-3.2x MAX; bf16 27-35 GB/s (83-106%), 2.3-2.8x MAX and torch
-#          (gate_up bf16 read 18.6 GB/s in that run, 28-39 GB/s in three runs alone); Q8_0 30-50 GB/s of int8 bytes.
-#          Since then bf16 passes at M <= 4 read 8 rows: 1.03-1.08x on Hy3's shapes (in-process A/B, 2026-12-07
-#          11:00-12:00, docs/perf-notes.md "bf16 streaming: 8 rows a pass"); the bench case not rerun.
-#   M 8:   f32 24-31 GB/s (72-95%), bf16 25-33 GB/s (76-101%), 1.7-4.5x MAX, 1.8-6.1x torch; Q8_0 12.8-13.6 GB/s
-#          (lm_head 7.3). Not the vpdpbusd loop's compute: from L1 it runs ~4x that rate (perf-notes, the same
-#          section); what holds it was not found.
-#   M 512: bf16 on DOT 355-395 GFLOP/s = 93-100% of the micro-kernel's own peak (`dot_peak` 381-394 GFLOP/s) in
-#          two runs, except o_proj 309 GFLOP/s (78%) in the first (96% in the second); 2.1-2.4x MAX, 1.02-1.16x torch
-#          (oneDNN bf16) in the second run, 0.85-1.13x in the first. f32 = MAX's matmul (not re-run).
+# Today's numbers (`python -m bench --only linear --json`, 2026-12-07 14:58-15:23 UTC, 2-core AMD EPYC family 25
+# model 17 (Zen 4), no AMX; start probe 34.2 GB/s, the probes around each row 34-62 GB/s ("local"); Hy3's shapes):
+#   M 1:   f32 31.7-51.4 GB/s (58-101% of local), 1.4-2.3x MAX and torch; bf16 31.6-51.8 GB/s (60-96%), 2.2-4.2x MAX,
+#          2.0-4.5x torch; Q8_0 29.7-42.8 GB/s of int8 bytes (73-113%). `small`'s shapes (1-4 MB) pay a one-op
+#          graph's fixed cost: bf16 qkv 20.8, o_proj 13.4 GB/s (in a chain of ops they stream ~30: perf-notes).
+#   M 8:   f32 16.9-32.3 GB/s (53-94%), bf16 28.8-32.0 (57-86%), 1.2-4.5x MAX, 2.0-4.3x torch; Q8_0 12.4-14.6 GB/s
+#          (25-45%): the vpdpbusd loop's work grows with each activation row (four vector ops per weight row, pair
+#          of blocks and row, against vdpbf16ps's two per 64 weights), so from M 5 Q8_0 is slower than bf16 on half
+#          the bytes (docs/perf-notes.md, "Where `small`'s decode stands": M 1-16 on Hy3's qkv).
+#   M 512: bf16 on DOT 393-433 GFLOP/s = 90-99% of the micro-kernel's own peak (`dot_peak` 439 GFLOP/s that hour),
+#          2.0-2.2x MAX, 0.92-1.04x torch (oneDNN bf16; 1.02-1.16x and 0.85-1.13x in two earlier runs); `small`'s
+#          shapes 278-350 GFLOP/s, 0.71-0.89x torch. Q8_0 on DOT 356-380 GFLOP/s. f32 = MAX's matmul (202-220).
 #   M 512 bf16 on AMX (2-core Intel Xeon with amx_bf16, 2026-12-03; a timing script, not the bench yet:
 #          docs/perf-notes.md "AMX"): 1.41-1.68 TFLOP/s, ~0.8x torch's oneDNN AMX (1.72-1.83).
 #   Q8_0 M 512 (DOT on Q8_0 rows; 2026-12-07 05:15, the same Zen 4, a timing script beside DEQUANT and bf16 DOT in
