@@ -72,9 +72,9 @@
 #          2.0-4.5x torch; Q8_0 29.7-42.8 GB/s of int8 bytes (73-113%). `small`'s shapes (1-4 MB) pay a one-op
 #          graph's fixed cost: bf16 qkv 20.8, o_proj 13.4 GB/s (in a chain of ops they stream ~30: perf-notes).
 #   M 8:   f32 16.9-32.3 GB/s (53-94%), bf16 28.8-32.0 (57-86%), 1.2-4.5x MAX, 2.0-4.3x torch; Q8_0 12.4-14.6 GB/s
-#          (25-45%): the vpdpbusd loop's work grows with each activation row (a vpdpbusd and three float ops per
-#          weight row, pair of blocks and row; near the vpdpbusd rate, ~0.4 ns each, at M 15), so from M 5 Q8_0 is
-#          slower than bf16 on half the bytes (docs/perf-notes.md, "Where `small`'s decode stands": M 1-16).
+#          (25-45%): from M 5 Q8_0 is slower than bf16 on half the bytes, yet from L2 its vpdpbusd loop runs 0.39 ns
+#          per weight row, 64 weights and activation row against bf16's 0.645: at M 8 the op spends ~3.5x its loop's
+#          bound, outside the loop, on what was not found (docs/perf-notes.md, "Where `small`'s decode stands").
 #   M 512: bf16 on DOT 393-433 GFLOP/s = 90-99% of the micro-kernel's own peak (`dot_peak` 439 GFLOP/s that hour),
 #          2.0-2.2x MAX, 0.92-1.04x torch (oneDNN bf16; 1.02-1.16x and 0.85-1.13x in two earlier runs); `small`'s
 #          shapes 278-350 GFLOP/s, 0.71-0.89x torch. Q8_0 on DOT 356-380 GFLOP/s. f32 = MAX's matmul (202-220).
