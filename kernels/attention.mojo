@@ -60,15 +60,15 @@ from max.gpu.host import DeviceContext
 from std.math import exp, sqrt
 from std.memory import bitcast
 from std.utils import StaticTuple
-from .cpu_isa import (I32x, adjacent_bf16_pairs, dot_bf16_pairs, from_f32, narrow_row, round_to_bf16, use_bf16_dot,
-                      widen_row)
+from .cpu_isa import (LANES, I32x, adjacent_bf16_pairs, dot_bf16_pairs, from_f32, narrow_row, round_to_bf16,
+                      use_bf16_dot, widen_row)
 from .microkernels import untracked
 from .work_queue import parallelize_dynamic, parallelize_sized, sort_codes_by_cost
 from std.atomic import Atomic
 from std.sys import size_of
 from std.sys.intrinsics import prefetch, PrefetchOptions
 
-comptime W = 16  # SIMD lanes = rows per vector
+comptime W = LANES  # SIMD lanes = rows per vector
 comptime F32x = SIMD[DType.float32, W]
 comptime KT = 32  # keys per wide tile
 comptime KTN = 32  # keys per narrow tile (the header says how it and PFH were chosen)

@@ -21,8 +21,9 @@ from std.memory import bitcast
 from std.os import getenv
 from std.ffi import _Global, external_call
 
-comptime I32x = SIMD[DType.int32, 16]
-comptime F32x = SIMD[DType.float32, 16]
+comptime LANES = 16  # 32-bit lanes of a 512-bit vector: the width every kernel's SIMD code is written for
+comptime I32x = SIMD[DType.int32, LANES]
+comptime F32x = SIMD[DType.float32, LANES]
 
 
 def portable_only() -> Bool:
@@ -168,9 +169,9 @@ def from_f32[dt: DType, n: Int](v: SIMD[DType.float32, n]) -> SIMD[dt, n]:
 def widen_row[dt: DType](dst: Pointer[mut=True, Float32, _], src: Pointer[Scalar[dt], _], n: Int):
     """dst[0 .. n) = src's float32 or bf16 values as float32 (exact)."""
     var i = 0
-    while i + 16 <= n:
-        dst.unsafe_store(i, src.unsafe_load[width=16](i).cast[DType.float32]())
-        i += 16
+    while i + LANES <= n:
+        dst.unsafe_store(i, src.unsafe_load[width=LANES](i).cast[DType.float32]())
+        i += LANES
     while i < n:
         dst[unsafe_offset=i] = src[unsafe_offset=i].cast[DType.float32]()
         i += 1
@@ -180,9 +181,9 @@ def widen_row[dt: DType](dst: Pointer[mut=True, Float32, _], src: Pointer[Scalar
 def narrow_row[dt: DType](dst: Pointer[mut=True, Scalar[dt], _], src: Pointer[Float32, _], n: Int):
     """dst[0 .. n) = src's float32 values as dt (from_f32: bf16 rounded to nearest even)."""
     var i = 0
-    while i + 16 <= n:
-        dst.unsafe_store(i, from_f32[dt, 16](src.unsafe_load[width=16](i)))
-        i += 16
+    while i + LANES <= n:
+        dst.unsafe_store(i, from_f32[dt, LANES](src.unsafe_load[width=LANES](i)))
+        i += LANES
     while i < n:
         dst[unsafe_offset=i] = from_f32[dt, 1](src[unsafe_offset=i])
         i += 1

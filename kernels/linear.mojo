@@ -96,7 +96,7 @@ from std.sys import size_of
 from std.utils import StaticTuple
 from std.memory import bitcast
 from .cpu_isa import (F32x, adjacent_bf16_pairs, amx_configure, amx_release, round_to_bf16, use_amx, use_bf16_dot,
-                      use_vnni)
+                      use_vnni, widen_row)
 from .microkernels import (W, MAX_STREAM_ROWS, STREAM_NW, MB, MR, KC, NVMAX, AMX_TILE, PREFETCH_AHEAD,
                            PREFETCH_AHEAD_Q8,
                            Q8_BLOCK, Q8_BLOCK_BYTES, align64,
@@ -528,9 +528,8 @@ def _run[dt: DType, SWIGLU: Bool, Q8: Bool](
     var xf = untracked(x).unsafe_bitcast[Float32]()
     comptime if dt != DType.float32:
         if len(widened) > 0:
-            for i in range(M * K):
-                widened[i] = x[unsafe_offset=i].cast[DType.float32]()
             xf = untracked(widened.unsafe_ptr())
+            widen_row(xf, x, M * K)
     # Q8_0 streaming on AVX512_VNNI: x quantized once per call into int8 blocks with their scales.
     var int8 = Q8 and path == STREAM and use_vnni()
     var xq_buf = List[UInt8](unsafe_uninit_length=M * K if int8 else 0)

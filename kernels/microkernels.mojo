@@ -35,9 +35,9 @@ from std.memory import bitcast
 from std.utils import StaticTuple
 from std.sys.intrinsics import prefetch, PrefetchOptions
 from std.sys._assembly import inlined_assembly
-from .cpu_isa import I32x, F32x, adjacent_bf16_pairs, bf16_bits_to_f32, dot_bf16_pairs, dot_u8_i8
+from .cpu_isa import LANES, I32x, F32x, adjacent_bf16_pairs, bf16_bits_to_f32, dot_bf16_pairs, dot_u8_i8
 
-comptime W = 16  # float32 SIMD width
+comptime W = LANES  # float32 SIMD width
 comptime PREFETCH_MIN_BYTES = 8192  # streaming, whole rows a pass: least distance (bytes) ahead (`stream_ahead`)
 comptime PREFETCH_AHEAD = 2048  # streaming along a row (K slices): weight elements ahead of use
 comptime PREFETCH_AHEAD_Q8 = 8192  # the same for Q8_0 rows, in bytes (perf-notes: "Q8_0 streaming: the prefetch")
