@@ -203,13 +203,52 @@ def _stream_k_slice[READ: Int](M: Int, K: Int) -> Int:
 
 
 def _stream_pass[dt: DType, SWIGLU: Bool, READ: Int, NW: Int](pb: _Problem[dt], cols: Int, tasks: Int,
-                                                              weight_bytes: Int):
-    """STREAM: the call's `tasks` tasks of `cols` output columns (a multiple of NW), on whichever core is free."""
+                                                              weight_bytes: Int, reps: Int):
+    """STREAM: the call's `tasks` tasks of `cols` output columns (a multiple of NW), on whichever core is free; or,
+    with reps > 0 (the stream_peak op), all of them reps times over on the calling core."""
+    if reps > 0:
+        for _ in range(reps):
+            for task in range(tasks):
+                _stream_task[dt, SWIGLU, READ, NW](pb, cols, task)
+        return
 
     def task_fn(task: Int) {var pb, var cols}:
         _stream_task[dt, SWIGLU, READ, NW](pb, cols, task)
 
     parallelize_dynamic(task_fn, tasks, weight_bytes)
+
+
+def _stream[dt: DType, SWIGLU: Bool, Q8: Bool](pb: _Problem[dt], reps: Int):
+    """STREAM for this call's weights and x (the header's rules): which form of x the dots read, and how many
+    weight rows a pass; reps as in _stream_pass (0: one parallel pass, the ops)."""
+    var M = pb.M
+    var N = pb.N
+    var K = pb.K
+    var row_bytes = (q8_row_bytes(K) if Q8 else K * size_of[dt]()) * (2 if SWIGLU else 1)  # an output's rows
+    comptime NW = stream_rows_per_pass[DType.uint8 if Q8 else dt]()
+    # bf16 at M > 4: STREAM_NW rows a pass; the next group of x rows rereads each K slice of 8 rows (32 KiB),
+    # which then no longer sits in L1 (8 rows: 0.93x at M 8; docs/perf-notes.md, "bf16 streaming: 8 rows a pass")
+    var four_rows = dt == DType.bfloat16 and not Q8 and M > MAX_STREAM_ROWS
+    var cols = _stream_cols_per_task(N, row_bytes, STREAM_NW if four_rows else NW)
+    var tasks = (N + cols - 1) // cols
+    var weight_bytes = N * row_bytes  # what the pass reads (a small one runs inline)
+    comptime if Q8:
+        if use_vnni():
+            _stream_pass[dt, SWIGLU, READ_Q8_INT8, NW](pb, cols, tasks, weight_bytes, reps)
+        else:
+            _stream_pass[dt, SWIGLU, READ_Q8, NW](pb, cols, tasks, weight_bytes, reps)
+    elif dt == DType.bfloat16:
+        var pairs = use_bf16_dot()  # vdpbf16ps on the stored bf16 x and weights
+        if pairs and four_rows:
+            _stream_pass[dt, SWIGLU, READ_PAIRS, STREAM_NW](pb, cols, tasks, weight_bytes, reps)
+        elif pairs:
+            _stream_pass[dt, SWIGLU, READ_PAIRS, NW](pb, cols, tasks, weight_bytes, reps)
+        elif four_rows:
+            _stream_pass[dt, SWIGLU, READ_WIDEN, STREAM_NW](pb, cols, tasks, weight_bytes, reps)
+        else:
+            _stream_pass[dt, SWIGLU, READ_WIDEN, NW](pb, cols, tasks, weight_bytes, reps)
+    else:
+        _stream_pass[dt, SWIGLU, READ_WIDEN, NW](pb, cols, tasks, weight_bytes, reps)
 
 
 @always_inline
@@ -492,6 +531,48 @@ def _dequant_matmul[dt: DType, SWIGLU: Bool](pb: _Problem[dt]) raises:
     _ = cs^
 
 
+struct _XForms[dt: DType, Q8: Bool](Movable):
+    """The forms of x a call's path reads besides x itself, made once per call: the portable streaming path and the
+    Q8_0 paths read x as float32 (x itself, or a bf16 x widened here); Q8_0 streaming on AVX512_VNNI reads x
+    quantized into int8 blocks with their scales (microkernels.q8_quantize_activations)."""
+    var widened: List[Float32]
+    var xq: List[UInt8]
+    var xs: List[Float32]
+
+    def __init__(out self, x: Pointer[mut=True, Scalar[Self.dt], MutUntrackedOrigin], M: Int, K: Int, path: Int):
+        var pairs = Self.dt == DType.bfloat16 and use_bf16_dot() and not Self.Q8  # streaming on vdpbf16ps
+        var widen = Self.dt != DType.float32 and ((Self.Q8 and path != DOT) or (path == STREAM and not pairs))
+        var int8 = Self.Q8 and path == STREAM and use_vnni()
+        self.widened = List[Float32](unsafe_uninit_length=M * K if widen else 0)
+        self.xq = List[UInt8](unsafe_uninit_length=M * K if int8 else 0)
+        self.xs = List[Float32](unsafe_uninit_length=M * q8_activation_scales(K) if int8 else 0)
+        var xf = self._xf(x)
+        comptime if Self.dt != DType.float32:
+            if widen:
+                widen_row(xf, x, M * K)
+        if int8:
+            var xq = untracked(self.xq.unsafe_ptr())
+            var xs = untracked(self.xs.unsafe_ptr())
+            for m in range(M):
+                q8_quantize_activations(xf.unsafe_offset(m * K), K, xq.unsafe_offset(m * K),
+                                        xs.unsafe_offset(m * q8_activation_scales(K)))
+
+    def _xf(mut self, x: Pointer[mut=True, Scalar[Self.dt], MutUntrackedOrigin]) -> Pointer[
+            mut=True, Float32, MutUntrackedOrigin]:
+        """x as float32: the widened copy where one was made, else x's own (float32) values."""
+        if len(self.widened) > 0:
+            return untracked(self.widened.unsafe_ptr())
+        return x.unsafe_bitcast[Float32]()
+
+    def problem(mut self, x: Pointer[mut=True, Scalar[Self.dt], MutUntrackedOrigin],
+                wa: Pointer[mut=True, Scalar[Self.dt], MutUntrackedOrigin],
+                wb: Pointer[mut=True, Scalar[Self.dt], MutUntrackedOrigin],
+                y: Pointer[mut=True, Scalar[Self.dt], MutUntrackedOrigin], M: Int, N: Int, K: Int) -> _Problem[Self.dt]:
+        """The call's state, pointing into these forms (which must outlive it)."""
+        return _Problem[Self.dt](M, N, K, x, wa, wb, y, self._xf(x), untracked(self.xq.unsafe_ptr()),
+                                 untracked(self.xs.unsafe_ptr()))
+
+
 def _path[dt: DType, Q8: Bool](M: Int, K: Int) -> Int:
     """STREAM, AMX, DOT, MATMUL or DEQUANT for this call (the header's rules)."""
     if M <= STREAM_MAX_M:
@@ -521,52 +602,11 @@ def _run[dt: DType, SWIGLU: Bool, Q8: Bool](
             _store[dt, 1](yu, i, SIMD[DType.float32, 1](0))
         return
     var path = _path[dt, Q8](M, K)
-    var pairs = dt == DType.bfloat16 and use_bf16_dot() and not Q8  # streaming on vdpbf16ps
-    # The portable streaming path and the Q8_0 paths read x as float32: x itself, or a bf16 x widened once.
-    var widen = dt != DType.float32 and ((Q8 and path != DOT) or (path == STREAM and not pairs))
-    var widened = List[Float32](unsafe_uninit_length=M * K if widen else 0)
-    var xf = untracked(x).unsafe_bitcast[Float32]()
-    comptime if dt != DType.float32:
-        if len(widened) > 0:
-            xf = untracked(widened.unsafe_ptr())
-            widen_row(xf, x, M * K)
-    # Q8_0 streaming on AVX512_VNNI: x quantized once per call into int8 blocks with their scales.
-    var int8 = Q8 and path == STREAM and use_vnni()
-    var xq_buf = List[UInt8](unsafe_uninit_length=M * K if int8 else 0)
-    var xs_buf = List[Float32](unsafe_uninit_length=M * q8_activation_scales(K) if int8 else 0)
-    var xq = untracked(xq_buf.unsafe_ptr())
-    var xs = untracked(xs_buf.unsafe_ptr())
-    if int8:
-        for m in range(M):
-            q8_quantize_activations(xf.unsafe_offset(m * K), K, xq.unsafe_offset(m * K),
-                                    xs.unsafe_offset(m * q8_activation_scales(K)))
-    var pb = _Problem[dt](M, N, K, untracked(x), untracked(wa), untracked(wb), yu, xf, xq, xs)
+    var forms = _XForms[dt, Q8](untracked(x), M, K, path)
+    var pb = forms.problem(untracked(x), untracked(wa), untracked(wb), yu, M, N, K)
 
     if path == STREAM:
-        var row_bytes = (q8_row_bytes(K) if Q8 else K * size_of[dt]()) * (2 if SWIGLU else 1)  # an output's rows
-        comptime NW = stream_rows_per_pass[DType.uint8 if Q8 else dt]()
-        # bf16 at M > 4: STREAM_NW rows a pass; the next group of x rows rereads each K slice of 8 rows (32 KiB),
-        # which then no longer sits in L1 (8 rows: 0.93x at M 8; docs/perf-notes.md, "bf16 streaming: 8 rows a pass")
-        var four_rows = dt == DType.bfloat16 and not Q8 and M > MAX_STREAM_ROWS
-        var cols = _stream_cols_per_task(N, row_bytes, STREAM_NW if four_rows else NW)
-        var tasks = (N + cols - 1) // cols
-        var weight_bytes = N * row_bytes  # what the pass reads (a small one runs inline)
-        comptime if Q8:
-            if int8:
-                _stream_pass[dt, SWIGLU, READ_Q8_INT8, NW](pb, cols, tasks, weight_bytes)
-            else:
-                _stream_pass[dt, SWIGLU, READ_Q8, NW](pb, cols, tasks, weight_bytes)
-        elif dt == DType.bfloat16:
-            if pairs and four_rows:
-                _stream_pass[dt, SWIGLU, READ_PAIRS, STREAM_NW](pb, cols, tasks, weight_bytes)
-            elif pairs:
-                _stream_pass[dt, SWIGLU, READ_PAIRS, NW](pb, cols, tasks, weight_bytes)
-            elif four_rows:
-                _stream_pass[dt, SWIGLU, READ_WIDEN, STREAM_NW](pb, cols, tasks, weight_bytes)
-            else:
-                _stream_pass[dt, SWIGLU, READ_WIDEN, NW](pb, cols, tasks, weight_bytes)
-        else:
-            _stream_pass[dt, SWIGLU, READ_WIDEN, NW](pb, cols, tasks, weight_bytes)
+        _stream[dt, SWIGLU, Q8](pb, 0)
     elif path == DOT or path == AMX:
         var K2 = K // 2
         var blocks = n_blocks(M)
@@ -605,9 +645,7 @@ def _run[dt: DType, SWIGLU: Bool, Q8: Bool](
     else:
         comptime if dt == DType.float32:
             _matmul[SWIGLU](rebind[_Problem[DType.float32]](pb))
-    _ = widened^
-    _ = xq_buf^
-    _ = xs_buf^
+    _ = forms^
 
 
 def _check_contiguous(name: StaticString, rows: Int, cols: Int, s0: Int, s1: Int) raises:
@@ -768,3 +806,79 @@ struct LinearDotPeak:
             _ = c^
 
         parallelize(worker, workers)
+
+
+def _stream_peak[dt: DType, Q8: Bool](
+    y: Pointer[mut=True, Scalar[dt], _], x: Pointer[mut=True, Scalar[dt], _], w: Pointer[mut=True, Scalar[dt], _],
+    workers: Int, M: Int, N: Int, K: Int, reps: Int,
+) raises:
+    """The streaming path's compute ceiling (ops `linear_stream_peak`, `linear_stream_peak_q8_0`): every one of
+    `workers` cores runs the STREAM path's tasks (the same passes, dots and prefetches as `linear`) reps times over
+    on one weight matrix small enough to stay in its L2, into its own y[worker] [M, N]. Weight bytes over time is
+    then the rate the path can consume when memory keeps up: the yardstick that says whether a decode-shaped call
+    is bound by memory or by its loop (bench/cases/linear.py, `stream_peak` cases)."""
+    if M < 1 or M > STREAM_MAX_M:
+        raise Error("linear_stream_peak: M = ", M, " is not a streaming shape (1..", STREAM_MAX_M, ")")
+    if reps < 1:
+        raise Error("linear_stream_peak: reps must be >= 1; got ", reps)
+    var forms = _XForms[dt, Q8](untracked(x), M, K, STREAM)
+    var pb = forms.problem(untracked(x), untracked(w), untracked(w), untracked(y), M, N, K)
+
+    def worker(wk: Int) {var pb, var reps}:
+        var mine = pb
+        mine.yp = pb.yp.unsafe_offset(wk * pb.M * pb.N)
+        _stream[dt, False, Q8](mine, reps)
+
+    parallelize(worker, workers)
+    _ = forms^
+
+
+@extensibility.register("linear_stream_peak")
+struct LinearStreamPeak:
+    @staticmethod
+    def execute[
+        target: StaticString,
+    ](
+        output: OutputTensor[rank=3, ...],
+        x: InputTensor[dtype = output.dtype, rank=2, ...],
+        w: InputTensor[dtype = output.dtype, rank=2, ...],
+        reps: InputTensor[dtype = DType.int64, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        """y [workers, M, N]: each worker's x [M, K] . w[N, K]^T, after reps[0] passes (_stream_peak)."""
+        comptime assert target == "cpu", "linear_stream_peak: CPU-only kernel"
+        var M = x.dim_size(0)
+        var K = x.dim_size(1)
+        var N = w.dim_size(0)
+        if w.dim_size(1) != K or output.dim_size(1) != M or output.dim_size(2) != N:
+            raise Error("linear_stream_peak: expected x [M, K], w [N, K], y [workers, M, N]")
+        _check_contiguous("x", M, K, x.stride_length(0), x.stride_length(1))
+        _check_contiguous("w", N, K, w.stride_length(0), w.stride_length(1))
+        _stream_peak[output.dtype, False](output.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), output.dim_size(0),
+                                          M, N, K, Int(reps.unsafe_ptr()[unsafe_offset=0]))
+
+
+@extensibility.register("linear_stream_peak_q8_0")
+struct LinearStreamPeakQ8_0:
+    @staticmethod
+    def execute[
+        target: StaticString,
+    ](
+        output: OutputTensor[rank=3, ...],
+        x: InputTensor[dtype = output.dtype, rank=2, ...],
+        w: InputTensor[dtype = DType.uint8, rank=2, ...],
+        reps: InputTensor[dtype = DType.int64, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        """linear_stream_peak with Q8_0 weights [N, K / 32 * 34]."""
+        comptime assert target == "cpu", "linear_stream_peak_q8_0: CPU-only kernel"
+        var M = x.dim_size(0)
+        var K = x.dim_size(1)
+        var N = w.dim_size(0)
+        _check_q8("linear_stream_peak_q8_0", "w", N, K, w.dim_size(1), w.stride_length(0), w.stride_length(1))
+        if output.dim_size(1) != M or output.dim_size(2) != N:
+            raise Error("linear_stream_peak_q8_0: expected y [workers, M, N] = [workers, ", M, ", ", N, "]")
+        _check_contiguous("x", M, K, x.stride_length(0), x.stride_length(1))
+        var wp = w.unsafe_ptr().unsafe_bitcast[Scalar[output.dtype]]()
+        _stream_peak[output.dtype, True](output.unsafe_ptr(), x.unsafe_ptr(), wp, output.dim_size(0), M, N, K,
+                                         Int(reps.unsafe_ptr()[unsafe_offset=0]))

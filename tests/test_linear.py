@@ -33,7 +33,8 @@ from hyv3_graph.dtypes import bf16_rounded, buffer_numpy, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
 from hyv3_graph.kernels.cpu_isa import (DISABLE_AMX_ENV, PORTABLE_ENV, bf16_dot_available, cpu_has_avx512_bf16,
                                         cpu_has_avx512_vnni, vnni_available)
-from hyv3_graph.kernels.linear import STREAM_MAX_M, linear, linear_path, linear_reference, linear_swiglu
+from hyv3_graph.kernels.linear import (STREAM_MAX_M, linear, linear_path, linear_reference, linear_stream_peak,
+                                       linear_swiglu)
 
 from conftest import ISA_MODES, set_isa
 
@@ -241,6 +242,53 @@ def test_deterministic_bit_for_bit(linear_models, dt, M, K):
     x, w, up = _values(rng, (M, K), dt), _values(rng, (300, K), dt, 0.03), _values(rng, (300, K), dt, 0.03)
     a, b = run(linear_models, dt, x, w, up), run(linear_models, dt, x, w, up)
     assert all(np.array_equal(p, q) for p, q in zip(a, b))
+
+
+PEAK_WORKERS = 2  # the stream_peak graphs' workers: two copies of y, each from its own core's passes
+
+
+@pytest.fixture(scope="session")
+def stream_peak_models():
+    """{(activation dtype, q8): graph of linear_stream_peak(x, w, reps)}; M, N and K symbolic."""
+    cpu = DeviceRef.CPU()
+    session = InferenceSession(devices=[CPU()])
+    models = {}
+    for dt in DTYPES:
+        for q8 in (False, True):
+            w_type = TensorType(DType.uint8, ["N", "KQ"], device=cpu) if q8 else TensorType(dt, ["N", "K"], device=cpu)
+            types = [TensorType(dt, ["M", "K"], device=cpu), w_type, TensorType(DType.int64, [1], device=cpu)]
+            with Graph(f"linear_stream_peak_{'q8_0_' if q8 else ''}{dt}", input_types=types,
+                       custom_extensions=[MOJO_KERNELS]) as g:
+                g.output(linear_stream_peak(*(v.tensor for v in g.inputs), PEAK_WORKERS))
+            models[dt, q8] = session.load(g)
+    return models
+
+
+# The bench's streaming yardstick runs `linear`'s own STREAM passes (kernels/linear.mojo `_stream_peak`): every
+# worker's y is bit for bit the op's, whatever the reps, on every ISA path; shapes past streaming are refused.
+@pytest.mark.parametrize("q8", [False, True])
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("M", [1, 3, 5, 16])
+@pytest.mark.parametrize("isa", ["default", "portable"])
+def test_stream_peak_is_linear_bit_for_bit(linear_models, q8_models, stream_peak_models, q8, dt, M, isa,
+                                           monkeypatch):
+    set_isa(monkeypatch, isa)
+    rng = np.random.default_rng(M)
+    N, K = 44, 320
+    x = _values(rng, (M, K), dt)
+    w = _values(rng, (N, K), DType.float32 if q8 else dt, 1 / np.sqrt(K))
+    w_op = q8_0.quantize(w) if q8 else w
+    w_buf = to_buffer(w_op, DType.uint8) if q8 else to_buffer(to_dtype(w, dt), dt)
+    peak = stream_peak_models[dt, q8]
+    y = to_dtype(buffer_numpy(peak.execute(to_buffer(to_dtype(x, dt), dt), w_buf,
+                                           to_buffer(np.array([3], np.int64), DType.int64))[0]), DType.float32)
+    ours = (run_q8(q8_models, dt, x, w_op, w_op) if q8 else run(linear_models, dt, x, w, w))[0]
+    assert y.shape == (PEAK_WORKERS, M, N)
+    for worker in range(PEAK_WORKERS):
+        assert np.array_equal(y[worker], ours), f"worker {worker}: not linear's bits"
+    with pytest.raises(Exception, match="not a streaming shape"):
+        peak.execute(to_buffer(to_dtype(_values(rng, (STREAM_MAX_M + 1, K), dt), dt), dt), w_buf,
+                     to_buffer(np.array([1], np.int64), DType.int64))
 
 
 # Streaming at M > 4 with rows too long for the whole-row passes (kernels/linear.mojo `_stream_k_slice`: the chunk's x

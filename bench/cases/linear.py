@@ -17,7 +17,13 @@ against 2 M N K FLOPs (two GEMMs for SwiGLU) over the measured fp32 GEMM peak.
 Case `dot_peak` (where the CPU has AVX512_BF16): the bf16-dot micro-kernel alone on L1-resident operands, all
 cores: the yardstick of the bf16 and Q8_0 M = 512 rows (both on that micro-kernel without AMX), whose
 `dot_peak_frac` is their GFLOP/s over it.
-`--quick`: `tiny`'s shapes at M in {1, 64}.
+Cases `stream_peak_<cores>cores_M{1,8}_..._{f32,bf16,q8_0}`: the streaming path's own ceiling (`linear_stream_peak`): every core runs
+`linear`'s STREAM path over and over on weights of K 4096 sized to stay in its L2 (~384 KiB), so weight bytes over
+time is the rate its loop consumes when memory keeps up (their `gbs`; the read-bandwidth fraction of these rows
+means nothing). Our M 1 and M 8 rows carry `stream_peak_gbs` (that ceiling for their weight format and M) and
+`stream_peak_frac`: a row near its read bandwidth is memory bound, one near `stream_peak_gbs` is bound by the
+loop (at M 8 the dots run once per activation row on each weight byte, so the ceiling falls with M).
+`--quick`: `tiny`'s shapes at M in {1, 64}; the `stream_peak` cases at M 1 on K 256.
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ from hyv3_graph import q8_0
 from hyv3_graph.dtypes import bf16_bits_to_f32, bf16_rounded, buffer_numpy, f32_to_bf16_bits, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
 from hyv3_graph.kernels.cpu_isa import bf16_dot_available
-from hyv3_graph.kernels.linear import (DOT_TILE_FLOPS, linear, linear_builtin, linear_dot_peak, linear_path, linear_swiglu,
-                                       linear_swiglu_builtin)
+from hyv3_graph.kernels.linear import (DOT_TILE_FLOPS, linear, linear_builtin, linear_dot_peak, linear_path,
+                                       linear_stream_peak, linear_swiglu, linear_swiglu_builtin)
 
 from ..harness import Case, assert_close, run_case
 
@@ -191,6 +197,57 @@ def _dot_peak_case(session, cores: int) -> Case:
                 versions={"mojo": "kernels/microkernels.mojo dot_tile (kernels/linear.mojo linear_dot_peak)"})
 
 
+STREAM_PEAK_BYTES = 384 << 10  # the stream_peak cases' weights: in one core's L2 (1 MiB on Zen 4, 2 MiB on Xeons)
+STREAM_PEAK_PASS_BYTES = 1 << 30  # weight bytes a stream_peak execute consumes per core at M 1 (1/M of it at M)
+STREAM_PEAK_FORMATS = {"f32": DType.float32, "bf16": DType.bfloat16, "q8_0": DType.uint8}
+
+
+def _stream_peak_case(session, rng, cores: int, fmt: str, M: int, K: int) -> Case:
+    """`linear_stream_peak` for one weight format and M, checked against `linear`'s numpy reference."""
+    cpu = DeviceRef.CPU()
+    q8 = fmt == "q8_0"
+    dt = DType.float32 if q8 else STREAM_PEAK_FORMATS[fmt]
+    row_bytes = q8_0.row_bytes(K) if q8 else K * (2 if dt == DType.bfloat16 else 4)
+    N = max(8, STREAM_PEAK_BYTES // row_bytes // 8 * 8)  # whole passes of 8 rows
+    w = rng.standard_normal((N, K), dtype=np.float32) / np.float32(np.sqrt(K))
+    x = rng.standard_normal((M, K), dtype=np.float32)
+    if q8:
+        w_op = q8_0.quantize(w)
+        w = q8_0.dequantize(w_op)
+        x_op = x
+        if linear_path(M, K, False, q8=True) == "vnni":  # ours dots x's int8 blocks
+            x = q8_0.quantize_activations(x).astype(np.float32)
+    elif dt == DType.bfloat16:
+        x_op, w_op = f32_to_bf16_bits(x), f32_to_bf16_bits(w)
+        x, w = bf16_bits_to_f32(x_op), bf16_bits_to_f32(w_op)
+    else:
+        x_op, w_op = x, w
+    w_type = TensorType(DType.uint8 if q8 else dt, [N, w_op.shape[1]], device=cpu)
+    with Graph(f"bench_linear_stream_peak_{fmt}_M{M}_K{K}", custom_extensions=[MOJO_KERNELS],
+               input_types=[TensorType(dt, [M, K], device=cpu), w_type, TensorType(DType.int64, [1], device=cpu)]) as g:
+        g.output(linear_stream_peak(*(v.tensor for v in g.inputs), cores))
+    model = session.load(g)
+    reps = max(1, STREAM_PEAK_PASS_BYTES // (N * row_bytes) // M)
+    bufs = [to_buffer(x_op, dt), Buffer.from_numpy(w_op) if q8 else to_buffer(w_op, dt),
+            Buffer.from_numpy(np.array([reps], np.int64))]
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    tol = TOL[dt]
+
+    def check(outputs):
+        y = to_dtype(outputs["mojo"], DType.float32)
+        for worker in range(cores):
+            assert_close(f"stream_peak {fmt} (worker {worker} vs numpy)", y[worker], ref, rtol=0,
+                         atol=tol * max(1.0, float(np.abs(ref).max())))
+    check.__doc__ = (f"every core's y within {tol:g} x max(1, max|y|) of x @ w^T in float64 on the same values"
+                     + (" (x as its int8 blocks)" if q8 and linear_path(M, K, False, q8=True) == "vnni" else ""))
+
+    return Case(bench=BENCH, name=f"stream_peak_{cores}cores_M{M}_N{N}_K{K}_{fmt}",
+                impls={"mojo": lambda: buffer_numpy(model.execute(*bufs)[0])}, check=check,
+                bytes=float(cores) * reps * N * row_bytes,
+                versions={"mojo": f"kernels/linear.mojo ({linear_path(M, K, dt == DType.bfloat16, q8)} path: "
+                                  "linear_stream_peak, weights in L2)"})
+
+
 def cases(quick: bool, cores: int = 1):
     """Yields the cases one at a time, so only one case's inputs are alive (Hy3's lm_head is 2 GB in float32)."""
     import torch
@@ -202,6 +259,9 @@ def cases(quick: bool, cores: int = 1):
     if bf16_dot_available():
         yield _dot_peak_case(session, cores)
     rng = np.random.default_rng(0)
+    for fmt in STREAM_PEAK_FORMATS:
+        for M in ((1,) if quick else (1, 8)):
+            yield _stream_peak_case(session, rng, cores, fmt, M, 256 if quick else 4096)
     for model, shapes in (QUICK if quick else FULL).items():
         for name, (N, K, swiglu, Ms) in shapes.items():
             for dt in (DType.float32, DType.bfloat16):
@@ -211,10 +271,23 @@ def cases(quick: bool, cores: int = 1):
                 yield _q8_case(models, rng, model, name, N, K, swiglu, M)
 
 
+def _format_and_m(case: str) -> tuple[str, int]:
+    """("f32" | "bf16" | "q8_0", M) of a case name such as `hy3_qkv_M8_N10240_K4096_q8_0`."""
+    fmt = next(f for f in STREAM_PEAK_FORMATS if case.endswith("_" + f))
+    return fmt, int(next(part[1:] for part in case.split("_") if part[:1] == "M" and part[1:].isdigit()))
+
+
 def results(quick: bool, machine: dict) -> list[dict]:
     rows = [row for case in cases(quick, machine["cores"]) for row in run_case(case, machine)]
     peak = next((r["gflops"] for r in rows if r["case"].startswith("dot_peak")), None)
-    for r in rows:  # the bf16-dot GEMM rows (bf16 and Q8_0 weights) against the micro-kernel's own peak
-        if peak and r["case"].endswith(("_bf16", "_q8_0")) and r.get("gflops"):
+    stream_peaks = {_format_and_m(r["case"]): r["gbs"]
+                    for r in rows if r["case"].startswith("stream_peak")}
+    for r in rows:
+        if peak and r["case"].endswith(("_bf16", "_q8_0")) and r.get("gflops"):  # the bf16-dot GEMM rows
             r["dot_peak_frac"] = r["gflops"] / peak
+        if r["impl"] == "mojo" and r.get("gbs") and not r["case"].startswith("stream_peak"):  # the streaming rows
+            ceiling = stream_peaks.get(_format_and_m(r["case"]))
+            if ceiling:
+                r["stream_peak_gbs"] = ceiling
+                r["stream_peak_frac"] = r["gbs"] / ceiling
     return rows

@@ -1,7 +1,8 @@
 """Dense linear layers: y = x @ w^T, and the fused SwiGLU silu(x @ gate^T) * (x @ up^T).
 
 Our Mojo ops: `kernels/linear.mojo` (`linear`, `linear_swiglu`, and their Q8_0-weight forms `linear_q8_0`,
-`linear_swiglu_q8_0`; its header explains the paths). Here: their graph wrappers (a uint8 weight is Q8_0 bytes,
+`linear_swiglu_q8_0`; its header explains the paths; `linear_dot_peak` and `linear_stream_peak` are the bench's
+yardsticks for the GEMM and streaming paths). Here: their graph wrappers (a uint8 weight is Q8_0 bytes,
 hyv3_graph/q8_0.py, and takes the Q8_0 op), the MAX built-in peer (`linear_builtin`), which path a call takes
 (`linear_path`), and the float64 numpy reference. Fuzz test: tests/test_linear.py; bench: bench/cases/linear.py.
 """
@@ -79,6 +80,15 @@ def linear_dot_peak(reps: TensorValue, workers: int) -> TensorValue:
     operands (DOT_TILE_FLOPS each); output [workers] float32, each exactly 2 * reps[0]. Needs AVX512_BF16."""
     return ops.custom("linear_dot_peak", device=DeviceRef.CPU(), values=[reps],
                       out_types=[TensorType(DType.float32, [workers], device=DeviceRef.CPU())])[0].tensor
+
+
+def linear_stream_peak(x: TensorValue, w: TensorValue, reps: TensorValue, workers: int) -> TensorValue:
+    """The streaming path's compute ceiling: every one of `workers` cores runs `linear`'s STREAM path (x [M, K], M
+    1..16; w in x's dtype or Q8_0 bytes) reps[0] times over on w, which the caller sizes to stay in one core's L2;
+    output [workers, M, N] in x's dtype, each worker's x @ w^T (bit for bit `linear`'s). Weight bytes over time
+    is the rate the path's loop can consume when memory keeps up (bench/cases/linear.py, `stream_peak` cases)."""
+    y = TensorType(x.dtype, [workers, x.shape[0], w.shape[0]], device=DeviceRef.CPU())
+    return ops.custom(_op("linear_stream_peak", w), device=DeviceRef.CPU(), values=[x, w, reps], out_types=[y])[0].tensor
 
 
 def swiglu_mlp(x: TensorValue, gate: TensorValue, up: TensorValue, down: TensorValue, custom: bool) -> TensorValue:
