@@ -62,9 +62,12 @@
 #   * Why no AMX for float32 weights or at M <= 16: the tiles take bf16 only (rounding float32 weights would change
 #     the model), and decode is bound by the weight bytes, which the streaming path already reads once.
 #
-# Code map: `Linear.execute` / `LinearSwiglu.execute` check shapes, then `_run` picks the path and runs its passes:
-# `_stream_task` (x first quantized by q8_quantize_activations on the Q8_0 VNNI path); `_pack_block`, then `_amx_task`
-# or `_dot_task` (bf16 or Q8_0 rows); `_matmul`; `_dequant_matmul`. State lives in `_Problem`.
+# Code map: `Linear.execute` / `LinearSwiglu.execute` check shapes, then `_run` picks the path, makes the forms of x
+# it reads (`_XForms`: widened, or quantized by q8_quantize_activations on the Q8_0 VNNI path) and runs its passes:
+# `_stream` (which dots and rows a pass) then `_stream_task`; `_pack_block`, then `_amx_task` or `_dot_task` (bf16 or
+# Q8_0 rows); `_matmul`; `_dequant_matmul`. State lives in `_Problem`. The bench's yardsticks: `linear_dot_peak`
+# (the bf16-dot micro-kernel on L1-resident operands) and `linear_stream_peak` (`_stream_peak`: `_stream`'s passes
+# repeated on one core's L2-resident weights, on every core).
 #
 # Today's numbers (`python -m bench --only linear --json`, 2026-12-07 14:58-15:23 UTC, 2-core AMD EPYC family 25
 # model 17 (Zen 4), no AMX; start probe 34.2 GB/s, the probes around each row 34-62 GB/s ("local"); Hy3's shapes):
@@ -72,9 +75,14 @@
 #          2.0-4.5x torch; Q8_0 29.7-42.8 GB/s of int8 bytes (73-113%). `small`'s shapes (1-4 MB) pay a one-op
 #          graph's fixed cost: bf16 qkv 20.8, o_proj 13.4 GB/s (in a chain of ops they stream ~30: perf-notes).
 #   M 8:   f32 16.9-32.3 GB/s (53-94%), bf16 28.8-32.0 (57-86%), 1.2-4.5x MAX, 2.0-4.3x torch; Q8_0 12.4-14.6 GB/s
-#          (25-45%): from M 5 Q8_0 is slower than bf16 on half the bytes, yet from L2 its vpdpbusd loop runs 0.39 ns
-#          per weight row, 64 weights and activation row against bf16's 0.645: at M 8 the op spends ~3.5x its loop's
-#          bound, outside the loop, on what was not found (docs/perf-notes.md, "Where `small`'s decode stands").
+#          (25-45%). At M 8 the loop, not memory, is the limit: the streaming path's own ceiling (`stream_peak`
+#          cases, 2026-12-07 18:30, the same machine, probe 47.5: the passes run on weights held in L2, K 4096) is
+#          M 1 f32 119 / bf16 91 / Q8_0 76 GB/s, M 8 f32 31.7 / bf16 37.1 / Q8_0 12.6 GB/s, and in that run Hy3's
+#          qkv and o_proj at M 8 read f32 35.4 / 26.0 GB/s (1.12 / 0.82 of that ceiling), bf16 29.1 / 27.1 (0.78 /
+#          0.73), Q8_0 14.8 / 12.3 (1.17 / 0.97). Q8_0 costs more per weight and activation row than bf16 (a
+#          vpdpbusd, a convert, the scale product and an FMA for 64 weights against two vdpbf16ps: 0.94-0.98 against
+#          0.60-0.68 ns on one core), so from M 5 it is slower than bf16 on half the bytes (docs/perf-notes.md,
+#          "The streaming path's ceiling").
 #   M 512: bf16 on DOT 393-433 GFLOP/s = 90-99% of the micro-kernel's own peak (`dot_peak` 439 GFLOP/s that hour),
 #          2.0-2.2x MAX, 0.92-1.04x torch (oneDNN bf16; 1.02-1.16x and 0.85-1.13x in two earlier runs); `small`'s
 #          shapes 278-350 GFLOP/s, 0.71-0.89x torch. Q8_0 on DOT 356-380 GFLOP/s. f32 = MAX's matmul (202-220).
