@@ -65,7 +65,12 @@ def test_bench_quick_json(tmp_path):
                                            if b == "experts" and c.endswith("_f32")}  # every T, in Q8_0
     assert {i for _, i in experts_q8} == {"mojo", "torch"}
     assert {c.rsplit("_", 1)[-1] for b, c, _ in cases if b == "attention"} == {"f32", "bf16"}
-    linear = [r for r in rows if r["bench"] == "linear"]
+    peaks = [r for r in rows if r["bench"] == "linear" and r["case"].startswith("stream_peak")]
+    assert {r["case"].rsplit("_", 1)[-1] for r in peaks} == {"f32", "bf16", "0"}  # every weight format (q8_0)
+    assert all(r["impl"] == "mojo" and r["gbs"] > 0 for r in peaks)
+    linear = [r for r in rows if r["bench"] == "linear" and not r["case"].startswith("stream_peak")]
+    streaming = [r for r in linear if r["impl"] == "mojo" and "_M1_" in r["case"]]  # against their format's ceiling
+    assert streaming and all(r["stream_peak_frac"] == r["gbs"] / r["stream_peak_gbs"] for r in streaming)
     assert {r["impl"] for r in linear if r["case"].endswith("_f32")} == {"mojo", "max", "torch", "numpy"}
     assert {r["impl"] for r in linear if r["case"].endswith("_bf16")} == {"mojo", "max", "torch"}
     q8 = [r for r in linear if r["case"].endswith("_q8_0")]
