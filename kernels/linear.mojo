@@ -69,23 +69,22 @@
 # (the bf16-dot micro-kernel on L1-resident operands) and `linear_stream_peak` (`_stream_peak`: `_stream`'s passes
 # repeated on one core's L2-resident weights, on every core).
 #
-# Today's numbers (`python -m bench --only linear --json`, 2026-12-07 14:58-15:23 UTC, 2-core AMD EPYC family 25
-# model 17 (Zen 4), no AMX; start probe 34.2 GB/s, the probes around each row 34-62 GB/s ("local"); Hy3's shapes):
-#   M 1:   f32 31.7-51.4 GB/s (58-101% of local), 1.4-2.3x MAX and torch; bf16 31.6-51.8 GB/s (60-96%), 2.2-4.2x MAX,
-#          2.0-4.5x torch; Q8_0 29.7-42.8 GB/s of int8 bytes (73-113%). `small`'s shapes (1-4 MB) pay a one-op
-#          graph's fixed cost: bf16 qkv 20.8, o_proj 13.4 GB/s (in a chain of ops they stream ~30: perf-notes).
-#   M 8:   f32 16.9-32.3 GB/s (53-94%), bf16 28.8-32.0 (57-86%), 1.2-4.5x MAX, 2.0-4.3x torch; Q8_0 12.4-14.6 GB/s
-#          (25-45%). At M 8 the loop, not memory, is the limit: the streaming path's own ceiling (`stream_peak`
-#          cases, 2026-12-07 18:30, the same machine, probe 47.5: the passes run on weights held in L2, K 4096) is
-#          M 1 f32 119 / bf16 91 / Q8_0 76 GB/s, M 8 f32 31.7 / bf16 37.1 / Q8_0 12.6 GB/s, and in that run Hy3's
-#          qkv and o_proj at M 8 read f32 35.4 / 26.0 GB/s (1.12 / 0.82 of that ceiling), bf16 29.1 / 27.1 (0.78 /
-#          0.73), Q8_0 14.8 / 12.3 (1.17 / 0.97). Q8_0 costs more per weight and activation row than bf16 (a
-#          vpdpbusd, a convert, the scale product and an FMA for 64 weights against two vdpbf16ps: 0.94-0.98 against
-#          0.60-0.68 ns on one core), so from M 5 it is slower than bf16 on half the bytes (docs/perf-notes.md,
-#          "The streaming path's ceiling").
-#   M 512: bf16 on DOT 393-433 GFLOP/s = 90-99% of the micro-kernel's own peak (`dot_peak` 439 GFLOP/s that hour),
-#          2.0-2.2x MAX, 0.92-1.04x torch (oneDNN bf16; 1.02-1.16x and 0.85-1.13x in two earlier runs); `small`'s
-#          shapes 278-350 GFLOP/s, 0.71-0.89x torch. Q8_0 on DOT 356-380 GFLOP/s. f32 = MAX's matmul (202-220).
+# Today's numbers (`python -m bench --only linear --json`, 2026-12-07 18:53-19:18 UTC, 2-core AMD EPYC family 25
+# model 17 (Zen 4), no AMX; start probe 51.5 GB/s, the probes around each row 33-61 GB/s ("local"); Hy3's shapes;
+# "ceiling" = the `stream_peak` case of the row's weight format and M, this path's own passes on weights in L2:
+# M 1 f32 137.5 / bf16 129.7 / Q8_0 77.8 GB/s, M 8 f32 36.6 / bf16 39.1 / Q8_0 15.7):
+#   M 1:   f32 32.6-51.8 GB/s (82-94% of local), 1.5-2.1x MAX, 1.6-2.7x torch; bf16 30.0-59.9 GB/s (85-102%),
+#          1.9-4.0x MAX, 1.6-4.8x torch; Q8_0 29.5-54.4 GB/s of int8 bytes (72-147%). All memory bound (23-70% of
+#          the ceiling). `small`'s shapes (1-4 MB) pay a one-op graph's fixed cost: bf16 qkv 34.0, o_proj 25.5 GB/s.
+#   M 8:   f32 27.0-35.4 GB/s (49-90% of local, 74-97% of the ceiling), bf16 17.0-33.9 (30-84%; 43-87%, the low one
+#          lm_head, not investigated), 1.5-3.6x MAX, 1.3-4.6x torch; Q8_0 13.6-14.7 GB/s (24-42%; 87-94%). So at M 8
+#          the loop, not memory, is the limit whenever the probe reads above the ceiling. Q8_0 costs more per
+#          weight and activation row than bf16 (a vpdpbusd, a convert, the scale product and an FMA for 64 weights
+#          against two vdpbf16ps: 0.94-0.98 against 0.60-0.68 ns on one core), so from M 5 it is slower than bf16 on
+#          half the bytes (docs/perf-notes.md, "The streaming path's ceiling").
+#   M 512: bf16 on DOT 379-431 GFLOP/s = 83-94% of the micro-kernel's own peak (`dot_peak` 459 GFLOP/s that run),
+#          1.9-2.1x MAX, 0.93-1.03x torch (oneDNN bf16); `small`'s shapes 303-406 GFLOP/s, 0.76-0.99x torch. Q8_0 on
+#          DOT 360-375 GFLOP/s (78-82% of `dot_peak`). f32 = MAX's matmul (209-220 GFLOP/s), 1.2-1.4x torch.
 #   M 512 bf16 on AMX (2-core Intel Xeon with amx_bf16, 2026-12-03; a timing script, not the bench yet:
 #          docs/perf-notes.md "AMX"): 1.41-1.68 TFLOP/s, ~0.8x torch's oneDNN AMX (1.72-1.83).
 #   Q8_0 M 512 (DOT on Q8_0 rows; 2026-12-07 05:15, the same Zen 4, a timing script beside DEQUANT and bf16 DOT in
