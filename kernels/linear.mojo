@@ -225,9 +225,10 @@ def _stream_pass[dt: DType, SWIGLU: Bool, READ: Int, NW: Int](pb: _Problem[dt], 
     parallelize_dynamic(task_fn, tasks, weight_bytes)
 
 
-def _stream[dt: DType, SWIGLU: Bool, Q8: Bool](pb: _Problem[dt], reps: Int):
-    """STREAM for this call's weights and x (the header's rules): which form of x the dots read, and how many
-    weight rows a pass; reps as in _stream_pass (0: one parallel pass, the ops)."""
+def _stream[dt: DType, SWIGLU: Bool, Q8: Bool](pb: _Problem[dt], x_form: Int, reps: Int):
+    """STREAM for this call's weights and x (the header's rules): the dots for the form of x the call made
+    (`x_form`, _XForms.x_form), and how many weight rows a pass; reps as in _stream_pass (0: one parallel pass, the
+    ops)."""
     var M = pb.M
     var N = pb.N
     var K = pb.K
@@ -240,12 +241,12 @@ def _stream[dt: DType, SWIGLU: Bool, Q8: Bool](pb: _Problem[dt], reps: Int):
     var tasks = (N + cols - 1) // cols
     var weight_bytes = N * row_bytes  # what the pass reads (a small one runs inline)
     comptime if Q8:
-        if use_vnni():
+        if x_form == READ_Q8_INT8:
             _stream_pass[dt, SWIGLU, READ_Q8_INT8, NW](pb, cols, tasks, weight_bytes, reps)
         else:
             _stream_pass[dt, SWIGLU, READ_Q8, NW](pb, cols, tasks, weight_bytes, reps)
     elif dt == DType.bfloat16:
-        var pairs = use_bf16_dot()  # vdpbf16ps on the stored bf16 x and weights
+        var pairs = x_form == READ_PAIRS
         if pairs and four_rows:
             _stream_pass[dt, SWIGLU, READ_PAIRS, STREAM_NW](pb, cols, tasks, weight_bytes, reps)
         elif pairs:
@@ -541,15 +542,18 @@ def _dequant_matmul[dt: DType, SWIGLU: Bool](pb: _Problem[dt]) raises:
 struct _XForms[dt: DType, Q8: Bool](Movable):
     """The forms of x a call's path reads besides x itself, made once per call: the portable streaming path and the
     Q8_0 paths read x as float32 (x itself, or a bf16 x widened here); Q8_0 streaming on AVX512_VNNI reads x
-    quantized into int8 blocks with their scales (microkernels.q8_quantize_activations)."""
+    quantized into int8 blocks with their scales (microkernels.q8_quantize_activations). `x_form` is the form the
+    streaming dots take (READ_*), decided here once per call from cpuid and the ISA switches."""
     var widened: List[Float32]
     var xq: List[UInt8]
     var xs: List[Float32]
+    var x_form: Int
 
     def __init__(out self, x: Pointer[mut=True, Scalar[Self.dt], MutUntrackedOrigin], M: Int, K: Int, path: Int):
         var pairs = Self.dt == DType.bfloat16 and use_bf16_dot() and not Self.Q8  # streaming on vdpbf16ps
         var widen = Self.dt != DType.float32 and ((Self.Q8 and path != DOT) or (path == STREAM and not pairs))
         var int8 = Self.Q8 and path == STREAM and use_vnni()
+        self.x_form = READ_Q8_INT8 if int8 else (READ_Q8 if Self.Q8 else (READ_PAIRS if pairs else READ_WIDEN))
         self.widened = List[Float32](unsafe_uninit_length=M * K if widen else 0)
         self.xq = List[UInt8](unsafe_uninit_length=M * K if int8 else 0)
         self.xs = List[Float32](unsafe_uninit_length=M * q8_activation_scales(K) if int8 else 0)
@@ -613,7 +617,7 @@ def _run[dt: DType, SWIGLU: Bool, Q8: Bool](
     var pb = forms.problem(untracked(x), untracked(wa), untracked(wb), yu, M, N, K)
 
     if path == STREAM:
-        _stream[dt, SWIGLU, Q8](pb, 0)
+        _stream[dt, SWIGLU, Q8](pb, forms.x_form, 0)
     elif path == DOT or path == AMX:
         var K2 = K // 2
         var blocks = n_blocks(M)
@@ -831,10 +835,12 @@ def _stream_peak[dt: DType, Q8: Bool](
     var forms = _XForms[dt, Q8](untracked(x), M, K, STREAM)
     var pb = forms.problem(untracked(x), untracked(w), untracked(w), untracked(y), M, N, K)
 
-    def worker(wk: Int) {var pb, var reps}:
+    var x_form = forms.x_form
+
+    def worker(wk: Int) {var pb, var x_form, var reps}:
         var mine = pb
         mine.yp = pb.yp.unsafe_offset(wk * pb.M * pb.N)
-        _stream[dt, False, Q8](mine, reps)
+        _stream[dt, False, Q8](mine, x_form, reps)
 
     parallelize(worker, workers)
     _ = forms^

@@ -211,11 +211,12 @@ def _stream_peak_case(session, rng, cores: int, fmt: str, M: int, K: int) -> Cas
     N = max(8, STREAM_PEAK_BYTES // row_bytes // 8 * 8)  # whole passes of 8 rows
     w = rng.standard_normal((N, K), dtype=np.float32) / np.float32(np.sqrt(K))
     x = rng.standard_normal((M, K), dtype=np.float32)
+    path = linear_path(M, K, dt == DType.bfloat16, q8)
     if q8:
         w_op = q8_0.quantize(w)
         w = q8_0.dequantize(w_op)
         x_op = x
-        if linear_path(M, K, False, q8=True) == "vnni":  # ours dots x's int8 blocks
+        if path == "vnni":  # ours dots x's int8 blocks
             x = q8_0.quantize_activations(x).astype(np.float32)
     elif dt == DType.bfloat16:
         x_op, w_op = f32_to_bf16_bits(x), f32_to_bf16_bits(w)
@@ -239,12 +240,12 @@ def _stream_peak_case(session, rng, cores: int, fmt: str, M: int, K: int) -> Cas
             assert_close(f"stream_peak {fmt} (worker {worker} vs numpy)", y[worker], ref, rtol=0,
                          atol=tol * max(1.0, float(np.abs(ref).max())))
     check.__doc__ = (f"every core's y within {tol:g} x max(1, max|y|) of x @ w^T in float64 on the same values"
-                     + (" (x as its int8 blocks)" if q8 and linear_path(M, K, False, q8=True) == "vnni" else ""))
+                     + (" (x as its int8 blocks)" if path == "vnni" else ""))
 
     return Case(bench=BENCH, name=f"stream_peak_{cores}cores_M{M}_N{N}_K{K}_{fmt}",
                 impls={"mojo": lambda: buffer_numpy(model.execute(*bufs)[0])}, check=check,
                 bytes=float(cores) * reps * N * row_bytes,
-                versions={"mojo": f"kernels/linear.mojo ({linear_path(M, K, dt == DType.bfloat16, q8)} path: "
+                versions={"mojo": f"kernels/linear.mojo ({path} path: "
                                   "linear_stream_peak, weights in L2)"})
 
 
