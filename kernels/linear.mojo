@@ -110,7 +110,8 @@ from .microkernels import (W, MAX_STREAM_ROWS, STREAM_NW, MB, MR, KC, NVMAX, AMX
                            amx_c_tiles, amx_k_ok, amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token, transpose16,
                            dot_panel, dot_tile, n_blocks, q8_dot_panel, q8_activation_scales, q8_dequantize_row,
                            q8_quantize_activations, q8_row_bytes, silu, stream_dots, stream_dots_bf16, stream_dots_q8_0,
-                           stream_dots_q8_vnni, stream_ahead, stream_rows_per_pass, swiglu_row,
+                           stream_dots_q8_vnni, stream_dots_q8_lanes, stream_ahead, stream_rows_per_pass, swiglu_row,
+                           q8_pack_lanes, Q8_LANES_MIN_M,
                            untracked)
 from .work_queue import parallelize_dynamic
 
@@ -133,13 +134,16 @@ comptime READ_WIDEN = 0  # streaming reads float32 x and weights widened exactly
 comptime READ_PAIRS = 1  # streaming runs vdpbf16ps on the stored bf16 x and weights
 comptime READ_Q8 = 2  # streaming reads float32 x and Q8_0 weight blocks, dequantized exactly
 comptime READ_Q8_INT8 = 3  # streaming runs vpdpbusd on Q8_0 weight blocks and int8-quantized x
+comptime READ_Q8_LANES = 4  # the same with x's rows in the lanes (microkernels.stream_dots_q8_lanes)
 
 
 @fieldwise_init
 struct _Problem[dt: DType](ImplicitlyCopyable, Movable):
     """One call: x [M, K], wa [N, K] (the weight, or SwiGLU's gate), wb [N, K] (SwiGLU's up; wa otherwise),
     y [M, N]; xf: x as float32 for the portable streaming and Q8_0 paths (x itself when dt is float32); xq, xs: x
-    quantized to int8 blocks for READ_Q8_INT8 ([M, K] bytes, [M, K / 4] scales; microkernels.q8_quantize_activations).
+    quantized to int8 blocks for READ_Q8_INT8 and READ_Q8_LANES ([M, K] bytes, [M, K / 4] scales;
+    microkernels.q8_quantize_activations); xl, xls, xlc: the same with its rows in the lanes, for READ_Q8_LANES
+    ([K / 4][W] int32, [K / 32][W] scales and block sums; microkernels.q8_pack_lanes).
     Q8_0 weights: wa and wb point at their bytes ([N, K / 32 * 34], microkernels.q8_row_bytes)."""
     var M: Int
     var N: Int
@@ -151,6 +155,9 @@ struct _Problem[dt: DType](ImplicitlyCopyable, Movable):
     var xf: Pointer[mut=True, Float32, MutUntrackedOrigin]
     var xq: Pointer[mut=True, UInt8, MutUntrackedOrigin]
     var xs: Pointer[mut=True, Float32, MutUntrackedOrigin]
+    var xl: Pointer[mut=True, Int32, MutUntrackedOrigin]
+    var xls: Pointer[mut=True, Float32, MutUntrackedOrigin]
+    var xlc: Pointer[mut=True, Int32, MutUntrackedOrigin]
 
 
 @always_inline
@@ -241,7 +248,9 @@ def _stream[dt: DType, SWIGLU: Bool, Q8: Bool](pb: _Problem[dt], x_form: Int, re
     var tasks = (N + cols - 1) // cols
     var weight_bytes = N * row_bytes  # what the pass reads (a small one runs inline)
     comptime if Q8:
-        if x_form == READ_Q8_INT8:
+        if x_form == READ_Q8_LANES:
+            _stream_pass[dt, SWIGLU, READ_Q8_LANES, NW](pb, cols, tasks, weight_bytes, reps)
+        elif x_form == READ_Q8_INT8:
             _stream_pass[dt, SWIGLU, READ_Q8_INT8, NW](pb, cols, tasks, weight_bytes, reps)
         else:
             _stream_pass[dt, SWIGLU, READ_Q8, NW](pb, cols, tasks, weight_bytes, reps)
@@ -260,12 +269,51 @@ def _stream[dt: DType, SWIGLU: Bool, Q8: Bool](pb: _Problem[dt], x_form: Int, re
 
 
 @always_inline
+def _lanes_dots[dt: DType, NW: Int](pb: _Problem[dt], w: Pointer[mut=True, Scalar[dt], MutUntrackedOrigin],
+                                    w_rows: StaticTuple[Int, NW], ahead: Int) -> StaticTuple[F32x, NW]:
+    """READ_Q8_LANES: NW Q8_0 weight rows of w . x's rows (lane r = row r), four weight rows at a time."""
+    var d = StaticTuple[F32x, NW](fill=F32x(0))
+    comptime for h in range(NW // 4):
+        var rows4 = StaticTuple[Int, 4](fill=0)
+        comptime for v in range(4):
+            rows4[v] = w_rows[h * 4 + v]
+        var d4 = stream_dots_q8_lanes[4](w.unsafe_bitcast[UInt8](), rows4, pb.xl, pb.xls, pb.xlc, pb.K, ahead)
+        comptime for v in range(4):
+            d[h * 4 + v] = d4[v]
+    return d
+
+
+@always_inline
+def _stream_task_lanes[dt: DType, SWIGLU: Bool, NW: Int](pb: _Problem[dt], cols_per_task: Int, task: Int):
+    """STREAM with x's rows in the lanes (READ_Q8_LANES: Q8_0 weights, Q8_LANES_MIN_M..STREAM_MAX_M rows): as
+    _stream_task, each pass of NW weight rows read once for every row of x at the same cost."""
+    var N = pb.N
+    var ahead = stream_ahead(NW * q8_row_bytes(pb.K), 1)
+    var o0 = task * cols_per_task
+    for o in range(o0, min(N, o0 + cols_per_task), NW):
+        var w_rows = StaticTuple[Int, NW](fill=0)
+        comptime for v in range(NW):
+            w_rows[v] = min(o + v, N - 1) * q8_row_bytes(pb.K)
+        var a = _lanes_dots[dt, NW](pb, pb.wa, w_rows, ahead)
+        comptime if SWIGLU:
+            var u = _lanes_dots[dt, NW](pb, pb.wb, w_rows, ahead)
+            comptime for v in range(NW):
+                a[v] = silu[W](a[v]) * u[v]
+        comptime for v in range(NW):
+            for r in range(pb.M):
+                _store[dt, 1](pb.yp, r * N + min(o + v, N - 1), SIMD[DType.float32, 1](a[v][r]))
+
+
+@always_inline
 def _stream_task[dt: DType, SWIGLU: Bool, READ: Int, NW: Int](pb: _Problem[dt], cols_per_task: Int, task: Int):
     """STREAM: output columns task * cols_per_task .. (their weight rows, each read from memory once when M <=
     STREAM_MAX_M), NW at a time, for the rows of x in chunks of STREAM_MAX_M (more only on the
     portable path), each chunk in groups of four. With more than four rows and long rows the reduction runs in K
     slices (`_stream_k_slice`), so the chunk's activation slices stay in cache while each group passes over the
     weight rows' slice. Columns past N alias N - 1 (the same value is stored twice)."""
+    comptime if READ == READ_Q8_LANES:
+        _stream_task_lanes[dt, SWIGLU, NW](pb, cols_per_task, task)
+        return
     var N = pb.N
     var K = pb.K
     var k_slice = _stream_k_slice[READ](pb.M, K)
@@ -343,6 +391,22 @@ def _pack_block[dt: DType](pb: _Problem[dt], xk: Pointer[mut=True, Int32, MutUnt
 
 
 @always_inline
+def _dot_tiles_by_row(c: Pointer[mut=True, Float32, _], blocks: Int, groups: Int, b: Int, g: Int, j: Int) -> StaticTuple[
+        F32x, AMX_TILE]:
+    """DOT's epilogue input: activation rows j .. j + W of block b against the 2 x MR weight rows of groups g and
+    g + 1 (zeros past the last group), from the panel's c [groups][blocks][MR][MB] transposed in registers, so that
+    element r holds activation row j + r's 16 consecutive outputs (one vector store into y, where a column at a
+    time cost ~10% of a `small` M 512 call)."""
+    var t = StaticTuple[F32x, AMX_TILE](fill=F32x(0))
+    comptime for h in range(2):
+        if g + h < groups:
+            var tile = c.unsafe_offset(((g + h) * blocks + b) * MR * MB + j)
+            comptime for i in range(MR):
+                t[h * MR + i] = tile.unsafe_load[width=W](i * MB)
+    return transpose16(t)
+
+
+@always_inline
 def _dot_task[dt: DType, SWIGLU: Bool, Q8: Bool](
     pb: _Problem[dt], xk: Pointer[mut=True, Int32, MutUntrackedOrigin], n_tiles: Int, task: Int,
 ):
@@ -376,25 +440,19 @@ def _dot_task[dt: DType, SWIGLU: Bool, Q8: Bool](
         comptime if SWIGLU:
             dot_panel(pb.wb.unsafe_bitcast[Int32](), offsets.unsafe_ptr(), groups, xb, rows, K2, cup)
     for b in range(blocks):
-        for g in range(groups):
-            var tile = (g * blocks + b) * MR * MB
+        var m_real = min(MB, rows - b * MB)
+        for g in range(0, groups, 2):
             var n0 = n_first + g * MR
-            var full = n0 + MR <= N
-            for m in range(min(MB, rows - b * MB)):
-                var v = SIMD[DType.float32, MR](0)
-                comptime for i in range(MR):
-                    v[i] = cap[unsafe_offset=tile + i * MB + m]
+            for j in range(0, m_real, W):
+                var v = _dot_tiles_by_row(cap, blocks, groups, b, g, j)
                 comptime if SWIGLU:
-                    var u = SIMD[DType.float32, MR](0)
-                    comptime for i in range(MR):
-                        u[i] = cup[unsafe_offset=tile + i * MB + m]
-                    v = silu[MR](v) * u
-                var y_row = (m_first + b * MB + m) * N + n0
-                if full:
-                    _store[dt, MR](pb.yp, y_row, v)
-                else:
-                    for i in range(N - n0):
-                        _store[dt, 1](pb.yp, y_row + i, SIMD[DType.float32, 1](v[i]))
+                    var u = _dot_tiles_by_row(cup, blocks, groups, b, g, j)
+                    comptime for r in range(W):
+                        v[r] = silu[W](v[r]) * u[r]
+                var m_cnt = min(W, m_real - j)
+                comptime for r in range(W):
+                    if r < m_cnt:
+                        _store_cols[dt](pb.yp, (m_first + b * MB + j + r) * N, n0, N, v[r])
     _ = offsets^
     _ = ca^
     _ = cu^
@@ -542,21 +600,30 @@ def _dequant_matmul[dt: DType, SWIGLU: Bool](pb: _Problem[dt]) raises:
 struct _XForms[dt: DType, Q8: Bool](Movable):
     """The forms of x a call's path reads besides x itself, made once per call: the portable streaming path and the
     Q8_0 paths read x as float32 (x itself, or a bf16 x widened here); Q8_0 streaming on AVX512_VNNI reads x
-    quantized into int8 blocks with their scales (microkernels.q8_quantize_activations). `x_form` is the form the
-    streaming dots take (READ_*), decided here once per call from cpuid and the ISA switches."""
+    quantized into int8 blocks with their scales (microkernels.q8_quantize_activations), and from Q8_LANES_MIN_M
+    rows on also packed with the rows in the lanes (microkernels.q8_pack_lanes). `x_form` is the form the streaming
+    dots take (READ_*), decided here once per call from M, cpuid and the ISA switches."""
     var widened: List[Float32]
     var xq: List[UInt8]
     var xs: List[Float32]
+    var xl: List[Int32]
+    var xls: List[Float32]
+    var xlc: List[Int32]
     var x_form: Int
 
     def __init__(out self, x: Pointer[mut=True, Scalar[Self.dt], MutUntrackedOrigin], M: Int, K: Int, path: Int):
         var pairs = Self.dt == DType.bfloat16 and use_bf16_dot() and not Self.Q8  # streaming on vdpbf16ps
         var widen = Self.dt != DType.float32 and ((Self.Q8 and path != DOT) or (path == STREAM and not pairs))
         var int8 = Self.Q8 and path == STREAM and use_vnni()
-        self.x_form = READ_Q8_INT8 if int8 else (READ_Q8 if Self.Q8 else (READ_PAIRS if pairs else READ_WIDEN))
+        var lanes = int8 and M >= Q8_LANES_MIN_M
+        self.x_form = READ_Q8_LANES if lanes else (
+            READ_Q8_INT8 if int8 else (READ_Q8 if Self.Q8 else (READ_PAIRS if pairs else READ_WIDEN)))
         self.widened = List[Float32](unsafe_uninit_length=M * K if widen else 0)
         self.xq = List[UInt8](unsafe_uninit_length=M * K if int8 else 0)
         self.xs = List[Float32](unsafe_uninit_length=M * q8_activation_scales(K) if int8 else 0)
+        self.xl = List[Int32](unsafe_uninit_length=K // 4 * W if lanes else 0)
+        self.xls = List[Float32](unsafe_uninit_length=K // Q8_BLOCK * W if lanes else 0)
+        self.xlc = List[Int32](unsafe_uninit_length=K // Q8_BLOCK * W if lanes else 0)
         var xf = self._xf(x)
         comptime if Self.dt != DType.float32:
             if widen:
@@ -567,6 +634,9 @@ struct _XForms[dt: DType, Q8: Bool](Movable):
             for m in range(M):
                 q8_quantize_activations(xf.unsafe_offset(m * K), K, xq.unsafe_offset(m * K),
                                         xs.unsafe_offset(m * q8_activation_scales(K)))
+            if lanes:
+                q8_pack_lanes(xq, xs, M, K, untracked(self.xl.unsafe_ptr()), untracked(self.xls.unsafe_ptr()),
+                              untracked(self.xlc.unsafe_ptr()))
 
     def _xf(mut self, x: Pointer[mut=True, Scalar[Self.dt], MutUntrackedOrigin]) -> Pointer[
             mut=True, Float32, MutUntrackedOrigin]:
@@ -581,7 +651,8 @@ struct _XForms[dt: DType, Q8: Bool](Movable):
                 y: Pointer[mut=True, Scalar[Self.dt], MutUntrackedOrigin], M: Int, N: Int, K: Int) -> _Problem[Self.dt]:
         """The call's state, pointing into these forms (which must outlive it)."""
         return _Problem[Self.dt](M, N, K, x, wa, wb, y, self._xf(x), untracked(self.xq.unsafe_ptr()),
-                                 untracked(self.xs.unsafe_ptr()))
+                                 untracked(self.xs.unsafe_ptr()), untracked(self.xl.unsafe_ptr()),
+                                 untracked(self.xls.unsafe_ptr()), untracked(self.xlc.unsafe_ptr()))
 
 
 def _path[dt: DType, Q8: Bool](M: Int, K: Int) -> Int:

@@ -442,6 +442,69 @@ def stream_dots_q8_vnni[NW: Int](
     return stream_dots_q8_vnni[MAX_STREAM_ROWS](w, w_rows, xq, xs, x_stride, n_rows, K, ahead)
 
 
+comptime Q8_LANES_MIN_M = 9  # linear takes the lanes layout from this many rows (up to W, one a lane)
+
+
+def q8_pack_lanes(xq: Pointer[UInt8, _], xs: Pointer[Float32, _], rows: Int, K: Int, xl: Pointer[mut=True, Int32, _],
+                  xls: Pointer[mut=True, Float32, _], xlc: Pointer[mut=True, Int32, _]):
+    """rows (<= W) int8 activation rows of q8_quantize_activations (xq rows K bytes apart, xs rows
+    q8_activation_scales(K) floats apart) -> stream_dots_q8_lanes' layout, the rows in the lanes (0 past `rows`):
+    xl [K / 4][W] int32, lane r = row r's 4 int8 at that dword (vpdpbusd's signed operand); xls [K / 32][W], lane
+    r = row r's block scale; xlc [K / 32][W], lane r = -128 * the sum of row r's block, where each block's int32
+    sums start (the weights are the unsigned operand as w + 128)."""
+    var q = xq.unsafe_bitcast[Int32]()
+    for d in range(K // 4):
+        var v = I32x(0)
+        for r in range(rows):
+            v[r] = q[unsafe_offset=r * (K // 4) + d]
+        xl.unsafe_store(d * W, v)
+    comptime flip = I32x(-2139062144)  # 0x80 in every byte: dotted with x, 128 * its sum per dword
+    comptime DW = Q8_BLOCK // 4
+    for b in range(K // Q8_BLOCK):
+        var sv = F32x(0)
+        for r in range(rows):
+            sv[r] = xs[unsafe_offset=r * q8_activation_scales(K) + b * Q8_SCALE_LANES]
+        xls.unsafe_store(b * W, sv)
+        var c = I32x(0)
+        comptime for d in range(DW):
+            c = dot_u8_i8[W](c, flip, xl.unsafe_load[width=W]((b * DW + d) * W))
+        xlc.unsafe_store(b * W, I32x(0) - c)
+
+
+@always_inline
+def stream_dots_q8_lanes[NW: Int](
+    w: Pointer[UInt8, _], w_rows: StaticTuple[Int, NW], xl: Pointer[Int32, _], xls: Pointer[Float32, _],
+    xlc: Pointer[Int32, _], K: Int, ahead: Int,
+) -> StaticTuple[F32x, NW]:
+    """NW Q8_0 weight rows (byte offsets w_rows) . up to W int8 activation rows at once, the rows in the lanes
+    (q8_pack_lanes): lane r of result v is row r's dot with weight row v. Per weight row and block: eight vpdpbusd,
+    each of one weight dword, broadcast and made unsigned (w + 128), against the block's eight activation vectors,
+    from the block's -128 * sum(x) start; then one convert and one FMA by d_w * d_x. The NW rows' chains are
+    interleaved, which hides vpdpbusd's latency. It costs the same whatever the number of rows, where
+    stream_dots_q8_vnni's cost grows with each row: bound by the eight vpdpbusd (~4.3 ns a weight row and block on
+    one Zen 4 core), it wins from Q8_LANES_MIN_M rows (docs/perf-notes.md, "Q8_0 with the activation rows in the
+    lanes"). The int32 block sums are exact, so a row's result equals stream_dots_q8_vnni's up to float32
+    summation order."""
+    comptime DW = Q8_BLOCK // 4  # int32 dwords of a block
+    var flip = I32x(-2139062144)  # 0x80 in every byte: w + 128 as unsigned bytes
+    var acc = StaticTuple[F32x, NW](fill=F32x(0))
+    for blk in range(K // Q8_BLOCK):
+        var xv = StaticTuple[I32x, DW](fill=I32x(0))
+        comptime for d in range(DW):
+            xv[d] = xl.unsafe_load[width=W]((blk * DW + d) * W)
+        var sums = StaticTuple[I32x, NW](fill=xlc.unsafe_load[width=W](blk * W))
+        comptime for d in range(DW):
+            comptime for v in range(NW):
+                var q = w.unsafe_offset(w_rows[v] + blk * Q8_BLOCK_BYTES + 2).unsafe_bitcast[Int32]()
+                sums[v] = dot_u8_i8[W](sums[v], I32x(q[unsafe_offset=d]) ^ flip, xv[d])
+        var sx = xls.unsafe_load[width=W](blk * W)
+        comptime for v in range(NW):
+            var p = w.unsafe_offset(w_rows[v] + blk * Q8_BLOCK_BYTES)
+            prefetch[PrefetchOptions().for_read().low_locality()](p.unsafe_offset(ahead))
+            acc[v] = sums[v].cast[DType.float32]().fma(sx * _q8_scale(p), acc[v])
+    return acc
+
+
 @always_inline
 def n_blocks(n: Int) -> Int:
     """Packed blocks of MB rows holding n activation rows (bf16-dot GEMM)."""

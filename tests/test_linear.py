@@ -33,13 +33,14 @@ from hyv3_graph.dtypes import bf16_rounded, buffer_numpy, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
 from hyv3_graph.kernels.cpu_isa import (DISABLE_AMX_ENV, PORTABLE_ENV, bf16_dot_available, cpu_has_avx512_bf16,
                                         cpu_has_avx512_vnni, vnni_available)
-from hyv3_graph.kernels.linear import (STREAM_MAX_M, linear, linear_path, linear_reference, linear_stream_peak,
-                                       linear_swiglu)
+from hyv3_graph.kernels.linear import (INT8_X_PATHS, Q8_LANES_MIN_M, STREAM_MAX_M, linear, linear_path,
+                                       linear_reference, linear_stream_peak, linear_swiglu)
 
 from conftest import ISA_MODES, set_isa
 
 RTOL = 1e-5  # of the sum of magnitudes: float32 accumulation over K <= ~1e4 terms (measured <= 2e-7)
 BF16_OUT = 2.0**-8  # one bf16 rounding of the output, relative to |y|
+LANES_RTOL = 1e-5  # Q8_0's lanes and row paths: the same exact block sums in another float32 order, of max|y|
 DTYPES = (DType.float32, DType.bfloat16)
 
 
@@ -93,10 +94,10 @@ def check(models, dt, x, w, up):
 
 def check_q8(models, dt, x, wq, uq):
     """The Q8_0 ops against the reference on the dequantized weights, and on the activations the call's path
-    computes with: x's int8 blocks on the vpdpbusd path (linear_path "vnni"), x rounded to bf16 on the bf16-dot GEMM
+    computes with: x's int8 blocks on the vpdpbusd paths (linear_path "vnni", "lanes"), x rounded to bf16 on the bf16-dot GEMM
     ("dot"), else x itself."""
     path = linear_path(x.shape[0], x.shape[1], dt == DType.bfloat16, q8=True)
-    x_ref = q8_0.quantize_activations(x) if path == "vnni" else bf16_rounded(x) if path == "dot" else x
+    x_ref = q8_0.quantize_activations(x) if path in INT8_X_PATHS else bf16_rounded(x) if path == "dot" else x
     return check_outputs(run_q8(models, dt, x, wq, uq), dt, x_ref, q8_0.dequantize(wq), q8_0.dequantize(uq))
 
 
@@ -141,7 +142,7 @@ def linear_case(draw):
 @st.composite
 def q8_case(draw):
     dt = draw(st.sampled_from(DTYPES))
-    M = draw(st.one_of(st.sampled_from([0, 1, 2, 4, 5, 16, 17, 48, 97]), st.integers(0, 600)))
+    M = draw(st.one_of(st.sampled_from([0, 1, 2, 4, 5, 8, 9, 13, 16, 17, 48, 97]), st.integers(0, 600)))
     N = draw(st.one_of(st.sampled_from(SIZES + [255, 256, 257, 600]), st.integers(1, 300)))
     K = 32 * draw(st.one_of(st.sampled_from([0, 1, 2, 3, 16, 17, 33]), st.integers(1, 40)))
     while M * N * max(K, 1) > 3_000_000:
@@ -167,7 +168,7 @@ def test_q8_0_matches_reference(q8_models, case):
 
 
 @pytest.mark.parametrize("dt", DTYPES)
-@pytest.mark.parametrize("M", [1, 5, STREAM_MAX_M + 1, 200])
+@pytest.mark.parametrize("M", [1, 5, Q8_LANES_MIN_M, STREAM_MAX_M, STREAM_MAX_M + 1, 200])
 def test_q8_0_deterministic_bit_for_bit(q8_models, dt, M):
     rng = np.random.default_rng(M)
     x = _values(rng, (M, 1024), dt)
@@ -175,7 +176,7 @@ def test_q8_0_deterministic_bit_for_bit(q8_models, dt, M):
     a, b = run_q8(q8_models, dt, x, wq, uq), run_q8(q8_models, dt, x, wq, uq)
     assert all(np.array_equal(p, q) for p, q in zip(a, b))
     assert linear_path(M, 1024, bf16=dt == DType.bfloat16, q8=True) == (
-        ("vnni" if vnni_available() else "stream") if M <= STREAM_MAX_M
+        (("lanes" if M >= Q8_LANES_MIN_M else "vnni") if vnni_available() else "stream") if M <= STREAM_MAX_M
         else "dot" if bf16_dot_available() else "dequant")
 
 
@@ -183,19 +184,43 @@ def test_q8_0_deterministic_bit_for_bit(q8_models, dt, M):
 def test_vnni_path_is_taken(q8_models, monkeypatch):
     """Where the CPU has AVX512_VNNI the Q8_0 streaming path runs vpdpbusd on int8-quantized x (a forced portable
     setting in the environment does not turn this into a skip): its outputs meet the reference on the quantized x,
-    and differ from the portable path's, which meet it on x itself. K = 1056 is 33 blocks (the ymm tail)."""
+    and differ from the portable path's, which meet it on x itself. From Q8_LANES_MIN_M rows x's rows sit in the
+    vector lanes ("lanes"). K = 1056 is 33 blocks (the row path's ymm tail)."""
     monkeypatch.delenv(PORTABLE_ENV, raising=False)
     rng = np.random.default_rng(11)
-    for M in (1, 3, 9):
+    for M in (1, 3, Q8_LANES_MIN_M - 1, Q8_LANES_MIN_M, STREAM_MAX_M):
         x = _values(rng, (M, 1056), DType.float32)
         wq, uq = (q8_0.quantize(_values(rng, (200, 1056), DType.float32, 0.03)) for _ in "wu")
-        assert linear_path(M, 1056, bf16=False, q8=True) == "vnni"
+        assert linear_path(M, 1056, bf16=False, q8=True) == ("lanes" if M >= Q8_LANES_MIN_M else "vnni")
         fast = check_q8(q8_models, DType.float32, x, wq, uq)
         monkeypatch.setenv(PORTABLE_ENV, "1")
         assert linear_path(M, 1056, bf16=False, q8=True) == "stream"
         exact = check_q8(q8_models, DType.float32, x, wq, uq)
         monkeypatch.delenv(PORTABLE_ENV)
         assert not np.array_equal(fast[0], exact[0]), f"M={M}: the vpdpbusd path gave the float32 path's bits"
+
+
+@pytest.mark.skipif(not cpu_has_avx512_vnni(), reason="the CPU has no AVX512_VNNI")
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("K", [32, 1056, 4096])
+def test_q8_0_lanes_match_rows(q8_models, monkeypatch, dt, K):
+    """The lanes path (x's rows in the vector lanes, from Q8_LANES_MIN_M rows) and the row path (below it) dot the
+    same int8 blocks with exact int32 block sums: each row's outputs agree to float32 summation order, far inside
+    the reference's tolerance. Every one of the 16 lanes is a row at M 16."""
+    monkeypatch.delenv(PORTABLE_ENV, raising=False)
+    rng = np.random.default_rng(K)
+    x = _values(rng, (STREAM_MAX_M, K), dt)
+    wq, uq = (q8_0.quantize(_values(rng, (37, K), DType.float32, 1 / np.sqrt(K))) for _ in "wu")
+    step = Q8_LANES_MIN_M - 1  # the row path's largest call
+    rows = [run_q8(q8_models, dt, x[m:m + step], wq, uq) for m in range(0, STREAM_MAX_M, step)]
+    for M in (Q8_LANES_MIN_M, STREAM_MAX_M):
+        assert linear_path(M, K, bf16=dt == DType.bfloat16, q8=True) == "lanes"
+        lanes = run_q8(q8_models, dt, x[:M], wq, uq)
+        for out, by_rows in zip(lanes, zip(*rows)):
+            want = np.concatenate(by_rows)[:M]
+            # float32 sums of K / 32 exact block products in another order; a bf16 y may land one ulp (2^-7) apart
+            tol = LANES_RTOL * float(np.abs(want).max()) + (2 * BF16_OUT * np.abs(want) if dt == DType.bfloat16 else 0)
+            assert np.all(np.abs(out - want) <= tol), f"M={M} K={K}: {np.abs(out - want).max()}"
 
 
 @pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the CPU has no AVX512_BF16")

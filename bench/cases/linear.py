@@ -40,8 +40,8 @@ from hyv3_graph import q8_0
 from hyv3_graph.dtypes import bf16_bits_to_f32, bf16_rounded, buffer_numpy, f32_to_bf16_bits, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
 from hyv3_graph.kernels.cpu_isa import bf16_dot_available
-from hyv3_graph.kernels.linear import (DOT_TILE_FLOPS, linear, linear_builtin, linear_dot_peak, linear_path,
-                                       linear_stream_peak, linear_swiglu, linear_swiglu_builtin)
+from hyv3_graph.kernels.linear import (DOT_TILE_FLOPS, INT8_X_PATHS, linear, linear_builtin, linear_dot_peak,
+                                       linear_path, linear_stream_peak, linear_swiglu, linear_swiglu_builtin)
 
 from ..harness import Case, assert_close, run_case
 
@@ -103,8 +103,9 @@ def _q8_case(models, rng, model, name, N, K, swiglu, M) -> Case:
 
     ref = run_numpy()
     path = linear_path(M, K, False, q8=True)
-    # ours takes x's int8 blocks (vnni) or x rounded to bf16 (dot): so does its reference
-    x_ours = {"vnni": q8_0.quantize_activations(x).astype(np.float32), "dot": bf16_rounded(x)}.get(path)
+    # ours takes x's int8 blocks (vnni, lanes) or x rounded to bf16 (dot): so does its reference
+    x_ours = (q8_0.quantize_activations(x).astype(np.float32) if path in INT8_X_PATHS
+              else bf16_rounded(x) if path == "dot" else None)
     ours_ref = ref if x_ours is None else run_numpy(x_ours)
     tol = TOL[DType.float32]
 
@@ -114,8 +115,8 @@ def _q8_case(models, rng, model, name, N, K, swiglu, M) -> Case:
         assert_close("linear q8_0 (mojo vs numpy float32, dequantized)", outputs["mojo"], ours_ref, rtol=0,
                      atol=tol * max(1.0, float(np.abs(ours_ref).max())))
     check.__doc__ = (f"within {tol:g} x max(1, max|y|) of numpy float32 on the dequantized weights"
-                     + {"vnni": " and, for ours, on x's int8 blocks (q8_0.quantize_activations)",
-                        "dot": " and, for ours, on x rounded to bf16"}.get(path, ""))
+                     + (" and, for ours, on x's int8 blocks (q8_0.quantize_activations)" if path in INT8_X_PATHS
+                        else " and, for ours, on x rounded to bf16" if path == "dot" else ""))
 
     n_w = len(quantized)
     return Case(bench=BENCH, name=f"{model}_{name}_M{M}_{'N%dx2' % N if swiglu else 'N%d' % N}_K{K}_q8_0",
@@ -216,7 +217,7 @@ def _stream_peak_case(session, rng, cores: int, fmt: str, M: int, K: int) -> Cas
         w_op = q8_0.quantize(w)
         w = q8_0.dequantize(w_op)
         x_op = x
-        if path == "vnni":  # ours dots x's int8 blocks
+        if path in INT8_X_PATHS:  # ours dots x's int8 blocks
             x = q8_0.quantize_activations(x).astype(np.float32)
     elif dt == DType.bfloat16:
         x_op, w_op = f32_to_bf16_bits(x), f32_to_bf16_bits(w)
@@ -240,7 +241,7 @@ def _stream_peak_case(session, rng, cores: int, fmt: str, M: int, K: int) -> Cas
             assert_close(f"stream_peak {fmt} (worker {worker} vs numpy)", y[worker], ref, rtol=0,
                          atol=tol * max(1.0, float(np.abs(ref).max())))
     check.__doc__ = (f"every core's y within {tol:g} x max(1, max|y|) of x @ w^T in float64 on the same values"
-                     + (" (x as its int8 blocks)" if path == "vnni" else ""))
+                     + (" (x as its int8 blocks)" if path in INT8_X_PATHS else ""))
 
     return Case(bench=BENCH, name=f"stream_peak_{cores}cores_M{M}_N{N}_K{K}_{fmt}",
                 impls={"mojo": lambda: buffer_numpy(model.execute(*bufs)[0])}, check=check,
