@@ -38,7 +38,8 @@
 #     GEMM shared with moe_experts (microkernels.dot_panel: MR = 8 weight rows read in place x MB = 48 packed
 #     activation rows, 24 zmm accumulators). x is packed once per call into blocks [K/2][MB] of bf16 pairs; tasks
 #     are (chunk of CHUNK_BLOCKS blocks, GROUPS x MR weight rows), so a task's accumulators stay in L2. SwiGLU runs
-#     the panel on the gate rows and on the up rows and combines them in the epilogue.
+#     the panel on the gate rows and on the up rows and combines them in the epilogue, which transposes 16 x 16 of
+#     the accumulators in registers into 16 outputs of a row per store (`_dot_tiles_by_row`).
 #   * MATMUL (float32, M > STREAM_MAX_M): MAX's own linalg matmul on the raw pointers (it is fast in float32:
 #     ~300 GFLOP/s here); SwiGLU writes gate into y and up into a scratch, then combines.
 #   * Portable (bf16 without AVX512_BF16, HYV3_PORTABLE_KERNELS=1, or odd K at large M): STREAM at every M.
@@ -48,7 +49,12 @@
 #     at a time, exact int32 block sums scaled by d_w * d_x in float32: 1.4-1.6x the compute ceiling of widening
 #     (docs/perf-notes.md, "Q8_0"), at the cost of x's int8 rounding (as llama.cpp's q8_0 does, with a float32
 #     rather than float16 scale). Q8_0 passes read 8 weight rows (1.2-1.4x the rate of 4 on
-#     vpdpbusd at M = 1; docs/perf-notes.md, "Q8_0 streaming: 8 rows a pass"). Otherwise (no VNNI,
+#     vpdpbusd at M = 1; docs/perf-notes.md, "Q8_0 streaming: 8 rows a pass"). That loop costs a vpdpbusd, a
+#     convert, the scale product and an FMA per 64 weights and x row, so from Q8_LANES_MIN_M = 9 rows x is also
+#     packed with its rows in the vector lanes (microkernels.q8_pack_lanes) and microkernels.stream_dots_q8_lanes
+#     runs eight vpdpbusd per weight row and block for all rows at once (the weight dword broadcast, made unsigned;
+#     x's -128 * sum(x) start packed once per call): the same cost at 9 rows as at 16 (`_stream_task_lanes`;
+#     docs/perf-notes.md, "Q8_0 with the activation rows in the lanes, kept"). Otherwise (no VNNI,
 #     HYV3_PORTABLE_KERNELS=1): microkernels.stream_dots_q8_0,
 #     each block widened and scaled exactly and FMA'd into float32 x, so y is x . dequantize(w)^T to float32
 #     rounding. M > STREAM_MAX_M on a CPU with AVX512_BF16: DOT on Q8_0 rows (microkernels.q8_dot_panel, the same
@@ -81,10 +87,16 @@
 #          the loop, not memory, is the limit whenever the probe reads above the ceiling. Q8_0 costs more per
 #          weight and activation row than bf16 (a vpdpbusd, a convert, the scale product and an FMA for 64 weights
 #          against two vdpbf16ps: 0.94-0.98 against 0.60-0.68 ns on one core), so from M 5 it is slower than bf16 on
-#          half the bytes (docs/perf-notes.md, "The streaming path's ceiling").
+#          half the bytes up to M 8 (docs/perf-notes.md, "The streaming path's ceiling"); from M 9, the lanes.
+#   M 16 (2026-12-07 22:05 UTC, the same Zen 4, a script over the bench's case builders in one process, not
+#          the bench's own run yet; probes 49-59 GB/s): Q8_0 on the lanes 11.2-12.8 GB/s of int8 bytes, faster than
+#          bf16 (16.7-19.3 GB/s) on all five of Hy3's shapes (qkv 3.71 / 4.64 ms, lm_head 41.0 / 51.4); float32
+#          17.9-20.4 GB/s. The row kernel ran Q8_0 at M 16 at 5.9-6.4 GB/s (1.64-1.83x slower, qkv and o_proj).
 #   M 512: bf16 on DOT 379-431 GFLOP/s = 83-94% of the micro-kernel's own peak (`dot_peak` 459 GFLOP/s that run),
 #          1.9-2.1x MAX, 0.93-1.03x torch (oneDNN bf16); `small`'s shapes 303-406 GFLOP/s, 0.76-0.99x torch. Q8_0 on
-#          DOT 360-375 GFLOP/s (78-82% of `dot_peak`). f32 = MAX's matmul (209-220 GFLOP/s), 1.2-1.4x torch.
+#          DOT 360-375 GFLOP/s (78-82% of `dot_peak`). f32 = MAX's matmul (209-220 GFLOP/s), 1.2-1.4x torch. Since
+#          that run DOT's epilogue is in registers: `small`'s shapes 1.02-1.07x, Hy3's level (A/B in one process,
+#          docs/perf-notes.md "Q8_0 with the activation rows in the lanes, kept; DOT's epilogue in registers").
 #   M 512 bf16 on AMX (2-core Intel Xeon with amx_bf16, 2026-12-03; a timing script, not the bench yet:
 #          docs/perf-notes.md "AMX"): 1.41-1.68 TFLOP/s, ~0.8x torch's oneDNN AMX (1.72-1.83).
 #   Q8_0 M 512 (DOT on Q8_0 rows; 2026-12-07 05:15, the same Zen 4, a timing script beside DEQUANT and bf16 DOT in
@@ -391,8 +403,8 @@ def _pack_block[dt: DType](pb: _Problem[dt], xk: Pointer[mut=True, Int32, MutUnt
 
 
 @always_inline
-def _dot_tiles_by_row(c: Pointer[mut=True, Float32, _], blocks: Int, groups: Int, b: Int, g: Int, j: Int) -> StaticTuple[
-        F32x, AMX_TILE]:
+def _dot_tiles_by_row(c: Pointer[mut=True, Float32, _], blocks: Int, groups: Int, b: Int, g: Int,
+                      j: Int) -> StaticTuple[F32x, AMX_TILE]:
     """DOT's epilogue input: activation rows j .. j + W of block b against the 2 x MR weight rows of groups g and
     g + 1 (zeros past the last group), from the panel's c [groups][blocks][MR][MB] transposed in registers, so that
     element r holds activation row j + r's 16 consecutive outputs (one vector store into y, where a column at a

@@ -94,8 +94,8 @@ def check(models, dt, x, w, up):
 
 def check_q8(models, dt, x, wq, uq):
     """The Q8_0 ops against the reference on the dequantized weights, and on the activations the call's path
-    computes with: x's int8 blocks on the vpdpbusd paths (linear_path "vnni", "lanes"), x rounded to bf16 on the bf16-dot GEMM
-    ("dot"), else x itself."""
+    computes with: x's int8 blocks on the vpdpbusd paths (linear_path "vnni", "lanes"), x rounded to bf16 on the
+    bf16-dot GEMM ("dot"), else x itself."""
     path = linear_path(x.shape[0], x.shape[1], dt == DType.bfloat16, q8=True)
     x_ref = q8_0.quantize_activations(x) if path in INT8_X_PATHS else bf16_rounded(x) if path == "dot" else x
     return check_outputs(run_q8(models, dt, x, wq, uq), dt, x_ref, q8_0.dequantize(wq), q8_0.dequantize(uq))

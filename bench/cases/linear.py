@@ -2,8 +2,9 @@
 
 Shapes (W [N, K]): Hy3's qkv 4096 -> 10240, o_proj 8192 -> 4096, the dense MLP's gate_up 4096 -> 2 x 13312 with
 SwiGLU (`linear_swiglu`: gate and up as two [13312, 4096] tensors), its down 13312 -> 4096 and lm_head
-4096 -> 120832; and the same five for the `small` preset (the e2e cases' model). M (rows of x) in {1, 8, 512}:
-decode, a small batch, a prefill chunk; lm_head only at M = 1 and 8 (it runs on each sequence's last token).
+4096 -> 120832; and the same five for the `small` preset (the e2e cases' model). M (rows of x) in {1, 8, 16, 512}:
+decode, small batches (the streaming path; Q8_0 puts x's rows in the vector lanes from 9 rows), a prefill chunk;
+lm_head only at M = 1, 8 and 16 (it runs on each sequence's last token).
 float32 and bfloat16 (x, W and y in one dtype, as in the model). Peers at the same dtype: MAX's graph matmul
 (`x @ transpose(W)`, what `--kernels builtin` runs), torch's F.linear (oneDNN; for SwiGLU two calls and
 silu * up), numpy (float32 only).
@@ -12,17 +13,18 @@ float32 x and y: our `linear_q8_0` / `linear_swiglu_q8_0` against numpy float32 
 other peer has a CPU Q8_0 matmul op; llama.cpp's q8_0 is in the e2e rows). Their roofline counts the int8 bytes
 (34 per 32 weights); compare with the `_f32` and `_bf16` rows of the same shape in the same run.
 Check: every output within a tolerance of the float32 numpy result on the same values (bf16: widened), relative
-to max |y|. Rooflines: M <= 8 against the weight bytes (each read once) over the measured bandwidth; M = 512
+to max |y|. Rooflines: M <= 16 against the weight bytes (each read once) over the measured bandwidth; M = 512
 against 2 M N K FLOPs (two GEMMs for SwiGLU) over the measured fp32 GEMM peak.
 Case `dot_peak` (where the CPU has AVX512_BF16): the bf16-dot micro-kernel alone on L1-resident operands, all
 cores: the yardstick of the bf16 and Q8_0 M = 512 rows (both on that micro-kernel without AMX), whose
 `dot_peak_frac` is their GFLOP/s over it.
-Cases `stream_peak_<cores>cores_M{1,8}_..._{f32,bf16,q8_0}`: the streaming path's own ceiling (`linear_stream_peak`): every core runs
-`linear`'s STREAM path over and over on weights of K 4096 sized to stay in its L2 (~384 KiB), so weight bytes over
-time is the rate its loop consumes when memory keeps up (their `gbs`; the read-bandwidth fraction of these rows
-means nothing). Our M 1 and M 8 rows carry `stream_peak_gbs` (that ceiling for their weight format and M) and
-`stream_peak_frac`: a row near its read bandwidth is memory bound, one near `stream_peak_gbs` is bound by the
-loop (at M 8 the dots run once per activation row on each weight byte, so the ceiling falls with M).
+Cases `stream_peak_<cores>cores_M{1,8,16}_..._{f32,bf16,q8_0}`: the streaming path's own ceiling
+(`linear_stream_peak`): every core runs `linear`'s STREAM path over and over on weights of K 4096 sized to stay in
+its L2 (~384 KiB), so weight bytes over time is the rate its loop consumes when memory keeps up (their `gbs`; the
+read-bandwidth fraction of these rows means nothing). Our M 1, 8 and 16 rows carry `stream_peak_gbs` (that ceiling
+for their weight format and M) and `stream_peak_frac`: a row near its read bandwidth is memory bound, one near
+`stream_peak_gbs` is bound by the loop (at M 8 the dots run once per activation row on each weight byte, so the
+ceiling falls with M; Q8_0's lanes from 9 rows cost the same at 9 as at 16).
 `--quick`: `tiny`'s shapes at M in {1, 64}; the `stream_peak` cases at M 1 on K 256.
 """
 
@@ -40,18 +42,21 @@ from hyv3_graph import q8_0
 from hyv3_graph.dtypes import bf16_bits_to_f32, bf16_rounded, buffer_numpy, f32_to_bf16_bits, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
 from hyv3_graph.kernels.cpu_isa import bf16_dot_available
-from hyv3_graph.kernels.linear import (DOT_TILE_FLOPS, INT8_X_PATHS, linear, linear_builtin, linear_dot_peak,
-                                       linear_path, linear_stream_peak, linear_swiglu, linear_swiglu_builtin)
+from hyv3_graph.kernels.linear import (DOT_TILE_FLOPS, INT8_X_PATHS, STREAM_MAX_M, linear, linear_builtin,
+                                       linear_dot_peak, linear_path, linear_stream_peak, linear_swiglu,
+                                       linear_swiglu_builtin)
 
 from ..harness import Case, assert_close, run_case
 
 BENCH = "linear"
+DECODE_MS = (1, 8, 16)  # rows of the streaming cases (decode, small batches): judged on their weight bytes
 
 
 def _shapes(H, q, kv, I, V):
     """name -> (N, K, swiglu, Ms) for a model with hidden H, q/kv projection widths, dense width I, vocab V."""
-    return {"qkv": (q + 2 * kv, H, False, (1, 8, 512)), "o_proj": (H, q, False, (1, 8, 512)),
-            "gate_up": (I, H, True, (1, 8, 512)), "down": (H, I, False, (1, 8, 512)), "lm_head": (V, H, False, (1, 8))}
+    Ms = (*DECODE_MS, 512)
+    return {"qkv": (q + 2 * kv, H, False, Ms), "o_proj": (H, q, False, Ms), "gate_up": (I, H, True, Ms),
+            "down": (H, I, False, Ms), "lm_head": (V, H, False, DECODE_MS)}
 
 
 FULL = {"hy3": _shapes(4096, 8192, 1024, 13312, 120832), "small": _shapes(1024, 1024, 256, 2048, 32000)}
@@ -121,8 +126,8 @@ def _q8_case(models, rng, model, name, N, K, swiglu, M) -> Case:
     n_w = len(quantized)
     return Case(bench=BENCH, name=f"{model}_{name}_M{M}_{'N%dx2' % N if swiglu else 'N%d' % N}_K{K}_q8_0",
                 impls={"mojo": lambda: buffer_numpy(ours.execute(*bufs)[0]), "numpy": run_numpy}, check=check,
-                flops=2.0 * M * N * K * n_w if M > 8 else None,
-                bytes=n_w * N * q8_0.row_bytes(K) if M <= 8 else None,
+                flops=2.0 * M * N * K * n_w if M > STREAM_MAX_M else None,
+                bytes=n_w * N * q8_0.row_bytes(K) if M <= STREAM_MAX_M else None,
                 versions={"mojo": f"kernels/linear.mojo ({path} path, Q8_0)",
                           "numpy": f"numpy {np.__version__} (dequantized float32)"})
 
@@ -172,8 +177,8 @@ def _case(torch, models, rng, model, name, N, K, swiglu, M, dt) -> Case:
     n_w = len(weights)
     path = linear_path(M, K, bf16)
     return Case(bench=BENCH, name=f"{model}_{name}_M{M}_{'N%dx2' % N if swiglu else 'N%d' % N}_K{K}_{wname}",
-                impls=impls, check=check, flops=2.0 * M * N * K * n_w if M > 8 else None,
-                bytes=n_w * N * K * (2 if bf16 else 4) if M <= 8 else None,
+                impls=impls, check=check, flops=2.0 * M * N * K * n_w if M > STREAM_MAX_M else None,
+                bytes=n_w * N * K * (2 if bf16 else 4) if M <= STREAM_MAX_M else None,
                 versions={"mojo": f"kernels/linear.mojo ({path} path)", "max": f"max {version('max')} matmul",
                           "torch": f"torch {torch.__version__} F.linear", "numpy": f"numpy {np.__version__}"})
 
@@ -262,7 +267,7 @@ def cases(quick: bool, cores: int = 1):
         yield _dot_peak_case(session, cores)
     rng = np.random.default_rng(0)
     for fmt in STREAM_PEAK_FORMATS:
-        for M in ((1,) if quick else (1, 8)):
+        for M in ((1,) if quick else DECODE_MS):
             yield _stream_peak_case(session, rng, cores, fmt, M, 256 if quick else 4096)
     for model, shapes in (QUICK if quick else FULL).items():
         for name, (N, K, swiglu, Ms) in shapes.items():
