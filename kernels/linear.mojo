@@ -299,6 +299,7 @@ def _lanes_dots[dt: DType, NW: Int](pb: _Problem[dt], w: Pointer[mut=True, Scala
 def _stream_task_lanes[dt: DType, SWIGLU: Bool, NW: Int](pb: _Problem[dt], cols_per_task: Int, task: Int):
     """STREAM with x's rows in the lanes (READ_Q8_LANES: Q8_0 weights, Q8_LANES_MIN_M..STREAM_MAX_M rows): as
     _stream_task, each pass of NW weight rows read once for every row of x at the same cost."""
+    comptime assert STREAM_MAX_M <= W, "the lanes hold every row of a streaming call"
     var N = pb.N
     var ahead = stream_ahead(NW * q8_row_bytes(pb.K), 1)
     var o0 = task * cols_per_task
