@@ -88,10 +88,12 @@
 #          weight and activation row than bf16 (a vpdpbusd, a convert, the scale product and an FMA for 64 weights
 #          against two vdpbf16ps: 0.94-0.98 against 0.60-0.68 ns on one core), so from M 5 it is slower than bf16 on
 #          half the bytes up to M 8 (docs/perf-notes.md, "The streaming path's ceiling"); from M 9, the lanes.
-#   M 16 (2026-12-07 22:05 UTC, the same Zen 4, a script over the bench's case builders in one process, not
-#          the bench's own run yet; probes 49-59 GB/s): Q8_0 on the lanes 11.2-12.8 GB/s of int8 bytes, faster than
-#          bf16 (16.7-19.3 GB/s) on all five of Hy3's shapes (qkv 3.71 / 4.64 ms, lm_head 41.0 / 51.4); float32
-#          17.9-20.4 GB/s. The row kernel ran Q8_0 at M 16 at 5.9-6.4 GB/s (1.64-1.83x slower, qkv and o_proj).
+#   M 16 (the bench's `linear` M 16 and `stream_peak` cases through its run_case, 2026-12-07 22:51-22:57 UTC,
+#          the same Zen 4, local probes 35-63 GB/s; ceilings M 16 f32 24.2 / bf16 19.6 / Q8_0 15.3 GB/s): Q8_0 on the
+#          lanes 12.0-13.6 GB/s of int8 bytes (78-89% of its ceiling), faster than bf16 on all five of Hy3's shapes
+#          (qkv 3.33 / 3.91 ms, o_proj 2.74 / 3.22, gate_up 9.67 / 10.94, down 4.34 / 5.67, lm_head 38.7 / 47.4:
+#          1.13-1.31x); bf16 19.2-21.5 GB/s (0.98-1.10 of its ceiling), 1.6-2.4x torch, 2.6-2.9x MAX; f32 17.6-21.1
+#          (0.73-0.88), 1.4x MAX. The row kernel ran Q8_0 at M 16 at 5.9-6.4 GB/s (1.64-1.83x slower).
 #   M 512: bf16 on DOT 379-431 GFLOP/s = 83-94% of the micro-kernel's own peak (`dot_peak` 459 GFLOP/s that run),
 #          1.9-2.1x MAX, 0.93-1.03x torch (oneDNN bf16); `small`'s shapes 303-406 GFLOP/s, 0.76-0.99x torch. Q8_0 on
 #          DOT 360-375 GFLOP/s (78-82% of `dot_peak`). f32 = MAX's matmul (209-220 GFLOP/s), 1.2-1.4x torch. Since
