@@ -283,35 +283,22 @@ def _stream[dt: DType, SWIGLU: Bool, Q8: Bool](pb: _Problem[dt], x_form: Int, re
 
 
 @always_inline
-def _lanes_dots[dt: DType, NW: Int](pb: _Problem[dt], w: Pointer[mut=True, Scalar[dt], MutUntrackedOrigin],
-                                    w_rows: StaticTuple[Int, NW], ahead: Int) -> StaticTuple[F32x, NW]:
-    """READ_Q8_LANES: NW Q8_0 weight rows of w . x's rows (lane r = row r), four weight rows at a time."""
-    var d = StaticTuple[F32x, NW](fill=F32x(0))
-    comptime for h in range(NW // 4):
-        var rows4 = StaticTuple[Int, 4](fill=0)
-        comptime for v in range(4):
-            rows4[v] = w_rows[h * 4 + v]
-        var d4 = stream_dots_q8_lanes[4](w.unsafe_bitcast[UInt8](), rows4, pb.xl, pb.xls, pb.xlc, pb.K, ahead)
-        comptime for v in range(4):
-            d[h * 4 + v] = d4[v]
-    return d
-
-
-@always_inline
 def _stream_task_lanes[dt: DType, SWIGLU: Bool, NW: Int](pb: _Problem[dt], cols_per_task: Int, task: Int):
     """STREAM with x's rows in the lanes (READ_Q8_LANES: Q8_0 weights, Q8_LANES_MIN_M..STREAM_MAX_M rows): as
     _stream_task, each pass of NW weight rows read once for every row of x at the same cost."""
     comptime assert STREAM_MAX_M <= W, "the lanes hold every row of a streaming call"
     var N = pb.N
-    var ahead = stream_ahead(NW * q8_row_bytes(pb.K), 1)
+    var row_bytes = q8_row_bytes(pb.K)
+    var ahead = stream_ahead(NW * row_bytes, 1)
     var o0 = task * cols_per_task
     for o in range(o0, min(N, o0 + cols_per_task), NW):
         var w_rows = StaticTuple[Int, NW](fill=0)
         comptime for v in range(NW):
-            w_rows[v] = min(o + v, N - 1) * q8_row_bytes(pb.K)
-        var a = _lanes_dots[dt, NW](pb, pb.wa, w_rows, ahead)
+            w_rows[v] = min(o + v, N - 1) * row_bytes
+        var a = stream_dots_q8_lanes[NW](pb.wa.unsafe_bitcast[UInt8](), w_rows, pb.xl, pb.xls, pb.xlc, pb.K, ahead)
         comptime if SWIGLU:
-            var u = _lanes_dots[dt, NW](pb, pb.wb, w_rows, ahead)
+            var u = stream_dots_q8_lanes[NW](pb.wb.unsafe_bitcast[UInt8](), w_rows, pb.xl, pb.xls, pb.xlc, pb.K,
+                                             ahead)
             comptime for v in range(NW):
                 a[v] = silu[W](a[v]) * u[v]
         comptime for v in range(NW):
