@@ -50,11 +50,13 @@
 #     (docs/perf-notes.md, "Q8_0"), at the cost of x's int8 rounding (as llama.cpp's q8_0 does, with a float32
 #     rather than float16 scale). Q8_0 passes read 8 weight rows (1.2-1.4x the rate of 4 on
 #     vpdpbusd at M = 1; docs/perf-notes.md, "Q8_0 streaming: 8 rows a pass"). That loop costs a vpdpbusd, a
-#     convert, the scale product and an FMA per 64 weights and x row, so from Q8_LANES_MIN_M = 9 rows x is also
+#     convert, the scale product and an FMA per 64 weights and x row, so from Q8_LANES_MIN_M = 6 rows x is also
 #     packed with its rows in the vector lanes (microkernels.q8_pack_lanes) and microkernels.stream_dots_q8_lanes
 #     runs eight vpdpbusd per weight row and block for all rows at once (the weight dword broadcast, made unsigned;
-#     x's -128 * sum(x) start packed once per call): the same cost at 9 rows as at 16 (`_stream_task_lanes`;
-#     docs/perf-notes.md, "Q8_0 with the activation rows in the lanes, kept"). Otherwise (no VNNI,
+#     x's -128 * sum(x) start packed once per call): the same cost at 9 rows as at 16 (`_stream_task_lanes`), and
+#     up to Q8_LANES_NARROW_M = 8 rows in 8 lanes on ymm (microkernels.q8_lane_width: 0.66x of 16 lanes' cost),
+#     1.1-1.4x the row kernel at 6-8 rows (docs/perf-notes.md, "Q8_0 with the activation rows in the lanes, kept",
+#     and "Q8_0's lanes on ymm from 6 rows"). Otherwise (no VNNI,
 #     HYV3_PORTABLE_KERNELS=1): microkernels.stream_dots_q8_0,
 #     each block widened and scaled exactly and FMA'd into float32 x, so y is x . dequantize(w)^T to float32
 #     rounding. M > STREAM_MAX_M on a CPU with AVX512_BF16: DOT on Q8_0 rows (microkernels.q8_dot_panel, the same
@@ -125,7 +127,7 @@ from .microkernels import (W, MAX_STREAM_ROWS, STREAM_NW, MB, MR, KC, NVMAX, AMX
                            dot_panel, dot_tile, n_blocks, q8_dot_panel, q8_activation_scales, q8_dequantize_row,
                            q8_quantize_activations, q8_row_bytes, silu, stream_dots, stream_dots_bf16, stream_dots_q8_0,
                            stream_dots_q8_vnni, stream_dots_q8_lanes, stream_ahead, stream_rows_per_pass, swiglu_row,
-                           q8_pack_lanes, Q8_LANES_MIN_M,
+                           q8_pack_lanes, q8_lane_width, Q8_LANES_MIN_M, Q8_LANES_NARROW_M,
                            untracked)
 from .work_queue import parallelize_dynamic
 
@@ -157,7 +159,8 @@ struct _Problem[dt: DType](ImplicitlyCopyable, Movable):
     y [M, N]; xf: x as float32 for the portable streaming and Q8_0 paths (x itself when dt is float32); xq, xs: x
     quantized to int8 blocks for READ_Q8_INT8 and READ_Q8_LANES ([M, K] bytes, [M, K / 4] scales;
     microkernels.q8_quantize_activations); xl, xls, xlc: the same with its rows in the lanes, for READ_Q8_LANES
-    ([K / 4][W] int32, [K / 32][W] scales and block sums; microkernels.q8_pack_lanes).
+    ([K / 4][L] int32, [K / 32][L] scales and block sums, L = microkernels.q8_lane_width(M) lanes;
+    microkernels.q8_pack_lanes).
     Q8_0 weights: wa and wb point at their bytes ([N, K / 32 * 34], microkernels.q8_row_bytes)."""
     var M: Int
     var N: Int
@@ -283,10 +286,8 @@ def _stream[dt: DType, SWIGLU: Bool, Q8: Bool](pb: _Problem[dt], x_form: Int, re
 
 
 @always_inline
-def _stream_task_lanes[dt: DType, SWIGLU: Bool, NW: Int](pb: _Problem[dt], cols_per_task: Int, task: Int):
-    """STREAM with x's rows in the lanes (READ_Q8_LANES: Q8_0 weights, Q8_LANES_MIN_M..STREAM_MAX_M rows): as
-    _stream_task, each pass of NW weight rows read once for every row of x at the same cost."""
-    comptime assert STREAM_MAX_M <= W, "the lanes hold every row of a streaming call"
+def _stream_task_lanes_of[dt: DType, SWIGLU: Bool, NW: Int, L: Int](pb: _Problem[dt], cols_per_task: Int, task: Int):
+    """_stream_task_lanes with x packed in L lanes (microkernels.q8_lane_width(M))."""
     var N = pb.N
     var row_bytes = q8_row_bytes(pb.K)
     var ahead = stream_ahead(NW * row_bytes, 1)
@@ -295,15 +296,27 @@ def _stream_task_lanes[dt: DType, SWIGLU: Bool, NW: Int](pb: _Problem[dt], cols_
         var w_rows = StaticTuple[Int, NW](fill=0)
         comptime for v in range(NW):
             w_rows[v] = min(o + v, N - 1) * row_bytes
-        var a = stream_dots_q8_lanes[NW](pb.wa.unsafe_bitcast[UInt8](), w_rows, pb.xl, pb.xls, pb.xlc, pb.K, ahead)
+        var a = stream_dots_q8_lanes[NW, L](pb.wa.unsafe_bitcast[UInt8](), w_rows, pb.xl, pb.xls, pb.xlc, pb.K, ahead)
         comptime if SWIGLU:
-            var u = stream_dots_q8_lanes[NW](pb.wb.unsafe_bitcast[UInt8](), w_rows, pb.xl, pb.xls, pb.xlc, pb.K,
-                                             ahead)
+            var u = stream_dots_q8_lanes[NW, L](pb.wb.unsafe_bitcast[UInt8](), w_rows, pb.xl, pb.xls, pb.xlc, pb.K,
+                                                ahead)
             comptime for v in range(NW):
-                a[v] = silu[W](a[v]) * u[v]
+                a[v] = silu[L](a[v]) * u[v]
         comptime for v in range(NW):
             for r in range(pb.M):
                 _store[dt, 1](pb.yp, r * N + min(o + v, N - 1), SIMD[DType.float32, 1](a[v][r]))
+
+
+@always_inline
+def _stream_task_lanes[dt: DType, SWIGLU: Bool, NW: Int](pb: _Problem[dt], cols_per_task: Int, task: Int):
+    """STREAM with x's rows in the lanes (READ_Q8_LANES: Q8_0 weights, Q8_LANES_MIN_M..STREAM_MAX_M rows): as
+    _stream_task, each pass of NW weight rows read once for every row of x at the same cost; 8 lanes (ymm) up to
+    Q8_LANES_NARROW_M rows, 16 above."""
+    comptime assert STREAM_MAX_M <= W, "the lanes hold every row of a streaming call"
+    if q8_lane_width(pb.M) == Q8_LANES_NARROW_M:
+        _stream_task_lanes_of[dt, SWIGLU, NW, Q8_LANES_NARROW_M](pb, cols_per_task, task)
+    else:
+        _stream_task_lanes_of[dt, SWIGLU, NW, W](pb, cols_per_task, task)
 
 
 @always_inline
@@ -623,9 +636,10 @@ struct _XForms[dt: DType, Q8: Bool](Movable):
         self.widened = List[Float32](unsafe_uninit_length=M * K if widen else 0)
         self.xq = List[UInt8](unsafe_uninit_length=M * K if int8 else 0)
         self.xs = List[Float32](unsafe_uninit_length=M * q8_activation_scales(K) if int8 else 0)
-        self.xl = List[Int32](unsafe_uninit_length=K // 4 * W if lanes else 0)
-        self.xls = List[Float32](unsafe_uninit_length=K // Q8_BLOCK * W if lanes else 0)
-        self.xlc = List[Int32](unsafe_uninit_length=K // Q8_BLOCK * W if lanes else 0)
+        var lw = q8_lane_width(M) if lanes else 0
+        self.xl = List[Int32](unsafe_uninit_length=K // 4 * lw)
+        self.xls = List[Float32](unsafe_uninit_length=K // Q8_BLOCK * lw)
+        self.xlc = List[Int32](unsafe_uninit_length=K // Q8_BLOCK * lw)
         var xf = self._xf(x)
         comptime if Self.dt != DType.float32:
             if widen:
@@ -636,9 +650,12 @@ struct _XForms[dt: DType, Q8: Bool](Movable):
             for m in range(M):
                 q8_quantize_activations(xf.unsafe_offset(m * K), K, xq.unsafe_offset(m * K),
                                         xs.unsafe_offset(m * q8_activation_scales(K)))
-            if lanes:
-                q8_pack_lanes(xq, xs, M, K, untracked(self.xl.unsafe_ptr()), untracked(self.xls.unsafe_ptr()),
-                              untracked(self.xlc.unsafe_ptr()))
+            if lanes and lw == Q8_LANES_NARROW_M:
+                q8_pack_lanes[Q8_LANES_NARROW_M](xq, xs, M, K, untracked(self.xl.unsafe_ptr()),
+                                                 untracked(self.xls.unsafe_ptr()), untracked(self.xlc.unsafe_ptr()))
+            elif lanes:
+                q8_pack_lanes[W](xq, xs, M, K, untracked(self.xl.unsafe_ptr()), untracked(self.xls.unsafe_ptr()),
+                                 untracked(self.xlc.unsafe_ptr()))
 
     def _xf(mut self, x: Pointer[mut=True, Scalar[Self.dt], MutUntrackedOrigin]) -> Pointer[
             mut=True, Float32, MutUntrackedOrigin]:

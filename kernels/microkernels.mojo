@@ -14,8 +14,9 @@
 #     both ops where cpu_isa.use_vnni says yes. bf16 and Q8_0 weights stream 8 rows a pass, float32 4
 #     (stream_rows_per_pass; the dispatchers split 8 in halves where 8 x 4 accumulators would not fit the registers).
 #   * stream_dots_q8_lanes, q8_pack_lanes: the same int8 blocks with up to 16 activation rows in the vector lanes
-#     (each weight dword broadcast): eight vpdpbusd per weight row and block whatever the number of rows, so it
-#     beats stream_dots_q8_vnni from Q8_LANES_MIN_M rows. linear's Q8_0 streaming path for small batches.
+#     (each weight dword broadcast; 8 lanes on ymm up to 8 rows, q8_lane_width): eight vpdpbusd per weight row and
+#     block whatever the number of rows, so it beats stream_dots_q8_vnni from Q8_LANES_MIN_M rows. linear's Q8_0
+#     streaming path for small batches.
 #   * dot_tile / dot_panel: the bf16-dot GEMM (vdpbf16ps), compute bound: MR weight rows read in place, a bf16
 #     pair broadcast against MB activation rows packed [K/2][MB] (each op packs its own: moe_experts rounds float32
 #     rows, linear copies bf16 ones). moe_experts' bf16 experts with many rows and linear's bf16 prefill.
@@ -446,63 +447,76 @@ def stream_dots_q8_vnni[NW: Int](
     return stream_dots_q8_vnni[MAX_STREAM_ROWS](w, w_rows, xq, xs, x_stride, n_rows, K, ahead)
 
 
-comptime Q8_LANES_MIN_M = 9  # linear takes the lanes layout from this many rows (up to W, one a lane)
+comptime Q8_LANES_MIN_M = 6  # linear takes the lanes layout from this many rows (up to W, one a lane)
+comptime Q8_LANES_NARROW_M = W // 2  # up to this many rows the lanes are ymm (q8_lane_width)
 comptime Q8_LANES_TILE = 4  # stream_dots_q8_lanes: weight rows per register tile (8 x vectors, 4 sums, 4 accumulators)
 
 
-def q8_pack_lanes(xq: Pointer[UInt8, _], xs: Pointer[Float32, _], rows: Int, K: Int, xl: Pointer[mut=True, Int32, _],
-                  xls: Pointer[mut=True, Float32, _], xlc: Pointer[mut=True, Int32, _]):
-    """rows (<= W) int8 activation rows of q8_quantize_activations (xq rows K bytes apart, xs rows
-    q8_activation_scales(K) floats apart) -> stream_dots_q8_lanes' layout, the rows in the lanes (0 past `rows`):
-    xl [K / 4][W] int32, lane r = row r's 4 int8 at that dword (vpdpbusd's signed operand); xls [K / 32][W], lane
-    r = row r's block scale; xlc [K / 32][W], lane r = -128 * the sum of row r's block, where each block's int32
+@always_inline
+def q8_lane_width(rows: Int) -> Int:
+    """Lanes of the lanes layout for `rows` activation rows: 8 (ymm) up to Q8_LANES_NARROW_M rows, else W (zmm).
+    On Zen 4 a ymm vpdpbusd issues twice as often as a zmm one, so 8 lanes cost 0.66x of 16 per weight row and
+    block (2.72 against 4.15 ns on one core) and lanes past the rows would be wasted work."""
+    return Q8_LANES_NARROW_M if rows <= Q8_LANES_NARROW_M else W
+
+
+def q8_pack_lanes[L: Int](xq: Pointer[UInt8, _], xs: Pointer[Float32, _], rows: Int, K: Int,
+                          xl: Pointer[mut=True, Int32, _], xls: Pointer[mut=True, Float32, _],
+                          xlc: Pointer[mut=True, Int32, _]):
+    """rows (<= L) int8 activation rows of q8_quantize_activations (xq rows K bytes apart, xs rows
+    q8_activation_scales(K) floats apart) -> stream_dots_q8_lanes' layout of L lanes, the rows in the lanes (0 past
+    `rows`): xl [K / 4][L] int32, lane r = row r's 4 int8 at that dword (vpdpbusd's signed operand); xls [K / 32][L],
+    lane r = row r's block scale; xlc [K / 32][L], lane r = -128 * the sum of row r's block, where each block's int32
     sums start (the weights are the unsigned operand as w + 128)."""
+    comptime I32L = SIMD[DType.int32, L]
     var q = xq.unsafe_bitcast[Int32]()
     for d in range(K // 4):
-        var v = I32x(0)
+        var v = I32L(0)
         for r in range(rows):
             v[r] = q[unsafe_offset=r * (K // 4) + d]
-        xl.unsafe_store(d * W, v)
-    comptime flip = I32x(BYTES_0X80)  # dotted with x: 128 * its sum per dword
+        xl.unsafe_store(d * L, v)
+    comptime flip = I32L(BYTES_0X80)  # dotted with x: 128 * its sum per dword
     comptime DW = Q8_BLOCK // 4
     for b in range(K // Q8_BLOCK):
-        var sv = F32x(0)
+        var sv = SIMD[DType.float32, L](0)
         for r in range(rows):
             sv[r] = xs[unsafe_offset=r * q8_activation_scales(K) + b * Q8_SCALE_LANES]
-        xls.unsafe_store(b * W, sv)
-        var c = I32x(0)
+        xls.unsafe_store(b * L, sv)
+        var c = I32L(0)
         comptime for d in range(DW):
-            c = dot_u8_i8[W](c, flip, xl.unsafe_load[width=W]((b * DW + d) * W))
-        xlc.unsafe_store(b * W, I32x(0) - c)
+            c = dot_u8_i8[L](c, flip, xl.unsafe_load[width=L]((b * DW + d) * L))
+        xlc.unsafe_store(b * L, I32L(0) - c)
 
 
 @always_inline
-def _stream_dots_q8_lanes_tile[NW: Int](
+def _stream_dots_q8_lanes_tile[NW: Int, L: Int](
     w: Pointer[UInt8, _], w_rows: StaticTuple[Int, NW], xl: Pointer[Int32, _], xls: Pointer[Float32, _],
     xlc: Pointer[Int32, _], K: Int, ahead: Int,
-) -> StaticTuple[F32x, NW]:
-    """NW Q8_0 weight rows (byte offsets w_rows) . up to W int8 activation rows at once, the rows in the lanes
-    (q8_pack_lanes): lane r of result v is row r's dot with weight row v. Per weight row and block: eight vpdpbusd,
-    each of one weight dword, broadcast and made unsigned (w + 128), against the block's eight activation vectors,
-    from the block's -128 * sum(x) start; then one convert and one FMA by d_w * d_x. The NW rows' chains are
+) -> StaticTuple[SIMD[DType.float32, L], NW]:
+    """NW Q8_0 weight rows (byte offsets w_rows) . up to L int8 activation rows at once, the rows in the lanes
+    (q8_pack_lanes[L]): lane r of result v is row r's dot with weight row v. Per weight row and block: eight
+    vpdpbusd, each of one weight dword, broadcast and made unsigned (w + 128), against the block's eight activation
+    vectors, from the block's -128 * sum(x) start; then one convert and one FMA by d_w * d_x. The NW rows' chains are
     interleaved, which hides vpdpbusd's latency. It costs the same whatever the number of rows, where
-    stream_dots_q8_vnni's cost grows with each row: bound by the eight vpdpbusd (~4.3 ns a weight row and block on
-    one Zen 4 core), it wins from Q8_LANES_MIN_M rows (docs/perf-notes.md, "Q8_0 with the activation rows in the
-    lanes"). The int32 block sums are exact, so a row's result equals stream_dots_q8_vnni's up to float32
-    summation order."""
+    stream_dots_q8_vnni's cost grows with each row: bound by the eight vpdpbusd (~4.15 ns a weight row and block on
+    one Zen 4 core with 16 lanes, 2.72 with 8), it wins from Q8_LANES_MIN_M rows (docs/perf-notes.md, "Q8_0 with the
+    activation rows in the lanes"). The int32 block sums are exact, so a row's result equals stream_dots_q8_vnni's
+    up to float32 summation order."""
     comptime DW = Q8_BLOCK // 4  # int32 dwords of a block
-    var flip = I32x(BYTES_0X80)  # w + 128 as unsigned bytes
-    var acc = StaticTuple[F32x, NW](fill=F32x(0))
+    comptime I32L = SIMD[DType.int32, L]
+    comptime F32L = SIMD[DType.float32, L]
+    var flip = I32L(BYTES_0X80)  # w + 128 as unsigned bytes
+    var acc = StaticTuple[F32L, NW](fill=F32L(0))
     for blk in range(K // Q8_BLOCK):
-        var xv = StaticTuple[I32x, DW](fill=I32x(0))
+        var xv = StaticTuple[I32L, DW](fill=I32L(0))
         comptime for d in range(DW):
-            xv[d] = xl.unsafe_load[width=W]((blk * DW + d) * W)
-        var sums = StaticTuple[I32x, NW](fill=xlc.unsafe_load[width=W](blk * W))
+            xv[d] = xl.unsafe_load[width=L]((blk * DW + d) * L)
+        var sums = StaticTuple[I32L, NW](fill=xlc.unsafe_load[width=L](blk * L))
         comptime for d in range(DW):
             comptime for v in range(NW):
                 var q = w.unsafe_offset(w_rows[v] + blk * Q8_BLOCK_BYTES + 2).unsafe_bitcast[Int32]()
-                sums[v] = dot_u8_i8[W](sums[v], I32x(q[unsafe_offset=d]) ^ flip, xv[d])
-        var sx = xls.unsafe_load[width=W](blk * W)
+                sums[v] = dot_u8_i8[L](sums[v], I32L(q[unsafe_offset=d]) ^ flip, xv[d])
+        var sx = xls.unsafe_load[width=L](blk * L)
         comptime for v in range(NW):
             var p = w.unsafe_offset(w_rows[v] + blk * Q8_BLOCK_BYTES)
             prefetch[PrefetchOptions().for_read().low_locality()](p.unsafe_offset(ahead))
@@ -511,19 +525,19 @@ def _stream_dots_q8_lanes_tile[NW: Int](
 
 
 @always_inline
-def stream_dots_q8_lanes[NW: Int](
+def stream_dots_q8_lanes[NW: Int, L: Int](
     w: Pointer[UInt8, _], w_rows: StaticTuple[Int, NW], xl: Pointer[Int32, _], xls: Pointer[Float32, _],
     xlc: Pointer[Int32, _], K: Int, ahead: Int,
-) -> StaticTuple[F32x, NW]:
+) -> StaticTuple[SIMD[DType.float32, L], NW]:
     """_stream_dots_q8_lanes_tile over NW weight rows (a multiple of Q8_LANES_TILE), Q8_LANES_TILE at a time: 4
-    rows a tile ran 4.15 ns a weight row and block, 8 (register pressure) 4.43."""
+    rows a tile ran 4.15 ns a weight row and block, 8 (register pressure) 4.43 (16 lanes; 8 lanes: 2.72 / 2.80)."""
     comptime assert NW % Q8_LANES_TILE == 0, "stream_dots_q8_lanes: whole tiles of weight rows"
-    var out = StaticTuple[F32x, NW](fill=F32x(0))
+    var out = StaticTuple[SIMD[DType.float32, L], NW](fill=SIMD[DType.float32, L](0))
     comptime for h in range(NW // Q8_LANES_TILE):
         var rows = StaticTuple[Int, Q8_LANES_TILE](fill=0)
         comptime for v in range(Q8_LANES_TILE):
             rows[v] = w_rows[h * Q8_LANES_TILE + v]
-        var d = _stream_dots_q8_lanes_tile[Q8_LANES_TILE](w, rows, xl, xls, xlc, K, ahead)
+        var d = _stream_dots_q8_lanes_tile[Q8_LANES_TILE, L](w, rows, xl, xls, xlc, K, ahead)
         comptime for v in range(Q8_LANES_TILE):
             out[h * Q8_LANES_TILE + v] = d[v]
     return out

@@ -33,8 +33,8 @@ from hyv3_graph.dtypes import bf16_rounded, buffer_numpy, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
 from hyv3_graph.kernels.cpu_isa import (DISABLE_AMX_ENV, PORTABLE_ENV, bf16_dot_available, cpu_has_avx512_bf16,
                                         cpu_has_avx512_vnni, vnni_available)
-from hyv3_graph.kernels.linear import (INT8_X_PATHS, Q8_LANES_MIN_M, STREAM_MAX_M, linear, linear_path,
-                                       linear_reference, linear_stream_peak, linear_swiglu)
+from hyv3_graph.kernels.linear import (INT8_X_PATHS, Q8_LANES_MIN_M, Q8_LANES_NARROW_M, STREAM_MAX_M, linear,
+                                       linear_path, linear_reference, linear_stream_peak, linear_swiglu)
 
 from conftest import ISA_MODES, set_isa
 
@@ -168,7 +168,8 @@ def test_q8_0_matches_reference(q8_models, case):
 
 
 @pytest.mark.parametrize("dt", DTYPES)
-@pytest.mark.parametrize("M", [1, 5, Q8_LANES_MIN_M, STREAM_MAX_M, STREAM_MAX_M + 1, 200])
+@pytest.mark.parametrize("M", [1, Q8_LANES_MIN_M - 1, Q8_LANES_MIN_M, Q8_LANES_NARROW_M + 1, STREAM_MAX_M,
+                               STREAM_MAX_M + 1, 200])
 def test_q8_0_deterministic_bit_for_bit(q8_models, dt, M):
     rng = np.random.default_rng(M)
     x = _values(rng, (M, 1024), dt)
@@ -185,10 +186,11 @@ def test_vnni_path_is_taken(q8_models, monkeypatch):
     """Where the CPU has AVX512_VNNI the Q8_0 streaming path runs vpdpbusd on int8-quantized x (a forced portable
     setting in the environment does not turn this into a skip): its outputs meet the reference on the quantized x,
     and differ from the portable path's, which meet it on x itself. From Q8_LANES_MIN_M rows x's rows sit in the
-    vector lanes ("lanes"). K = 1056 is 33 blocks (the row path's ymm tail)."""
+    vector lanes ("lanes": 8 of them up to Q8_LANES_NARROW_M rows, 16 above). K = 1056 is 33 blocks (the row path's
+    ymm tail)."""
     monkeypatch.delenv(PORTABLE_ENV, raising=False)
     rng = np.random.default_rng(11)
-    for M in (1, 3, Q8_LANES_MIN_M - 1, Q8_LANES_MIN_M, STREAM_MAX_M):
+    for M in (1, 3, Q8_LANES_MIN_M - 1, Q8_LANES_MIN_M, Q8_LANES_NARROW_M + 1, STREAM_MAX_M):
         x = _values(rng, (M, 1056), DType.float32)
         wq, uq = (q8_0.quantize(_values(rng, (200, 1056), DType.float32, 0.03)) for _ in "wu")
         assert linear_path(M, 1056, bf16=False, q8=True) == ("lanes" if M >= Q8_LANES_MIN_M else "vnni")
@@ -206,14 +208,15 @@ def test_vnni_path_is_taken(q8_models, monkeypatch):
 def test_q8_0_lanes_match_rows(q8_models, monkeypatch, dt, K):
     """The lanes path (x's rows in the vector lanes, from Q8_LANES_MIN_M rows) and the row path (below it) dot the
     same int8 blocks with exact int32 block sums: each row's outputs agree to float32 summation order, far inside
-    the reference's tolerance. Every one of the 16 lanes is a row at M 16."""
+    the reference's tolerance. Both lane widths run: 8 (ymm) at M 6 and 8, every lane a row at 8; 16 at M 9 and
+    16, every lane a row at 16."""
     monkeypatch.delenv(PORTABLE_ENV, raising=False)
     rng = np.random.default_rng(K)
     x = _values(rng, (STREAM_MAX_M, K), dt)
     wq, uq = (q8_0.quantize(_values(rng, (37, K), DType.float32, 1 / np.sqrt(K))) for _ in "wu")
     step = Q8_LANES_MIN_M - 1  # the row path's largest call
     rows = [run_q8(q8_models, dt, x[m:m + step], wq, uq) for m in range(0, STREAM_MAX_M, step)]
-    for M in (Q8_LANES_MIN_M, STREAM_MAX_M):
+    for M in (Q8_LANES_MIN_M, Q8_LANES_NARROW_M, Q8_LANES_NARROW_M + 1, STREAM_MAX_M):
         assert linear_path(M, K, bf16=dt == DType.bfloat16, q8=True) == "lanes"
         lanes = run_q8(q8_models, dt, x[:M], wq, uq)
         for out, by_rows in zip(lanes, zip(*rows)):

@@ -16,7 +16,8 @@ from max.graph import DeviceRef, TensorType, TensorValue, ops
 from .cpu_isa import AMX_K_STEP, amx_available, bf16_dot_available, vnni_available
 
 STREAM_MAX_M = 16  # kernels/linear.mojo: at most this many rows stream the weights
-Q8_LANES_MIN_M = 9  # kernels/microkernels.mojo: Q8_0 streaming puts x's rows in the lanes from this many rows
+Q8_LANES_MIN_M = 6  # kernels/microkernels.mojo: Q8_0 streaming puts x's rows in the lanes from this many rows,
+Q8_LANES_NARROW_M = 8  # in 8 lanes (ymm) up to this many rows, in 16 above (microkernels.q8_lane_width)
 INT8_X_PATHS = ("vnni", "lanes")  # the paths that dot x's int8 blocks (q8_0.quantize_activations), not x
 DOT_TILE_FLOPS = 8 * 3 * 128 * 64  # one microkernels.dot_tile call: MR x NVMAX x KC vdpbf16ps of 64 flops each
 
