@@ -85,11 +85,14 @@
 #          1.9-4.0x MAX, 1.6-4.8x torch; Q8_0 29.5-54.4 GB/s of int8 bytes (72-147%). All memory bound (23-70% of
 #          the ceiling). `small`'s shapes (1-4 MB) pay a one-op graph's fixed cost: bf16 qkv 34.0, o_proj 25.5 GB/s.
 #   M 8:   f32 27.0-35.4 GB/s (49-90% of local, 74-97% of the ceiling), bf16 17.0-33.9 (30-84%; 43-87%, the low one
-#          lm_head, not investigated), 1.5-3.6x MAX, 1.3-4.6x torch; Q8_0 13.6-14.7 GB/s (24-42%; 87-94%). So at M 8
-#          the loop, not memory, is the limit whenever the probe reads above the ceiling. Q8_0 costs more per
-#          weight and activation row than bf16 (a vpdpbusd, a convert, the scale product and an FMA for 64 weights
-#          against two vdpbf16ps: 0.94-0.98 against 0.60-0.68 ns on one core), so from M 5 it is slower than bf16 on
-#          half the bytes up to M 8 (docs/perf-notes.md, "The streaming path's ceiling"); from M 9, the lanes.
+#          lm_head, not investigated), 1.5-3.6x MAX, 1.3-4.6x torch. So at M 8 the loop, not memory, is the limit
+#          whenever the probe reads above the ceiling (bf16: 8 vdpbf16ps per 64 weight bytes, at most ~57 GB/s on
+#          both cores here). Q8_0 at M 8 on the 8 ymm lanes (the bench's M 8 and `stream_peak` cases through its
+#          run_case, 2026-12-08 01:00-01:10 UTC, local probes 34-62; ceiling Q8_0 22.1, bf16 38.0 GB/s): 18.7-20.8
+#          GB/s of int8 bytes (84-94% of its ceiling), faster than bf16 on Hy3's five shapes (qkv 2.25 / 2.37 ms,
+#          o_proj 1.76 / 2.16, gate_up 6.21 / 7.46, down 2.94 / 3.77, lm_head 25.2 / 28.9: 1.05-1.28x); `small`'s
+#          1-4 MB shapes level. The row kernel before it: 13.6-14.7 GB/s, slower than bf16 from M 5 to 8. At M 5 the
+#          row kernel still runs (level with the lanes there).
 #   M 16 (the bench's `linear` M 16 and `stream_peak` cases through its run_case, 2026-12-07 22:51-22:57 UTC,
 #          the same Zen 4, local probes 35-63 GB/s; ceilings M 16 f32 24.2 / bf16 19.6 / Q8_0 15.3 GB/s): Q8_0 on the
 #          lanes 12.0-13.6 GB/s of int8 bytes (78-89% of its ceiling), faster than bf16 on all five of Hy3's shapes

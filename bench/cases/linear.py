@@ -3,7 +3,7 @@
 Shapes (W [N, K]): Hy3's qkv 4096 -> 10240, o_proj 8192 -> 4096, the dense MLP's gate_up 4096 -> 2 x 13312 with
 SwiGLU (`linear_swiglu`: gate and up as two [13312, 4096] tensors), its down 13312 -> 4096 and lm_head
 4096 -> 120832; and the same five for the `small` preset (the e2e cases' model). M (rows of x) in {1, 8, 16, 512}:
-decode, small batches (the streaming path; Q8_0 puts x's rows in the vector lanes from 9 rows), a prefill chunk;
+decode, small batches (the streaming path; Q8_0 puts x's rows in the vector lanes from 6 rows), a prefill chunk;
 lm_head only at M = 1, 8 and 16 (it runs on each sequence's last token).
 float32 and bfloat16 (x, W and y in one dtype, as in the model). Peers at the same dtype: MAX's graph matmul
 (`x @ transpose(W)`, what `--kernels builtin` runs), torch's F.linear (oneDNN; for SwiGLU two calls and
@@ -24,7 +24,7 @@ its L2 (~384 KiB), so weight bytes over time is the rate its loop consumes when 
 read-bandwidth fraction of these rows means nothing). Our M 1, 8 and 16 rows carry `stream_peak_gbs` (that ceiling
 for their weight format and M) and `stream_peak_frac`: a row near its read bandwidth is memory bound, one near
 `stream_peak_gbs` is bound by the loop (at M 8 the dots run once per activation row on each weight byte, so the
-ceiling falls with M; Q8_0's lanes from 9 rows cost the same at 9 as at 16).
+ceiling falls with M; Q8_0's lanes from 6 rows cost the same at 6 as at 8 (ymm) and at 9 as at 16 (zmm)).
 `--quick`: `tiny`'s shapes at M in {1, 64}; the `stream_peak` cases at M 1 on K 256.
 """
 
