@@ -88,7 +88,7 @@
 #          lm_head, not investigated), 1.5-3.6x MAX, 1.3-4.6x torch. So at M 8 the loop, not memory, is the limit
 #          whenever the probe reads above the ceiling (bf16: 8 vdpbf16ps per 64 weight bytes, at most ~57 GB/s on
 #          both cores here). Q8_0 at M 8 on the 8 ymm lanes (the bench's M 8 and `stream_peak` cases through its
-#          run_case, 2026-12-08 01:00-01:10 UTC, local probes 34-62; ceiling Q8_0 22.1, bf16 38.0 GB/s): 18.7-20.8
+#          run_case, 2026-12-08 00:57-01:05 UTC, local probes 34-62; ceiling Q8_0 22.1, bf16 38.0 GB/s): 18.7-20.8
 #          GB/s of int8 bytes (84-94% of its ceiling), faster than bf16 on Hy3's five shapes (qkv 2.25 / 2.37 ms,
 #          o_proj 1.76 / 2.16, gate_up 6.21 / 7.46, down 2.94 / 3.77, lm_head 25.2 / 28.9: 1.05-1.28x); `small`'s
 #          1-4 MB shapes level. The row kernel before it: 13.6-14.7 GB/s, slower than bf16 from M 5 to 8. At M 5 the
