@@ -54,7 +54,11 @@
 #   * Q8_0 weights: an expert with <= Q8_STREAM_MAX_ROWS rows streams, so decode reads 34 bytes per 32 weights,
 #     53% of bf16: on AVX512_VNNI (cpu_isa.use_vnni) its rows and then its SwiGLU activations are quantized to int8
 #     blocks (microkernels.q8_quantize_activations) and dotted on vpdpbusd (stream_dots_q8_vnni), as linear does,
-#     8 weight rows a pass (4 gate rows with their up rows, or 8 down rows; bf16 weights the same);
+#     8 weight rows a pass (4 gate rows with their up rows, or 8 down rows; bf16 weights the same); an expert with
+#     Q8_LANES_MIN_M rows or more (a short prefill, a large batch) has its int8 rows, then its activations, packed
+#     with the rows in the vector lanes (microkernels.q8_pack_lanes; 8 lanes up to 8 rows, 16 above) and runs
+#     stream_dots_q8_lanes, eight vpdpbusd per weight row and block for all its rows, as linear does from that
+#     many rows (`_lanes_gate_up`, `_lanes_down`);
 #     otherwise each weight block is widened and scaled, exact in float32, against exact float32 activations
 #     (stream_dots_q8_0). An expert with more rows (prefill) takes the bf16-dot GEMM below on its Q8_0 rows where
 #     the CPU has AVX512_BF16 (microkernels.q8_dot_panel: each K slice widened into a scratch per task, each block's
@@ -101,9 +105,9 @@ from .cpu_isa import (F32x, adjacent_bf16_pairs, amx_configure, amx_release, bf1
 from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, AMX_TILE, Q8_BLOCK, Q8_BLOCK_BYTES, align64,
                            amx_c_tile, amx_c_tiles, amx_k_ok, amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token,
                            dot_panel, n_blocks, n_vec, q8_activation_scales, q8_dequantize_row, q8_dot_panel,
-                           q8_quantize_activations,
+                           q8_quantize_activations, q8_pack_lanes, q8_lane_width, Q8_LANES_MIN_M, Q8_LANES_NARROW_M,
                            q8_row_bytes, silu, stream_ahead, stream_dots, stream_dots_bf16, stream_dots_q8_0,
-                           stream_dots_q8_vnni,
+                           stream_dots_q8_vnni, stream_dots_q8_lanes,
                            stream_rows_per_pass, swiglu_row, untracked)
 
 comptime SMALL_ROWS = MAX_STREAM_ROWS  # experts with at most this many rows take the streaming path
@@ -225,7 +229,9 @@ struct _Stream(ImplicitlyCopyable, Movable):
     with int8 (Q8_0 weights, AVX512_VNNI), the grouped rows and the SwiGLU activations quantized to int8 blocks
     (microkernels.q8_quantize_activations: xq [T k, H] and xs [T k, H / 4], aq [T k, I] and as_ [T k, I / 4]);
     with pairs (bf16 weights, AVX512_BF16), the same rows and activations rounded to bf16 (xb [T k, H], ab [T k, I]:
-    bf16 bits) for vdpbf16ps."""
+    bf16 bits) for vdpbf16ps. lane_slot [E]: with int8, each streaming expert of Q8_LANES_MIN_M rows or more has a
+    slot (else -1) in xl, xls, xlc (its quantized rows in the vector lanes, microkernels.q8_pack_lanes: [H / 4][W]
+    int32, [H / 32][W] scales and block starts a slot) and al, als, alc (the same for its activations over I)."""
     var sp: Pointer[mut=True, Int, MutUntrackedOrigin]
     var gu_rows: Int
     var gu_tiles: Int
@@ -239,6 +245,13 @@ struct _Stream(ImplicitlyCopyable, Movable):
     var pairs: Bool
     var xb: Pointer[mut=True, UInt16, MutUntrackedOrigin]
     var ab: Pointer[mut=True, UInt16, MutUntrackedOrigin]
+    var lane_slot: Pointer[mut=True, Int, MutUntrackedOrigin]
+    var xl: Pointer[mut=True, Int32, MutUntrackedOrigin]
+    var xls: Pointer[mut=True, Float32, MutUntrackedOrigin]
+    var xlc: Pointer[mut=True, Int32, MutUntrackedOrigin]
+    var al: Pointer[mut=True, Int32, MutUntrackedOrigin]
+    var als: Pointer[mut=True, Float32, MutUntrackedOrigin]
+    var alc: Pointer[mut=True, Int32, MutUntrackedOrigin]
 
 
 @fieldwise_init
@@ -308,6 +321,15 @@ def _stream_gate_up[wdt: DType](
     var n = Int(offp[unsafe_offset=e + 1]) - r0
     var w = gup.unsafe_offset(e * gu_es)
     var o0 = (task % gu_tiles) * gu_rows
+    comptime if wdt == DType.uint8:
+        var slot = st.lane_slot[unsafe_offset=e]
+        if slot >= 0:
+            var wq = w.unsafe_bitcast[UInt8]()
+            if q8_lane_width(n) == Q8_LANES_NARROW_M:
+                _lanes_gate_up[Q8_LANES_NARROW_M](wq, st, ap, slot, r0, n, o0, gu_rows, H, I)
+            else:
+                _lanes_gate_up[W](wq, st, ap, slot, r0, n, o0, gu_rows, H, I)
+            return
     var row_len = _row_len[wdt](H)
     comptime NW = stream_rows_per_pass[wdt]()
     comptime GATES = NW // 2  # gate rows a pass, each with its up row
@@ -333,6 +355,77 @@ def _stream_gate_up[wdt: DType](
                         ap[unsafe_offset=at] = a
 
 
+def _pack_expert_lanes(
+    rt: _Routing, q: Pointer[mut=True, UInt8, MutUntrackedOrigin], sc: Pointer[mut=True, Float32, MutUntrackedOrigin],
+    l: Pointer[mut=True, Int32, MutUntrackedOrigin], ls: Pointer[mut=True, Float32, MutUntrackedOrigin],
+    lc: Pointer[mut=True, Int32, MutUntrackedOrigin], K: Int, e: Int, slot: Int,
+):
+    """Expert e's int8 rows over K (q, sc: grouped rows, q8_quantize_activations) into its lanes slot (l, ls, lc:
+    microkernels.q8_pack_lanes, q8_lane_width(rows) lanes, W lanes apart per slot)."""
+    comptime assert Q8_STREAM_MAX_ROWS <= W, "the lanes hold every row of a streaming expert"
+    var r0 = Int(rt.offp[unsafe_offset=e])
+    var n = Int(rt.offp[unsafe_offset=e + 1]) - r0
+    var qe = q.unsafe_offset(r0 * K)
+    var se = sc.unsafe_offset(r0 * q8_activation_scales(K))
+    var le = l.unsafe_offset(slot * (K // 4) * W)
+    var lse = ls.unsafe_offset(slot * (K // Q8_BLOCK) * W)
+    var lce = lc.unsafe_offset(slot * (K // Q8_BLOCK) * W)
+    if q8_lane_width(n) == Q8_LANES_NARROW_M:
+        q8_pack_lanes[Q8_LANES_NARROW_M](qe, se, n, K, le, lse, lce)
+    else:
+        q8_pack_lanes[W](qe, se, n, K, le, lse, lce)
+
+
+@always_inline
+def _lanes_gate_up[L: Int](
+    w: Pointer[mut=True, UInt8, MutUntrackedOrigin], st: _Stream, ap: Pointer[mut=True, Float32, MutUntrackedOrigin],
+    slot: Int, r0: Int, n: Int, o0: Int, gu_rows: Int, H: Int, I: Int,
+):
+    """Streaming gate_up task of a Q8_0 expert whose n int8 rows sit in L lanes (its lanes slot): each pass's gate
+    rows with their up rows dotted against all n rows at once (microkernels.stream_dots_q8_lanes), SwiGLU on the way
+    out into the float32 activations ap (quantized next, as on the row path)."""
+    var row_len = q8_row_bytes(H)
+    comptime NW = stream_rows_per_pass[DType.uint8]()
+    comptime GATES = NW // 2  # gate rows a pass, each with its up row
+    var ahead = stream_ahead(GATES * row_len, 1)
+    var xl = st.xl.unsafe_offset(slot * (H // 4) * W)
+    var xls = st.xls.unsafe_offset(slot * (H // Q8_BLOCK) * W)
+    var xlc = st.xlc.unsafe_offset(slot * (H // Q8_BLOCK) * W)
+    for o in range(o0, min(I, o0 + gu_rows), GATES):  # gate rows o.. with up rows I + o..
+        var w_rows = StaticTuple[Int, NW](fill=0)
+        comptime for v in range(GATES):  # rows past I alias I - 1 (same value stored)
+            w_rows[v] = min(o + v, I - 1) * row_len
+            w_rows[GATES + v] = (I + min(o + v, I - 1)) * row_len
+        var gu = stream_dots_q8_lanes[NW, L](w, w_rows, xl, xls, xlc, H, ahead)
+        comptime for v in range(GATES):
+            var a = silu[L](gu[v]) * gu[GATES + v]
+            for r in range(n):
+                ap[unsafe_offset=(r0 + r) * I + min(o + v, I - 1)] = a[r]
+
+
+@always_inline
+def _lanes_down[L: Int](
+    w: Pointer[mut=True, UInt8, MutUntrackedOrigin], st: _Stream, yp: Pointer[mut=True, Float32, MutUntrackedOrigin],
+    slot: Int, r0: Int, n: Int, h0: Int, dn_rows: Int, H: Int, I: Int,
+):
+    """Streaming down task of a Q8_0 expert whose n int8 activation rows sit in L lanes: NW down rows a pass
+    against all n rows at once."""
+    var row_len = q8_row_bytes(I)
+    comptime NW = stream_rows_per_pass[DType.uint8]()
+    var ahead = stream_ahead(NW * row_len, 1)  # the next passes' rows
+    var al = st.al.unsafe_offset(slot * (I // 4) * W)
+    var als = st.als.unsafe_offset(slot * (I // Q8_BLOCK) * W)
+    var alc = st.alc.unsafe_offset(slot * (I // Q8_BLOCK) * W)
+    for h in range(h0, min(H, h0 + dn_rows), NW):  # rows past H alias H - 1 (same value stored)
+        var w_rows = StaticTuple[Int, NW](fill=0)
+        comptime for v in range(NW):
+            w_rows[v] = min(h + v, H - 1) * row_len
+        var y = stream_dots_q8_lanes[NW, L](w, w_rows, al, als, alc, I, ahead)
+        for r in range(n):
+            comptime for v in range(NW):
+                yp[unsafe_offset=(r0 + r) * H + min(h + v, H - 1)] = y[v][r]
+
+
 @always_inline
 def _stream_down[wdt: DType](
     rt: _Routing, wt: _Weights[wdt], rw: _Rows, st: _Stream, task: Int,
@@ -353,6 +446,15 @@ def _stream_down[wdt: DType](
     var n = Int(offp[unsafe_offset=e + 1]) - r0
     var w = dnp.unsafe_offset(e * dn_es)
     var h0 = (task % dn_tiles) * dn_rows
+    comptime if wdt == DType.uint8:
+        var slot = st.lane_slot[unsafe_offset=e]
+        if slot >= 0:
+            var wq = w.unsafe_bitcast[UInt8]()
+            if q8_lane_width(n) == Q8_LANES_NARROW_M:
+                _lanes_down[Q8_LANES_NARROW_M](wq, st, yp, slot, r0, n, h0, dn_rows, H, I)
+            else:
+                _lanes_down[W](wq, st, yp, slot, r0, n, h0, dn_rows, H, I)
+            return
     var row_len = _row_len[wdt](I)
     comptime NW = stream_rows_per_pass[wdt]()
     var ahead = stream_ahead(NW * row_len, size_of[wdt]())  # the next passes' rows
@@ -870,9 +972,29 @@ struct MoeExperts:
         var pairs = wdt == DType.bfloat16 and n_small > 0 and dot
         var xb_buf = List[UInt16](unsafe_uninit_length=T * k * H if pairs else 0)
         var ab_buf = List[UInt16](unsafe_uninit_length=T * k * I if pairs else 0)
+        # int8 experts of Q8_LANES_MIN_M rows or more: their rows, then their activations, in the vector lanes.
+        var lane_slot = List[Int](length=E, fill=-1)
+        var lane_experts = List[Int]()
+        if int8:
+            for i in range(n_small):
+                var e = small[i]
+                if Int(offp[unsafe_offset=e + 1]) - Int(offp[unsafe_offset=e]) >= Q8_LANES_MIN_M:
+                    lane_slot[e] = len(lane_experts)
+                    lane_experts.append(e)
+        var n_lanes = len(lane_experts)
+        var xl_buf = List[Int32](unsafe_uninit_length=n_lanes * (H // 4) * W)
+        var xls_buf = List[Float32](unsafe_uninit_length=n_lanes * (H // Q8_BLOCK) * W)
+        var xlc_buf = List[Int32](unsafe_uninit_length=n_lanes * (H // Q8_BLOCK) * W)
+        var al_buf = List[Int32](unsafe_uninit_length=n_lanes * (I // 4) * W)
+        var als_buf = List[Float32](unsafe_uninit_length=n_lanes * (I // Q8_BLOCK) * W)
+        var alc_buf = List[Int32](unsafe_uninit_length=n_lanes * (I // Q8_BLOCK) * W)
+        var lep = untracked(lane_experts.unsafe_ptr())
         var st = _Stream(untracked(sp), gu_rows, gu_tiles, dn_rows, dn_tiles, int8, untracked(xq_buf.unsafe_ptr()),
                          untracked(xs_buf.unsafe_ptr()), untracked(aq_buf.unsafe_ptr()), untracked(as_buf.unsafe_ptr()),
-                         pairs, untracked(xb_buf.unsafe_ptr()), untracked(ab_buf.unsafe_ptr()))
+                         pairs, untracked(xb_buf.unsafe_ptr()), untracked(ab_buf.unsafe_ptr()),
+                         untracked(lane_slot.unsafe_ptr()), untracked(xl_buf.unsafe_ptr()),
+                         untracked(xls_buf.unsafe_ptr()), untracked(xlc_buf.unsafe_ptr()), untracked(al_buf.unsafe_ptr()),
+                         untracked(als_buf.unsafe_ptr()), untracked(alc_buf.unsafe_ptr()))
 
         def gate_up_task(task: Int) {var rt, var wt, var rw, var st}:
             _stream_gate_up[wdt](rt, wt, rw, st, task)
@@ -895,14 +1017,22 @@ struct MoeExperts:
                 q8_quantize_activations(rw.ap.unsafe_offset(r * rt.I), rt.I, st.aq.unsafe_offset(r * rt.I),
                                         st.as_.unsafe_offset(r * q8_activation_scales(rt.I)))
 
+        def pack_x_lanes(i: Int) {var rt, var st, var lep}:
+            _pack_expert_lanes(rt, st.xq, st.xs, st.xl, st.xls, st.xlc, rt.H, lep[unsafe_offset=i], i)
+
+        def pack_act_lanes(i: Int) {var rt, var st, var lep}:
+            _pack_expert_lanes(rt, st.aq, st.as_, st.al, st.als, st.alc, rt.I, lep[unsafe_offset=i], i)
+
         if n_small > 0:
             if int8:  # float32 rows in, int8 rows out (their scales aside)
                 parallelize_sized(quantize_x, T * k, T * k * H * 5)
+                parallelize_sized(pack_x_lanes, n_lanes, n_lanes * Q8_STREAM_MAX_ROWS * H * 2)
             if pairs:  # float32 rows in, bf16 rows out
                 parallelize_sized(round_x, T * k, T * k * H * 6)
             parallelize_dynamic(gate_up_task, n_small * gu_tiles, n_small * I * gu_row_bytes)  # the experts' weights
             if int8:
                 parallelize_sized(quantize_act, T * k, T * k * I * 5)
+                parallelize_sized(pack_act_lanes, n_lanes, n_lanes * Q8_STREAM_MAX_ROWS * I * 2)
             parallelize_dynamic(down_task, n_small * dn_tiles, n_small * H * dn_row_bytes)
 
         # bf16-dot path (bfloat16 or Q8_0 weights, CPU with AVX512_BF16): activations rounded to bf16 and packed in
@@ -1045,6 +1175,14 @@ struct MoeExperts:
         _ = xs_buf^
         _ = aq_buf^
         _ = as_buf^
+        _ = lane_slot^
+        _ = lane_experts^
+        _ = xl_buf^
+        _ = xls_buf^
+        _ = xlc_buf^
+        _ = al_buf^
+        _ = als_buf^
+        _ = alc_buf^
         _ = dot_blk0^
         _ = row_expert^
         _ = rows^

@@ -22,8 +22,9 @@ from hyv3_graph.dtypes import bf16_rounded, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
 from hyv3_graph.kernels.cpu_isa import (DISABLE_AMX_ENV, PORTABLE_ENV, bf16_dot_available, cpu_has_avx512_bf16,
                                         cpu_has_avx512_vnni)
-from hyv3_graph.kernels.moe_experts import (bf16_dot_experts, bf16_gemm, int8_dot_experts, moe_experts,
-                                          moe_experts_reference)
+from hyv3_graph.kernels.linear import Q8_LANES_MIN_M, Q8_LANES_NARROW_M
+from hyv3_graph.kernels.moe_experts import (Q8_STREAM_MAX_ROWS, bf16_dot_experts, bf16_gemm, int8_dot_experts,
+                                          moe_experts, moe_experts_reference)
 from hyv3_graph.kernels.moe_router import moe_router
 
 from conftest import ISA_MODES, set_isa
@@ -183,6 +184,41 @@ def test_q8_0_vnni_path_is_taken(experts_models, monkeypatch):
     assert not int8_dot_experts(np.arange(T * Q8_TOP_K) % E, E).any()
     exact = check_q8(experts_models, *args)
     assert not np.array_equal(fast, exact), "the vpdpbusd path gave the float32 path's bits"
+
+
+@pytest.mark.skipif(not cpu_has_avx512_vnni(), reason="the CPU has no AVX512_VNNI")
+@pytest.mark.parametrize("rows", [Q8_LANES_MIN_M, Q8_LANES_NARROW_M, Q8_LANES_NARROW_M + 1, Q8_STREAM_MAX_ROWS])
+def test_q8_0_lanes_experts(experts_models, monkeypatch, rows):
+    """Streaming Q8_0 experts with Q8_LANES_MIN_M to Q8_STREAM_MAX_ROWS rows put their int8 rows, then their int8
+    SwiGLU outputs, in the vector lanes (8 lanes up to Q8_LANES_NARROW_M rows, 16 above). Every token routes to the
+    same 8 experts, so each has exactly `rows` rows: the outputs meet the int8 reference, and match the row path's
+    (the same tokens in calls of Q8_LANES_MIN_M - 1) to float32 summation order, except where a SwiGLU output lies
+    within 1e-3 of an int8 step of a rounding boundary (its float32 sums, in another order, may round it the other
+    way; their error is ~2e-5 of a step): each such element adds |w| * its step * |down column| to its token's
+    tolerance. H 96 and I 160: 3 and 5
+    blocks."""
+    monkeypatch.delenv(PORTABLE_ENV, raising=False)
+    rng = np.random.default_rng(rows)
+    E, H, I = 12, 96, 160
+    x = rng.standard_normal((rows, H)).astype(np.float32)
+    logits = np.tile(np.arange(E, dtype=np.float32), (rows, 1)) + rng.uniform(0, 0.01, (rows, E)).astype(np.float32)
+    gate_up = (rng.standard_normal((E, 2 * I, H)) / 10).astype(np.float32)
+    down = (rng.standard_normal((E, H, I)) / 13).astype(np.float32)
+    lanes = check_q8(experts_models, x, logits, gate_up, down)
+    assert np.array_equal(lanes, check_q8(experts_models, x, logits, gate_up, down))
+    step = Q8_LANES_MIN_M - 1
+    by_rows = np.concatenate([run_q8(experts_models, x[i:i + step], logits[i:i + step], gate_up, down)[0]
+                              for i in range(0, rows, step)])
+    _, ids, w, gu, dn = run_q8(experts_models, x, logits, gate_up, down)
+    tol = np.full(x.shape, 1e-5 * float(np.abs(by_rows).max()))
+    for t in range(rows):
+        for j in range(Q8_TOP_K):
+            h = gu[ids[t, j]].astype(np.float64) @ q8_0.quantize_activations(x[t])
+            act = h[:I] / (1 + np.exp(-h[:I])) * h[I:]
+            step = np.repeat(np.abs(act.reshape(-1, 32)).max(axis=1) / 127, 32)  # [I]
+            near = np.abs(np.abs(act / step) % 1 - 0.5) < 1e-3  # [I] elements that may round either way
+            tol[t] += abs(float(w[t, j])) * (np.abs(dn[ids[t, j]][:, near]) @ step[near])
+    assert np.all(np.abs(lanes - by_rows) <= tol), f"worst {np.max(np.abs(lanes - by_rows) / tol):.3g} x tolerance"
 
 
 @pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the CPU has no AVX512_BF16")

@@ -42,7 +42,8 @@ def bf16_dot_experts(topk_ids, E: int, H: int, I: int, q8: bool = False) -> np.n
 
 def int8_dot_experts(topk_ids, E: int) -> np.ndarray:
     """[E] bool: the experts the op computes on int8-quantized activations (Q8_0 weights): those that stream (at
-    most Q8_STREAM_MAX_ROWS rows) where the CPU has AVX512_VNNI (vpdpbusd; q8_0.quantize_activations)."""
+    most Q8_STREAM_MAX_ROWS rows) where the CPU has AVX512_VNNI (vpdpbusd; q8_0.quantize_activations), with the rows
+    in the vector lanes from linear.Q8_LANES_MIN_M rows (the same int8 values, the same exact block sums)."""
     rows = np.bincount(np.asarray(topk_ids).reshape(-1), minlength=E)[:E]
     return (rows <= Q8_STREAM_MAX_ROWS) & vnni_available()
 
