@@ -51,14 +51,18 @@
 #     are 16 weight rows read in place (gate_up: 16 gate rows with their 16 up rows, so SwiGLU fuses as above; a
 #     C tile row is one output for 16 tokens, which is exactly a row of the down GEMM's packed input), B tiles
 #     16 tokens of a packed block; tasks are (expert, AMX_RB row blocks).
-#   * Q8_0 weights: an expert with <= Q8_STREAM_MAX_ROWS rows streams, so decode reads 34 bytes per 32 weights,
+#   * Q8_0 weights: an expert with <= Q8_STREAM_MAX_ROWS rows (Q8_LANES_MAX_ROWS on AVX512_VNNI) streams, so decode
+#     reads 34 bytes per 32 weights,
 #     53% of bf16: on AVX512_VNNI (cpu_isa.use_vnni) its rows and then its SwiGLU activations are quantized to int8
 #     blocks (microkernels.q8_quantize_activations) and dotted on vpdpbusd (stream_dots_q8_vnni), as linear does,
 #     8 weight rows a pass (4 gate rows with their up rows, or 8 down rows; bf16 weights the same); an expert with
-#     Q8_LANES_MIN_M rows or more (a short prefill, a large batch) has its int8 rows, then its activations, packed
-#     with the rows in the vector lanes (microkernels.q8_pack_lanes; 8 lanes up to 8 rows, 16 above) and runs
-#     stream_dots_q8_lanes, eight vpdpbusd per weight row and block for all its rows, as linear does from that
-#     many rows (`_lanes_gate_up`, `_lanes_down`);
+#     Q8_LANES_MIN_M rows or more (a prefill, a large batch) has its int8 rows, then its activations, packed with
+#     the rows in the vector lanes, in groups of up to 16 rows (microkernels.q8_pack_lanes; 8 lanes for a group of
+#     up to 8) and runs stream_dots_q8_lanes, eight vpdpbusd per weight row, block and group, each weight pass
+#     dotted against every group while it is in L1 (`_lanes_gate_up`, `_lanes_down`). At Hy3's dims (E 32) that
+#     is 1.2-1.7x the row kernel at 6-16 rows, and 2.1x / 1.8x / 1.5x the bf16-dot GEMM at 17-24 / 32 / 48-64
+#     rows (docs/perf-notes.md, "Q8_0's lanes in moe_experts"), so up to Q8_LANES_MAX_ROWS rows such an expert
+#     streams on the lanes instead of taking the GEMM;
 #     otherwise each weight block is widened and scaled, exact in float32, against exact float32 activations
 #     (stream_dots_q8_0). An expert with more rows (prefill) takes the bf16-dot GEMM below on its Q8_0 rows where
 #     the CPU has AVX512_BF16 (microkernels.q8_dot_panel: each K slice widened into a scratch per task, each block's
@@ -115,7 +119,8 @@ comptime STREAM_TASK_BYTES = 1 << 20  # streaming path: weight bytes per task
 comptime GU_ROWS = MR // 2  # gate_up: gate rows o0..o0+3 with up rows I+o0..I+o0+3, so SwiGLU fuses
 comptime GROUPS = 8  # bf16-dot path: micro-tiles of MR weight rows per task (share each activation slice)
 comptime AMX_RB = 8  # AMX: row blocks per task (gate_up: 16 gate rows with their 16 up rows; down: 32 rows)
-comptime Q8_STREAM_MAX_ROWS = 16  # Q8_0 experts with more rows take DEQUANT (linear's STREAM_MAX_M)
+comptime Q8_STREAM_MAX_ROWS = 16  # Q8_0 experts with more rows take a GEMM (bf16-dot or DEQUANT), but:
+comptime Q8_LANES_MAX_ROWS = 64  # on AVX512_VNNI they stream on the lanes up to this many rows (1.5-2.1x the GEMM)
 comptime DEQUANT_ROWS = 64  # DEQUANT: weight rows dequantized per task (gate_up: gate rows, with their up rows)
 comptime STREAM = 1  # an expert's path: streaming
 comptime MATMUL = 2  # MAX's matmul (float32 weights)
@@ -324,11 +329,7 @@ def _stream_gate_up[wdt: DType](
     comptime if wdt == DType.uint8:
         var slot = st.lane_slot[unsafe_offset=e]
         if slot >= 0:
-            var wq = w.unsafe_bitcast[UInt8]()
-            if q8_lane_width(n) == Q8_LANES_NARROW_M:
-                _lanes_gate_up[Q8_LANES_NARROW_M](wq, st, ap, slot, r0, n, o0, gu_rows, H, I)
-            else:
-                _lanes_gate_up[W](wq, st, ap, slot, r0, n, o0, gu_rows, H, I)
+            _lanes_gate_up(w.unsafe_bitcast[UInt8](), st, ap, slot, r0, n, o0, gu_rows, H, I)
             return
     var row_len = _row_len[wdt](H)
     comptime NW = stream_rows_per_pass[wdt]()
@@ -358,72 +359,111 @@ def _stream_gate_up[wdt: DType](
 def _pack_expert_lanes(
     rt: _Routing, q: Pointer[mut=True, UInt8, MutUntrackedOrigin], sc: Pointer[mut=True, Float32, MutUntrackedOrigin],
     l: Pointer[mut=True, Int32, MutUntrackedOrigin], ls: Pointer[mut=True, Float32, MutUntrackedOrigin],
-    lc: Pointer[mut=True, Int32, MutUntrackedOrigin], K: Int, e: Int, slot: Int,
+    lc: Pointer[mut=True, Int32, MutUntrackedOrigin], K: Int, e: Int, slot0: Int,
 ):
-    """Expert e's int8 rows over K (q, sc: grouped rows, q8_quantize_activations) into its lanes slot (l, ls, lc:
-    microkernels.q8_pack_lanes, q8_lane_width(rows) lanes, W lanes apart per slot)."""
-    comptime assert Q8_STREAM_MAX_ROWS <= W, "the lanes hold every row of a streaming expert"
+    """Expert e's int8 rows over K (q, sc: grouped rows, q8_quantize_activations) into its lanes slots (l, ls, lc:
+    microkernels.q8_pack_lanes), one slot per group of up to W rows from slot0, q8_lane_width(rows) lanes each,
+    slots W lanes apart."""
     var r0 = Int(rt.offp[unsafe_offset=e])
     var n = Int(rt.offp[unsafe_offset=e + 1]) - r0
-    var qe = q.unsafe_offset(r0 * K)
-    var se = sc.unsafe_offset(r0 * q8_activation_scales(K))
-    var le = l.unsafe_offset(slot * (K // 4) * W)
-    var lse = ls.unsafe_offset(slot * (K // Q8_BLOCK) * W)
-    var lce = lc.unsafe_offset(slot * (K // Q8_BLOCK) * W)
-    if q8_lane_width(n) == Q8_LANES_NARROW_M:
-        q8_pack_lanes[Q8_LANES_NARROW_M](qe, se, n, K, le, lse, lce)
-    else:
-        q8_pack_lanes[W](qe, se, n, K, le, lse, lce)
+    for g in range(_lane_groups(n)):
+        var rg = r0 + g * W
+        var ng = min(W, n - g * W)
+        var qe = q.unsafe_offset(rg * K)
+        var se = sc.unsafe_offset(rg * q8_activation_scales(K))
+        var le = l.unsafe_offset((slot0 + g) * (K // 4) * W)
+        var lse = ls.unsafe_offset((slot0 + g) * (K // Q8_BLOCK) * W)
+        var lce = lc.unsafe_offset((slot0 + g) * (K // Q8_BLOCK) * W)
+        if q8_lane_width(ng) == Q8_LANES_NARROW_M:
+            q8_pack_lanes[Q8_LANES_NARROW_M](qe, se, ng, K, le, lse, lce)
+        else:
+            q8_pack_lanes[W](qe, se, ng, K, le, lse, lce)
 
 
 @always_inline
-def _lanes_gate_up[L: Int](
-    w: Pointer[mut=True, UInt8, MutUntrackedOrigin], st: _Stream, ap: Pointer[mut=True, Float32, MutUntrackedOrigin],
-    slot: Int, r0: Int, n: Int, o0: Int, gu_rows: Int, H: Int, I: Int,
+def _lane_groups(n: Int) -> Int:
+    """Groups of up to W rows (one lanes slot each) for an expert of n rows on the lanes."""
+    return (n + W - 1) // W
+
+
+@always_inline
+def _lanes_gate_up_pass[L: Int, NW: Int](
+    w: Pointer[mut=True, UInt8, MutUntrackedOrigin], w_rows: StaticTuple[Int, NW], st: _Stream,
+    ap: Pointer[mut=True, Float32, MutUntrackedOrigin], slot: Int, row0: Int, ng: Int, o: Int, H: Int, I: Int,
+    ahead: Int,
 ):
-    """Streaming gate_up task of a Q8_0 expert whose n int8 rows sit in L lanes (its lanes slot): each pass's gate
-    rows with their up rows dotted against all n rows at once (microkernels.stream_dots_q8_lanes), SwiGLU on the way
-    out into the float32 activations ap (quantized next, as on the row path)."""
+    """One pass of _lanes_gate_up for one group of ng rows (from grouped row row0) in L lanes at `slot`."""
+    comptime GATES = NW // 2
+    var gu = stream_dots_q8_lanes[NW, L](w, w_rows, st.xl.unsafe_offset(slot * (H // 4) * W),
+                                         st.xls.unsafe_offset(slot * (H // Q8_BLOCK) * W),
+                                         st.xlc.unsafe_offset(slot * (H // Q8_BLOCK) * W), H, ahead)
+    comptime for v in range(GATES):
+        var a = silu[L](gu[v]) * gu[GATES + v]
+        for r in range(ng):
+            ap[unsafe_offset=(row0 + r) * I + min(o + v, I - 1)] = a[r]
+
+
+@always_inline
+def _lanes_gate_up(
+    w: Pointer[mut=True, UInt8, MutUntrackedOrigin], st: _Stream, ap: Pointer[mut=True, Float32, MutUntrackedOrigin],
+    slot0: Int, r0: Int, n: Int, o0: Int, gu_rows: Int, H: Int, I: Int,
+):
+    """Streaming gate_up task of a Q8_0 expert whose n int8 rows sit in the lanes (groups of up to W rows, slots
+    from slot0): each pass's gate rows with their up rows dotted against every group in turn while they are in L1
+    (microkernels.stream_dots_q8_lanes), SwiGLU on the way out into the float32 activations ap (quantized next, as
+    on the row path)."""
     var row_len = q8_row_bytes(H)
     comptime NW = stream_rows_per_pass[DType.uint8]()
     comptime GATES = NW // 2  # gate rows a pass, each with its up row
     var ahead = stream_ahead(GATES * row_len, 1)
-    var xl = st.xl.unsafe_offset(slot * (H // 4) * W)
-    var xls = st.xls.unsafe_offset(slot * (H // Q8_BLOCK) * W)
-    var xlc = st.xlc.unsafe_offset(slot * (H // Q8_BLOCK) * W)
     for o in range(o0, min(I, o0 + gu_rows), GATES):  # gate rows o.. with up rows I + o..
         var w_rows = StaticTuple[Int, NW](fill=0)
         comptime for v in range(GATES):  # rows past I alias I - 1 (same value stored)
             w_rows[v] = min(o + v, I - 1) * row_len
             w_rows[GATES + v] = (I + min(o + v, I - 1)) * row_len
-        var gu = stream_dots_q8_lanes[NW, L](w, w_rows, xl, xls, xlc, H, ahead)
-        comptime for v in range(GATES):
-            var a = silu[L](gu[v]) * gu[GATES + v]
-            for r in range(n):
-                ap[unsafe_offset=(r0 + r) * I + min(o + v, I - 1)] = a[r]
+        for g in range(_lane_groups(n)):
+            var ng = min(W, n - g * W)
+            if q8_lane_width(ng) == Q8_LANES_NARROW_M:
+                _lanes_gate_up_pass[Q8_LANES_NARROW_M](w, w_rows, st, ap, slot0 + g, r0 + g * W, ng, o, H, I, ahead)
+            else:
+                _lanes_gate_up_pass[W](w, w_rows, st, ap, slot0 + g, r0 + g * W, ng, o, H, I, ahead)
 
 
 @always_inline
-def _lanes_down[L: Int](
-    w: Pointer[mut=True, UInt8, MutUntrackedOrigin], st: _Stream, yp: Pointer[mut=True, Float32, MutUntrackedOrigin],
-    slot: Int, r0: Int, n: Int, h0: Int, dn_rows: Int, H: Int, I: Int,
+def _lanes_down_pass[L: Int, NW: Int](
+    w: Pointer[mut=True, UInt8, MutUntrackedOrigin], w_rows: StaticTuple[Int, NW], st: _Stream,
+    yp: Pointer[mut=True, Float32, MutUntrackedOrigin], slot: Int, row0: Int, ng: Int, h: Int, H: Int, I: Int,
+    ahead: Int,
 ):
-    """Streaming down task of a Q8_0 expert whose n int8 activation rows sit in L lanes: NW down rows a pass
-    against all n rows at once."""
+    """One pass of _lanes_down for one group of ng rows (from grouped row row0) in L lanes at `slot`."""
+    var y = stream_dots_q8_lanes[NW, L](w, w_rows, st.al.unsafe_offset(slot * (I // 4) * W),
+                                        st.als.unsafe_offset(slot * (I // Q8_BLOCK) * W),
+                                        st.alc.unsafe_offset(slot * (I // Q8_BLOCK) * W), I, ahead)
+    for r in range(ng):
+        comptime for v in range(NW):
+            yp[unsafe_offset=(row0 + r) * H + min(h + v, H - 1)] = y[v][r]
+
+
+@always_inline
+def _lanes_down(
+    w: Pointer[mut=True, UInt8, MutUntrackedOrigin], st: _Stream, yp: Pointer[mut=True, Float32, MutUntrackedOrigin],
+    slot0: Int, r0: Int, n: Int, h0: Int, dn_rows: Int, H: Int, I: Int,
+):
+    """Streaming down task of a Q8_0 expert whose n int8 activation rows sit in the lanes: NW down rows a pass,
+    against every group of up to W rows in turn."""
     var row_len = q8_row_bytes(I)
     comptime NW = stream_rows_per_pass[DType.uint8]()
     var ahead = stream_ahead(NW * row_len, 1)  # the next passes' rows
-    var al = st.al.unsafe_offset(slot * (I // 4) * W)
-    var als = st.als.unsafe_offset(slot * (I // Q8_BLOCK) * W)
-    var alc = st.alc.unsafe_offset(slot * (I // Q8_BLOCK) * W)
     for h in range(h0, min(H, h0 + dn_rows), NW):  # rows past H alias H - 1 (same value stored)
         var w_rows = StaticTuple[Int, NW](fill=0)
         comptime for v in range(NW):
             w_rows[v] = min(h + v, H - 1) * row_len
-        var y = stream_dots_q8_lanes[NW, L](w, w_rows, al, als, alc, I, ahead)
-        for r in range(n):
-            comptime for v in range(NW):
-                yp[unsafe_offset=(r0 + r) * H + min(h + v, H - 1)] = y[v][r]
+        for g in range(_lane_groups(n)):
+            var ng = min(W, n - g * W)
+            if q8_lane_width(ng) == Q8_LANES_NARROW_M:
+                _lanes_down_pass[Q8_LANES_NARROW_M](w, w_rows, st, yp, slot0 + g, r0 + g * W, ng, h, H, I, ahead)
+            else:
+                _lanes_down_pass[W](w, w_rows, st, yp, slot0 + g, r0 + g * W, ng, h, H, I, ahead)
 
 
 @always_inline
@@ -449,11 +489,7 @@ def _stream_down[wdt: DType](
     comptime if wdt == DType.uint8:
         var slot = st.lane_slot[unsafe_offset=e]
         if slot >= 0:
-            var wq = w.unsafe_bitcast[UInt8]()
-            if q8_lane_width(n) == Q8_LANES_NARROW_M:
-                _lanes_down[Q8_LANES_NARROW_M](wq, st, yp, slot, r0, n, h0, dn_rows, H, I)
-            else:
-                _lanes_down[W](wq, st, yp, slot, r0, n, h0, dn_rows, H, I)
+            _lanes_down(w.unsafe_bitcast[UInt8](), st, yp, slot, r0, n, h0, dn_rows, H, I)
             return
     var row_len = _row_len[wdt](I)
     comptime NW = stream_rows_per_pass[wdt]()
@@ -907,14 +943,15 @@ struct MoeExperts:
         var dot_blk0 = List[Int]()  # their first packed block
         var n_blk = 0
         var dot_rows = 0
+        var q8_stream_max = Q8_LANES_MAX_ROWS if Q8 and use_vnni() else Q8_STREAM_MAX_ROWS
         for e in range(E):
             var n = Int(offp[unsafe_offset=e + 1]) - Int(offp[unsafe_offset=e])
             if n == 0:
                 continue
-            if Q8 and n > Q8_STREAM_MAX_ROWS and not dot:
+            if Q8 and n > q8_stream_max and not dot:
                 path[e] = DEQUANT
                 dequants.append(e)
-            elif n <= (Q8_STREAM_MAX_ROWS if Q8 else SMALL_ROWS) or (wdt != DType.float32 and not dot):
+            elif n <= (q8_stream_max if Q8 else SMALL_ROWS) or (wdt != DType.float32 and not dot):
                 path[e] = STREAM
                 small.append(e)
             elif wdt == DType.float32:
@@ -973,15 +1010,17 @@ struct MoeExperts:
         var xb_buf = List[UInt16](unsafe_uninit_length=T * k * H if pairs else 0)
         var ab_buf = List[UInt16](unsafe_uninit_length=T * k * I if pairs else 0)
         # int8 experts of Q8_LANES_MIN_M rows or more: their rows, then their activations, in the vector lanes.
-        var lane_slot = List[Int](length=E, fill=-1)
+        var lane_slot = List[Int](length=E, fill=-1)  # an expert's first slot (one per group of W rows)
         var lane_experts = List[Int]()
+        var n_lanes = 0  # slots
         if int8:
             for i in range(n_small):
                 var e = small[i]
-                if Int(offp[unsafe_offset=e + 1]) - Int(offp[unsafe_offset=e]) >= Q8_LANES_MIN_M:
-                    lane_slot[e] = len(lane_experts)
+                var n = Int(offp[unsafe_offset=e + 1]) - Int(offp[unsafe_offset=e])
+                if n >= Q8_LANES_MIN_M:
+                    lane_slot[e] = n_lanes
                     lane_experts.append(e)
-        var n_lanes = len(lane_experts)
+                    n_lanes += _lane_groups(n)
         var xl_buf = List[Int32](unsafe_uninit_length=n_lanes * (H // 4) * W)
         var xls_buf = List[Float32](unsafe_uninit_length=n_lanes * (H // Q8_BLOCK) * W)
         var xlc_buf = List[Int32](unsafe_uninit_length=n_lanes * (H // Q8_BLOCK) * W)
@@ -993,8 +1032,8 @@ struct MoeExperts:
                          untracked(xs_buf.unsafe_ptr()), untracked(aq_buf.unsafe_ptr()), untracked(as_buf.unsafe_ptr()),
                          pairs, untracked(xb_buf.unsafe_ptr()), untracked(ab_buf.unsafe_ptr()),
                          untracked(lane_slot.unsafe_ptr()), untracked(xl_buf.unsafe_ptr()),
-                         untracked(xls_buf.unsafe_ptr()), untracked(xlc_buf.unsafe_ptr()), untracked(al_buf.unsafe_ptr()),
-                         untracked(als_buf.unsafe_ptr()), untracked(alc_buf.unsafe_ptr()))
+                         untracked(xls_buf.unsafe_ptr()), untracked(xlc_buf.unsafe_ptr()),
+                         untracked(al_buf.unsafe_ptr()), untracked(als_buf.unsafe_ptr()), untracked(alc_buf.unsafe_ptr()))
 
         def gate_up_task(task: Int) {var rt, var wt, var rw, var st}:
             _stream_gate_up[wdt](rt, wt, rw, st, task)
@@ -1018,21 +1057,23 @@ struct MoeExperts:
                                         st.as_.unsafe_offset(r * q8_activation_scales(rt.I)))
 
         def pack_x_lanes(i: Int) {var rt, var st, var lep}:
-            _pack_expert_lanes(rt, st.xq, st.xs, st.xl, st.xls, st.xlc, rt.H, lep[unsafe_offset=i], i)
+            var e = lep[unsafe_offset=i]
+            _pack_expert_lanes(rt, st.xq, st.xs, st.xl, st.xls, st.xlc, rt.H, e, st.lane_slot[unsafe_offset=e])
 
         def pack_act_lanes(i: Int) {var rt, var st, var lep}:
-            _pack_expert_lanes(rt, st.aq, st.as_, st.al, st.als, st.alc, rt.I, lep[unsafe_offset=i], i)
+            var e = lep[unsafe_offset=i]
+            _pack_expert_lanes(rt, st.aq, st.as_, st.al, st.als, st.alc, rt.I, e, st.lane_slot[unsafe_offset=e])
 
         if n_small > 0:
             if int8:  # float32 rows in, int8 rows out (their scales aside)
                 parallelize_sized(quantize_x, T * k, T * k * H * 5)
-                parallelize_sized(pack_x_lanes, n_lanes, n_lanes * Q8_STREAM_MAX_ROWS * H * 2)
+                parallelize_sized(pack_x_lanes, len(lane_experts), n_lanes * W * H * 2)
             if pairs:  # float32 rows in, bf16 rows out
                 parallelize_sized(round_x, T * k, T * k * H * 6)
             parallelize_dynamic(gate_up_task, n_small * gu_tiles, n_small * I * gu_row_bytes)  # the experts' weights
             if int8:
                 parallelize_sized(quantize_act, T * k, T * k * I * 5)
-                parallelize_sized(pack_act_lanes, n_lanes, n_lanes * Q8_STREAM_MAX_ROWS * I * 2)
+                parallelize_sized(pack_act_lanes, len(lane_experts), n_lanes * W * I * 2)
             parallelize_dynamic(down_task, n_small * dn_tiles, n_small * H * dn_row_bytes)
 
         # bf16-dot path (bfloat16 or Q8_0 weights, CPU with AVX512_BF16): activations rounded to bf16 and packed in

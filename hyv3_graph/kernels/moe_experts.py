@@ -17,7 +17,13 @@ from .cpu_isa import AMX_K_STEP, amx_available, bf16_dot_available, vnni_availab
 
 
 SMALL_ROWS = 4  # kernels/moe_experts.mojo: experts with at most this many rows stream the weights
-Q8_STREAM_MAX_ROWS = 16  # kernels/moe_experts.mojo: Q8_0 experts with more rows take a GEMM (bf16-dot or DEQUANT)
+Q8_STREAM_MAX_ROWS = 16  # kernels/moe_experts.mojo: Q8_0 experts with more rows take a GEMM (bf16-dot, DEQUANT),
+Q8_LANES_MAX_ROWS = 64  # except on AVX512_VNNI, where they stream on the vector lanes up to this many rows
+
+
+def q8_stream_max_rows() -> int:
+    """The most rows a Q8_0 expert streams with here (more take a GEMM): Q8_LANES_MAX_ROWS on AVX512_VNNI."""
+    return Q8_LANES_MAX_ROWS if vnni_available() else Q8_STREAM_MAX_ROWS
 
 
 def bf16_gemm(H: int, I: int) -> str:
@@ -33,19 +39,19 @@ def bf16_dot_experts(topk_ids, E: int, H: int, I: int, q8: bool = False) -> np.n
     """[E] bool: the experts the op computes with bf16-rounded activations (x and the SwiGLU output rounded to
     bf16). bf16 weights: every expert where the CPU has AVX512_BF16 and H and I are even (the bf16-dot or AMX GEMM
     above SMALL_ROWS rows, vdpbf16ps streaming below; otherwise every expert streams exact float32 activations).
-    Q8_0 weights (q8): those with more than Q8_STREAM_MAX_ROWS rows where the CPU has AVX512_BF16 (the bf16-dot
+    Q8_0 weights (q8): those with more than q8_stream_max_rows() rows where the CPU has AVX512_BF16 (the bf16-dot
     GEMM on the blocks' int8 values, each block's sum scaled by its d; Q8_0 never takes AMX)."""
     rows = np.bincount(np.asarray(topk_ids).reshape(-1), minlength=E)[:E]
     dot = H > 0 and I > 0 and H % 2 == 0 and I % 2 == 0 and bf16_dot_available()
-    return (rows > (Q8_STREAM_MAX_ROWS if q8 else 0)) & dot
+    return (rows > (q8_stream_max_rows() if q8 else 0)) & dot
 
 
 def int8_dot_experts(topk_ids, E: int) -> np.ndarray:
     """[E] bool: the experts the op computes on int8-quantized activations (Q8_0 weights): those that stream (at
-    most Q8_STREAM_MAX_ROWS rows) where the CPU has AVX512_VNNI (vpdpbusd; q8_0.quantize_activations), with the rows
+    most Q8_LANES_MAX_ROWS rows) where the CPU has AVX512_VNNI (vpdpbusd; q8_0.quantize_activations), with the rows
     in the vector lanes from linear.Q8_LANES_MIN_M rows (the same int8 values, the same exact block sums)."""
     rows = np.bincount(np.asarray(topk_ids).reshape(-1), minlength=E)[:E]
-    return (rows <= Q8_STREAM_MAX_ROWS) & vnni_available()
+    return (rows <= Q8_LANES_MAX_ROWS) & vnni_available()
 
 
 def moe_experts_reference(x, topk_ids, topk_weights, gate_up, down, bf16_activations=None,
