@@ -60,9 +60,9 @@
 #     the rows in the vector lanes, in groups of up to 16 rows (microkernels.q8_pack_lanes; 8 lanes for a group of
 #     up to 8) and runs stream_dots_q8_lanes, eight vpdpbusd per weight row, block and group, each weight pass
 #     dotted against every group while it is in L1 (`_lanes_gate_up`, `_lanes_down`). At Hy3's dims (E 32) that
-#     is 1.2-1.7x the row kernel at 6-16 rows, and 2.1x / 1.8x / 1.5x the bf16-dot GEMM at 17-24 / 32 / 48-64
-#     rows (docs/perf-notes.md, "Q8_0's lanes in moe_experts"), so up to Q8_LANES_MAX_ROWS rows such an expert
-#     streams on the lanes instead of taking the GEMM;
+#     is 1.2-1.7x the row kernel at 6-16 rows, and 2.1x / 1.8x / 1.5x / 1.2x / 1.1x the bf16-dot GEMM at 17-24 /
+#     32 / 48-64 / 128 / 256 rows (vpdpbusd does twice vdpbf16ps's products; docs/perf-notes.md, "Q8_0's lanes in
+#     moe_experts"), so up to Q8_LANES_MAX_ROWS rows such an expert streams on the lanes instead of taking the GEMM;
 #     otherwise each weight block is widened and scaled, exact in float32, against exact float32 activations
 #     (stream_dots_q8_0). An expert with more rows (prefill) takes the bf16-dot GEMM below on its Q8_0 rows where
 #     the CPU has AVX512_BF16 (microkernels.q8_dot_panel: each K slice widened into a scratch per task, each block's
@@ -92,6 +92,10 @@
 # Q8_0 (2026-12-03, 2-core Zen 4 with AVX512_VNNI, a timing script: docs/perf-notes.md "Q8_0"): T 1 7.42 ms
 # (21.6 GB/s; bf16 9.60 ms), T 8 36.3 ms (bf16 41.8). T 512 (2026-12-07 05:20, the same Zen 4, a timing script,
 # the three in one process): on the bf16-dot GEMM 574 ms (269 GFLOP/s), DEQUANT 954 ms (162), bf16 464 ms (333).
+# Q8_0 with every expert at the same row count (2026-12-08, the same Zen 4, a timing script against the previous
+# package in one process: docs/perf-notes.md "Q8_0's lanes in moe_experts"): on the lanes 6 rows 34.0 ms, 8 35.6,
+# 16 55.4, 17 80.8, 32 98.6, 64 193, 128 369, 256 746 ms (the row kernel 40.6 / 51.2 / 94.4 ms at 6 / 8 / 16;
+# the bf16-dot GEMM 170 / 173 / 286 / 448 / 845 ms at 17 / 32 / 64 / 128 / 256).
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from max.gpu.host import DeviceContext
@@ -120,7 +124,7 @@ comptime GU_ROWS = MR // 2  # gate_up: gate rows o0..o0+3 with up rows I+o0..I+o
 comptime GROUPS = 8  # bf16-dot path: micro-tiles of MR weight rows per task (share each activation slice)
 comptime AMX_RB = 8  # AMX: row blocks per task (gate_up: 16 gate rows with their 16 up rows; down: 32 rows)
 comptime Q8_STREAM_MAX_ROWS = 16  # Q8_0 experts with more rows take a GEMM (bf16-dot or DEQUANT), but:
-comptime Q8_LANES_MAX_ROWS = 64  # on AVX512_VNNI they stream on the lanes up to this many rows (1.5-2.1x the GEMM)
+comptime Q8_LANES_MAX_ROWS = 256  # on AVX512_VNNI they stream on the lanes up to this many rows (1.1-2.1x the GEMM)
 comptime DEQUANT_ROWS = 64  # DEQUANT: weight rows dequantized per task (gate_up: gate rows, with their up rows)
 comptime STREAM = 1  # an expert's path: streaming
 comptime MATMUL = 2  # MAX's matmul (float32 weights)

@@ -153,7 +153,7 @@ def test_moe_experts_matches_reference(experts_models, case):
        st.sampled_from(ISA_MODES))
 def test_q8_0_experts_match_reference(experts_models, E, T, H, I, one_expert, seed, isa):
     """Q8_0 expert weights (H and I multiples of 32): experts with few rows stream their int8 blocks (up to 16, or
-    up to 64 on the vector lanes where the CPU has AVX512_VNNI), experts with more (one_expert, or large T) take a
+    up to 256 on the vector lanes where the CPU has AVX512_VNNI), experts with more (one_expert, or large T) take a
     GEMM: the bf16-dot one on the blocks' int8 values where the CPU has AVX512_BF16, else (portable) the
     dequantized float32 matmul, in row chunks that end mid-dim when I = 160 or H = 96. The ISA mode is drawn: the
     streaming experts run vpdpbusd on int8 activations where the CPU has AVX512_VNNI, or widen the int8 weights
@@ -188,8 +188,7 @@ def test_q8_0_vnni_path_is_taken(experts_models, monkeypatch):
 
 
 @pytest.mark.skipif(not cpu_has_avx512_vnni(), reason="the CPU has no AVX512_VNNI")
-@pytest.mark.parametrize("rows", [Q8_LANES_MIN_M, Q8_LANES_NARROW_M, Q8_LANES_NARROW_M + 1, 16, 17, 40,
-                                  Q8_LANES_MAX_ROWS])
+@pytest.mark.parametrize("rows", [Q8_LANES_MIN_M, Q8_LANES_NARROW_M, Q8_LANES_NARROW_M + 1, 16, 17, 40, 64])
 def test_q8_0_lanes_experts(experts_models, monkeypatch, rows):
     """Streaming Q8_0 experts with Q8_LANES_MIN_M to Q8_LANES_MAX_ROWS rows put their int8 rows, then their int8
     SwiGLU outputs, in the vector lanes, in groups of up to 16 rows (8 lanes for a group of up to Q8_LANES_NARROW_M
@@ -229,11 +228,11 @@ def test_q8_0_dot_path_is_taken(experts_models, monkeypatch):
     """Where the CPU has AVX512_BF16, Q8_0 experts with more rows than stream (q8_stream_max_rows) take the bf16-dot
     GEMM (a forced portable setting in the environment does not turn this into a skip): it meets the reference on
     bf16-rounded activations and differs from DEQUANT (the portable choice), which meets it on exact ones. H 288 is
-    two K slices of the GEMM (the second one block), I 160 five blocks; 100 tokens over 8 experts give each 100
-    rows (three activation blocks, the third partial)."""
+    two K slices of the GEMM (the second one block), I 160 five blocks; 270 tokens over 8 experts give each 270
+    rows (six activation blocks, the sixth partial)."""
     monkeypatch.delenv(PORTABLE_ENV, raising=False)
     rng = np.random.default_rng(6)
-    T, E, H, I = 100, 8, 288, 160
+    T, E, H, I = Q8_LANES_MAX_ROWS + 14, 8, 288, 160
     args = (rng.standard_normal((T, H)).astype(np.float32), rng.standard_normal((T, E)).astype(np.float32),
             (rng.standard_normal((E, 2 * I, H)) / 17).astype(np.float32),
             (rng.standard_normal((E, H, I)) / 13).astype(np.float32))

@@ -18,7 +18,7 @@ from .cpu_isa import AMX_K_STEP, amx_available, bf16_dot_available, vnni_availab
 
 SMALL_ROWS = 4  # kernels/moe_experts.mojo: experts with at most this many rows stream the weights
 Q8_STREAM_MAX_ROWS = 16  # kernels/moe_experts.mojo: Q8_0 experts with more rows take a GEMM (bf16-dot, DEQUANT),
-Q8_LANES_MAX_ROWS = 64  # except on AVX512_VNNI, where they stream on the vector lanes up to this many rows
+Q8_LANES_MAX_ROWS = 256  # except on AVX512_VNNI, where they stream on the vector lanes up to this many rows
 
 
 def q8_stream_max_rows() -> int:
