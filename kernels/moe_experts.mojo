@@ -52,8 +52,7 @@
 #     C tile row is one output for 16 tokens, which is exactly a row of the down GEMM's packed input), B tiles
 #     16 tokens of a packed block; tasks are (expert, AMX_RB row blocks).
 #   * Q8_0 weights: an expert with <= Q8_STREAM_MAX_ROWS rows (Q8_LANES_MAX_ROWS on AVX512_VNNI) streams, so decode
-#     reads 34 bytes per 32 weights,
-#     53% of bf16: on AVX512_VNNI (cpu_isa.use_vnni) its rows and then its SwiGLU activations are quantized to int8
+#     reads 34 bytes per 32 weights, 53% of bf16: on AVX512_VNNI (cpu_isa.use_vnni) its rows and then its SwiGLU activations are quantized to int8
 #     blocks (microkernels.q8_quantize_activations) and dotted on vpdpbusd (stream_dots_q8_vnni), as linear does,
 #     8 weight rows a pass (4 gate rows with their up rows, or 8 down rows; bf16 weights the same); an expert with
 #     Q8_LANES_MIN_M rows or more (a prefill, a large batch) has its int8 rows, then its activations, packed with
@@ -238,9 +237,10 @@ struct _Stream(ImplicitlyCopyable, Movable):
     with int8 (Q8_0 weights, AVX512_VNNI), the grouped rows and the SwiGLU activations quantized to int8 blocks
     (microkernels.q8_quantize_activations: xq [T k, H] and xs [T k, H / 4], aq [T k, I] and as_ [T k, I / 4]);
     with pairs (bf16 weights, AVX512_BF16), the same rows and activations rounded to bf16 (xb [T k, H], ab [T k, I]:
-    bf16 bits) for vdpbf16ps. lane_slot [E]: with int8, each streaming expert of Q8_LANES_MIN_M rows or more has a
-    slot (else -1) in xl, xls, xlc (its quantized rows in the vector lanes, microkernels.q8_pack_lanes: [H / 4][W]
-    int32, [H / 32][W] scales and block starts a slot) and al, als, alc (the same for its activations over I)."""
+    bf16 bits) for vdpbf16ps. lane_slot [E]: with int8, each streaming expert of Q8_LANES_MIN_M rows or more has
+    its first slot (else -1; one slot per group of up to W rows, `_lane_groups`) in xl, xls, xlc (its quantized rows
+    in the vector lanes, microkernels.q8_pack_lanes: [H / 4][W] int32, [H / 32][W] scales and block starts a slot)
+    and al, als, alc (the same for its activations over I)."""
     var sp: Pointer[mut=True, Int, MutUntrackedOrigin]
     var gu_rows: Int
     var gu_tiles: Int
