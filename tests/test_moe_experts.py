@@ -192,13 +192,12 @@ def test_q8_0_vnni_path_is_taken(experts_models, monkeypatch):
 def test_q8_0_lanes_experts(experts_models, monkeypatch, rows):
     """Streaming Q8_0 experts with Q8_LANES_MIN_M to Q8_LANES_MAX_ROWS rows put their int8 rows, then their int8
     SwiGLU outputs, in the vector lanes, in groups of up to 16 rows (8 lanes for a group of up to Q8_LANES_NARROW_M
-    rows: 17 and 40 end with one of 1 and 8). Every token routes to the
-    same 8 experts, so each has exactly `rows` rows: the outputs meet the int8 reference, and match the row path's
-    (the same tokens in calls of Q8_LANES_MIN_M - 1) to float32 summation order, except where a SwiGLU output lies
-    within 1e-3 of an int8 step of a rounding boundary (its float32 sums, in another order, may round it the other
-    way; their error is ~2e-5 of a step): each such element adds |w| * its step * |down column| to its token's
-    tolerance. H 96 and I 160: 3 and 5
-    blocks."""
+    rows: 17 and 40 end with one of 1 and 8). Every token routes to the same 8 experts, so each has exactly `rows`
+    rows: the outputs meet the int8 reference, and match the row path's (the same tokens in calls of
+    Q8_LANES_MIN_M - 1) to float32 summation order, except where a SwiGLU output lies within 1e-3 of an int8 step
+    of a rounding boundary (its float32 sums, in another order, may round it the other way; their error is ~2e-5
+    of a step): each such element adds |w| * its step * |down column| to its token's tolerance. H 96 and I 160:
+    3 and 5 blocks."""
     monkeypatch.delenv(PORTABLE_ENV, raising=False)
     rng = np.random.default_rng(rows)
     E, H, I = 12, 96, 160
@@ -208,9 +207,9 @@ def test_q8_0_lanes_experts(experts_models, monkeypatch, rows):
     down = (rng.standard_normal((E, H, I)) / 13).astype(np.float32)
     lanes = check_q8(experts_models, x, logits, gate_up, down)
     assert np.array_equal(lanes, check_q8(experts_models, x, logits, gate_up, down))
-    step = Q8_LANES_MIN_M - 1
-    by_rows = np.concatenate([run_q8(experts_models, x[i:i + step], logits[i:i + step], gate_up, down)[0]
-                              for i in range(0, rows, step)])
+    chunk = Q8_LANES_MIN_M - 1  # tokens a call: every expert below the lanes
+    by_rows = np.concatenate([run_q8(experts_models, x[i:i + chunk], logits[i:i + chunk], gate_up, down)[0]
+                              for i in range(0, rows, chunk)])
     _, ids, w, gu, dn = run_q8(experts_models, x, logits, gate_up, down)
     tol = np.full(x.shape, 1e-5 * float(np.abs(by_rows).max()))
     for t in range(rows):
