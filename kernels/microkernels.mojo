@@ -15,8 +15,9 @@
 #     (stream_rows_per_pass; the dispatchers split 8 in halves where 8 x 4 accumulators would not fit the registers).
 #   * stream_dots_q8_lanes, q8_pack_lanes: the same int8 blocks with up to 16 activation rows in the vector lanes
 #     (each weight dword broadcast; 8 lanes on ymm up to 8 rows, q8_lane_width): eight vpdpbusd per weight row and
-#     block whatever the number of rows, so it beats stream_dots_q8_vnni from Q8_LANES_MIN_M rows. linear's Q8_0
-#     streaming path for small batches.
+#     block whatever the number of rows, so it beats stream_dots_q8_vnni from Q8_LANES_MIN_M rows. Q8LaneSlots holds
+#     more rows in groups of 16, a slot each, and picks each group's lane width (`pack`, `dots`). linear's Q8_0
+#     streaming path for batches of 6-256 rows, and moe_experts' for experts of as many.
 #   * dot_tile / dot_panel: the bf16-dot GEMM (vdpbf16ps), compute bound: MR weight rows read in place, a bf16
 #     pair broadcast against MB activation rows packed [K/2][MB] (each op packs its own: moe_experts rounds float32
 #     rows, linear copies bf16 ones). moe_experts' bf16 experts with many rows and linear's bf16 prefill.
@@ -541,6 +542,69 @@ def stream_dots_q8_lanes[NW: Int, L: Int](
         comptime for v in range(Q8_LANES_TILE):
             out[h * Q8_LANES_TILE + v] = d[v]
     return out
+
+
+@always_inline
+def q8_lane_groups(rows: Int) -> Int:
+    """Groups of up to W activation rows, one lanes slot each (Q8LaneSlots), that `rows` rows take."""
+    return (rows + W - 1) // W
+
+
+@fieldwise_init
+struct Q8LaneSlots(ImplicitlyCopyable, Movable):
+    """int8 activation rows over K in the lanes layout, one group of up to W rows a slot: l [slots][K / 4][W] int32,
+    ls [slots][K / 32][W] scales, lc [slots][K / 32][W] block starts (q8_pack_lanes). A group's lane width is
+    q8_lane_width(its rows), so a group of up to Q8_LANES_NARROW_M rows fills its slot's first half in 8 lanes'
+    layout. `pack` and `dots` pick the width from the group's rows: the one place that run-time choice is made."""
+    var l: Pointer[mut=True, Int32, MutUntrackedOrigin]
+    var ls: Pointer[mut=True, Float32, MutUntrackedOrigin]
+    var lc: Pointer[mut=True, Int32, MutUntrackedOrigin]
+    var K: Int
+
+    @staticmethod
+    def ints(K: Int, slots: Int) -> Int:
+        """int32 elements of l for `slots` slots over K."""
+        return slots * (K // 4) * W
+
+    @staticmethod
+    def blocks(K: Int, slots: Int) -> Int:
+        """Elements of ls (and of lc) for `slots` slots over K."""
+        return slots * (K // Q8_BLOCK) * W
+
+    def pack(self, slot0: Int, xq: Pointer[UInt8, _], xs: Pointer[Float32, _], rows: Int):
+        """rows int8 activation rows (q8_quantize_activations: xq rows K bytes apart, xs rows q8_activation_scales(K)
+        floats apart) into slots slot0 .. slot0 + q8_lane_groups(rows), W rows a group (the last one the rest)."""
+        var K = self.K
+        for g in range(q8_lane_groups(rows)):
+            var ng = min(W, rows - g * W)
+            var q = xq.unsafe_offset(g * W * K)
+            var s = xs.unsafe_offset(g * W * q8_activation_scales(K))
+            var slot = slot0 + g
+            var l = self.l.unsafe_offset(Self.ints(K, slot))
+            var ls = self.ls.unsafe_offset(Self.blocks(K, slot))
+            var lc = self.lc.unsafe_offset(Self.blocks(K, slot))
+            if q8_lane_width(ng) == Q8_LANES_NARROW_M:
+                q8_pack_lanes[Q8_LANES_NARROW_M](q, s, ng, K, l, ls, lc)
+            else:
+                q8_pack_lanes[W](q, s, ng, K, l, ls, lc)
+
+    @always_inline
+    def dots[NW: Int](self, slot: Int, rows: Int, w: Pointer[UInt8, _], w_rows: StaticTuple[Int, NW],
+                      ahead: Int) -> StaticTuple[F32x, NW]:
+        """stream_dots_q8_lanes of NW Q8_0 weight rows (byte offsets w_rows) against the group of `rows` rows in
+        `slot`, in its lane width: lane r of result v is row r's dot with weight row v (lanes from `rows` on: 0 or
+        whatever the padding gives; callers store the first `rows`)."""
+        var K = self.K
+        var l = self.l.unsafe_offset(Self.ints(K, slot))
+        var ls = self.ls.unsafe_offset(Self.blocks(K, slot))
+        var lc = self.lc.unsafe_offset(Self.blocks(K, slot))
+        if q8_lane_width(rows) == Q8_LANES_NARROW_M:
+            var d = stream_dots_q8_lanes[NW, Q8_LANES_NARROW_M](w, w_rows, l, ls, lc, K, ahead)
+            var out = StaticTuple[F32x, NW](fill=F32x(0))
+            comptime for v in range(NW):
+                out[v] = d[v].join(SIMD[DType.float32, Q8_LANES_NARROW_M](0))
+            return out
+        return stream_dots_q8_lanes[NW, W](w, w_rows, l, ls, lc, K, ahead)
 
 
 @always_inline

@@ -52,9 +52,10 @@
 #     C tile row is one output for 16 tokens, which is exactly a row of the down GEMM's packed input), B tiles
 #     16 tokens of a packed block; tasks are (expert, AMX_RB row blocks).
 #   * Q8_0 weights: an expert with <= Q8_STREAM_MAX_ROWS rows (Q8_LANES_MAX_ROWS on AVX512_VNNI) streams, so decode
-#     reads 34 bytes per 32 weights, 53% of bf16: on AVX512_VNNI (cpu_isa.use_vnni) its rows and then its SwiGLU activations are quantized to int8
-#     blocks (microkernels.q8_quantize_activations) and dotted on vpdpbusd (stream_dots_q8_vnni), as linear does,
-#     8 weight rows a pass (4 gate rows with their up rows, or 8 down rows; bf16 weights the same); an expert with
+#     reads 34 bytes per 32 weights, 53% of bf16: on AVX512_VNNI (cpu_isa.use_vnni) its rows and then its SwiGLU
+#     activations are quantized to int8 blocks (microkernels.q8_quantize_activations) and dotted on vpdpbusd
+#     (stream_dots_q8_vnni), as linear does, 8 weight rows a pass (4 gate rows with their up rows, or 8 down rows; bf16
+#     weights the same); an expert with
 #     Q8_LANES_MIN_M rows or more (a prefill, a large batch) has its int8 rows, then its activations, packed with
 #     the rows in the vector lanes, in groups of up to 16 rows (microkernels.q8_pack_lanes; 8 lanes for a group of
 #     up to 8) and runs stream_dots_q8_lanes, eight vpdpbusd per weight row, block and group, each weight pass
@@ -112,9 +113,9 @@ from .cpu_isa import (F32x, adjacent_bf16_pairs, amx_configure, amx_release, bf1
 from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, AMX_TILE, Q8_BLOCK, Q8_BLOCK_BYTES, align64,
                            amx_c_tile, amx_c_tiles, amx_k_ok, amx_pack_bytes, amx_panel, amx_rows, amx_tile_by_token,
                            dot_panel, n_blocks, n_vec, q8_activation_scales, q8_dequantize_row, q8_dot_panel,
-                           q8_quantize_activations, q8_pack_lanes, q8_lane_width, Q8_LANES_MIN_M, Q8_LANES_NARROW_M,
+                           q8_quantize_activations, q8_lane_groups, Q8LaneSlots, Q8_LANES_MIN_M,
                            q8_row_bytes, silu, stream_ahead, stream_dots, stream_dots_bf16, stream_dots_q8_0,
-                           stream_dots_q8_vnni, stream_dots_q8_lanes,
+                           stream_dots_q8_vnni,
                            stream_rows_per_pass, swiglu_row, untracked)
 
 comptime SMALL_ROWS = MAX_STREAM_ROWS  # experts with at most this many rows take the streaming path
@@ -238,9 +239,8 @@ struct _Stream(ImplicitlyCopyable, Movable):
     (microkernels.q8_quantize_activations: xq [T k, H] and xs [T k, H / 4], aq [T k, I] and as_ [T k, I / 4]);
     with pairs (bf16 weights, AVX512_BF16), the same rows and activations rounded to bf16 (xb [T k, H], ab [T k, I]:
     bf16 bits) for vdpbf16ps. lane_slot [E]: with int8, each streaming expert of Q8_LANES_MIN_M rows or more has
-    its first slot (else -1; one slot per group of up to W rows, `_lane_groups`) in xl, xls, xlc (its quantized rows
-    in the vector lanes, microkernels.q8_pack_lanes: [H / 4][W] int32, [H / 32][W] scales and block starts a slot)
-    and al, als, alc (the same for its activations over I)."""
+    its first slot (else -1; one slot per group of up to W rows, microkernels.q8_lane_groups) in x_lanes (its
+    quantized rows in the vector lanes over H, microkernels.Q8LaneSlots) and a_lanes (its activations over I)."""
     var sp: Pointer[mut=True, Int, MutUntrackedOrigin]
     var gu_rows: Int
     var gu_tiles: Int
@@ -255,12 +255,8 @@ struct _Stream(ImplicitlyCopyable, Movable):
     var xb: Pointer[mut=True, UInt16, MutUntrackedOrigin]
     var ab: Pointer[mut=True, UInt16, MutUntrackedOrigin]
     var lane_slot: Pointer[mut=True, Int, MutUntrackedOrigin]
-    var xl: Pointer[mut=True, Int32, MutUntrackedOrigin]
-    var xls: Pointer[mut=True, Float32, MutUntrackedOrigin]
-    var xlc: Pointer[mut=True, Int32, MutUntrackedOrigin]
-    var al: Pointer[mut=True, Int32, MutUntrackedOrigin]
-    var als: Pointer[mut=True, Float32, MutUntrackedOrigin]
-    var alc: Pointer[mut=True, Int32, MutUntrackedOrigin]
+    var x_lanes: Q8LaneSlots
+    var a_lanes: Q8LaneSlots
 
 
 @fieldwise_init
@@ -333,7 +329,7 @@ def _stream_gate_up[wdt: DType](
     comptime if wdt == DType.uint8:
         var slot = st.lane_slot[unsafe_offset=e]
         if slot >= 0:
-            _lanes_gate_up(w.unsafe_bitcast[UInt8](), st, ap, slot, r0, n, o0, gu_rows, H, I)
+            _lanes_gate_up(w.unsafe_bitcast[UInt8](), st, ap, slot, r0, n, o0, gu_rows, I)
             return
     var row_len = _row_len[wdt](H)
     comptime NW = stream_rows_per_pass[wdt]()
@@ -360,63 +356,26 @@ def _stream_gate_up[wdt: DType](
                         ap[unsafe_offset=at] = a
 
 
-def _pack_expert_lanes(
-    rt: _Routing, q: Pointer[mut=True, UInt8, MutUntrackedOrigin], sc: Pointer[mut=True, Float32, MutUntrackedOrigin],
-    l: Pointer[mut=True, Int32, MutUntrackedOrigin], ls: Pointer[mut=True, Float32, MutUntrackedOrigin],
-    lc: Pointer[mut=True, Int32, MutUntrackedOrigin], K: Int, e: Int, slot0: Int,
-):
-    """Expert e's int8 rows over K (q, sc: grouped rows, q8_quantize_activations) into its lanes slots (l, ls, lc:
-    microkernels.q8_pack_lanes), one slot per group of up to W rows from slot0, q8_lane_width(rows) lanes each,
-    slots W lanes apart."""
+def _pack_expert_lanes(rt: _Routing, q: Pointer[mut=True, UInt8, MutUntrackedOrigin],
+                       sc: Pointer[mut=True, Float32, MutUntrackedOrigin], lanes: Q8LaneSlots, e: Int, slot0: Int):
+    """Expert e's int8 rows over lanes.K (q, sc: grouped rows, q8_quantize_activations) into its lanes slots from
+    slot0 (one per group of up to W rows)."""
+    var K = lanes.K
     var r0 = Int(rt.offp[unsafe_offset=e])
     var n = Int(rt.offp[unsafe_offset=e + 1]) - r0
-    for g in range(_lane_groups(n)):
-        var rg = r0 + g * W
-        var ng = min(W, n - g * W)
-        var qe = q.unsafe_offset(rg * K)
-        var se = sc.unsafe_offset(rg * q8_activation_scales(K))
-        var le = l.unsafe_offset((slot0 + g) * (K // 4) * W)
-        var lse = ls.unsafe_offset((slot0 + g) * (K // Q8_BLOCK) * W)
-        var lce = lc.unsafe_offset((slot0 + g) * (K // Q8_BLOCK) * W)
-        if q8_lane_width(ng) == Q8_LANES_NARROW_M:
-            q8_pack_lanes[Q8_LANES_NARROW_M](qe, se, ng, K, le, lse, lce)
-        else:
-            q8_pack_lanes[W](qe, se, ng, K, le, lse, lce)
-
-
-@always_inline
-def _lane_groups(n: Int) -> Int:
-    """Groups of up to W rows (one lanes slot each) for an expert of n rows on the lanes."""
-    return (n + W - 1) // W
-
-
-@always_inline
-def _lanes_gate_up_pass[L: Int, NW: Int](
-    w: Pointer[mut=True, UInt8, MutUntrackedOrigin], w_rows: StaticTuple[Int, NW], st: _Stream,
-    ap: Pointer[mut=True, Float32, MutUntrackedOrigin], slot: Int, row0: Int, ng: Int, o: Int, H: Int, I: Int,
-    ahead: Int,
-):
-    """One pass of _lanes_gate_up for one group of ng rows (from grouped row row0) in L lanes at `slot`."""
-    comptime GATES = NW // 2
-    var gu = stream_dots_q8_lanes[NW, L](w, w_rows, st.xl.unsafe_offset(slot * (H // 4) * W),
-                                         st.xls.unsafe_offset(slot * (H // Q8_BLOCK) * W),
-                                         st.xlc.unsafe_offset(slot * (H // Q8_BLOCK) * W), H, ahead)
-    comptime for v in range(GATES):
-        var a = silu[L](gu[v]) * gu[GATES + v]
-        for r in range(ng):
-            ap[unsafe_offset=(row0 + r) * I + min(o + v, I - 1)] = a[r]
+    lanes.pack(slot0, q.unsafe_offset(r0 * K), sc.unsafe_offset(r0 * q8_activation_scales(K)), n)
 
 
 @always_inline
 def _lanes_gate_up(
     w: Pointer[mut=True, UInt8, MutUntrackedOrigin], st: _Stream, ap: Pointer[mut=True, Float32, MutUntrackedOrigin],
-    slot0: Int, r0: Int, n: Int, o0: Int, gu_rows: Int, H: Int, I: Int,
+    slot0: Int, r0: Int, n: Int, o0: Int, gu_rows: Int, I: Int,
 ):
     """Streaming gate_up task of a Q8_0 expert whose n int8 rows sit in the lanes (groups of up to W rows, slots
     from slot0): each pass's gate rows with their up rows dotted against every group in turn while they are in L1
-    (microkernels.stream_dots_q8_lanes), SwiGLU on the way out into the float32 activations ap (quantized next, as
-    on the row path)."""
-    var row_len = q8_row_bytes(H)
+    (Q8LaneSlots.dots), SwiGLU on the way out into the float32 activations ap (quantized next, as on the row
+    path)."""
+    var row_len = q8_row_bytes(st.x_lanes.K)
     comptime NW = stream_rows_per_pass[DType.uint8]()
     comptime GATES = NW // 2  # gate rows a pass, each with its up row
     var ahead = stream_ahead(GATES * row_len, 1)
@@ -425,49 +384,35 @@ def _lanes_gate_up(
         comptime for v in range(GATES):  # rows past I alias I - 1 (same value stored)
             w_rows[v] = min(o + v, I - 1) * row_len
             w_rows[GATES + v] = (I + min(o + v, I - 1)) * row_len
-        for g in range(_lane_groups(n)):
+        for g in range(q8_lane_groups(n)):
             var ng = min(W, n - g * W)
-            if q8_lane_width(ng) == Q8_LANES_NARROW_M:
-                _lanes_gate_up_pass[Q8_LANES_NARROW_M](w, w_rows, st, ap, slot0 + g, r0 + g * W, ng, o, H, I, ahead)
-            else:
-                _lanes_gate_up_pass[W](w, w_rows, st, ap, slot0 + g, r0 + g * W, ng, o, H, I, ahead)
-
-
-@always_inline
-def _lanes_down_pass[L: Int, NW: Int](
-    w: Pointer[mut=True, UInt8, MutUntrackedOrigin], w_rows: StaticTuple[Int, NW], st: _Stream,
-    yp: Pointer[mut=True, Float32, MutUntrackedOrigin], slot: Int, row0: Int, ng: Int, h: Int, H: Int, I: Int,
-    ahead: Int,
-):
-    """One pass of _lanes_down for one group of ng rows (from grouped row row0) in L lanes at `slot`."""
-    var y = stream_dots_q8_lanes[NW, L](w, w_rows, st.al.unsafe_offset(slot * (I // 4) * W),
-                                        st.als.unsafe_offset(slot * (I // Q8_BLOCK) * W),
-                                        st.alc.unsafe_offset(slot * (I // Q8_BLOCK) * W), I, ahead)
-    for r in range(ng):
-        comptime for v in range(NW):
-            yp[unsafe_offset=(row0 + r) * H + min(h + v, H - 1)] = y[v][r]
+            var gu = st.x_lanes.dots[NW](slot0 + g, ng, w, w_rows, ahead)
+            comptime for v in range(GATES):
+                var a = silu[W](gu[v]) * gu[GATES + v]
+                for r in range(ng):
+                    ap[unsafe_offset=(r0 + g * W + r) * I + min(o + v, I - 1)] = a[r]
 
 
 @always_inline
 def _lanes_down(
     w: Pointer[mut=True, UInt8, MutUntrackedOrigin], st: _Stream, yp: Pointer[mut=True, Float32, MutUntrackedOrigin],
-    slot0: Int, r0: Int, n: Int, h0: Int, dn_rows: Int, H: Int, I: Int,
+    slot0: Int, r0: Int, n: Int, h0: Int, dn_rows: Int, H: Int,
 ):
     """Streaming down task of a Q8_0 expert whose n int8 activation rows sit in the lanes: NW down rows a pass,
     against every group of up to W rows in turn."""
-    var row_len = q8_row_bytes(I)
+    var row_len = q8_row_bytes(st.a_lanes.K)
     comptime NW = stream_rows_per_pass[DType.uint8]()
     var ahead = stream_ahead(NW * row_len, 1)  # the next passes' rows
     for h in range(h0, min(H, h0 + dn_rows), NW):  # rows past H alias H - 1 (same value stored)
         var w_rows = StaticTuple[Int, NW](fill=0)
         comptime for v in range(NW):
             w_rows[v] = min(h + v, H - 1) * row_len
-        for g in range(_lane_groups(n)):
+        for g in range(q8_lane_groups(n)):
             var ng = min(W, n - g * W)
-            if q8_lane_width(ng) == Q8_LANES_NARROW_M:
-                _lanes_down_pass[Q8_LANES_NARROW_M](w, w_rows, st, yp, slot0 + g, r0 + g * W, ng, h, H, I, ahead)
-            else:
-                _lanes_down_pass[W](w, w_rows, st, yp, slot0 + g, r0 + g * W, ng, h, H, I, ahead)
+            var y = st.a_lanes.dots[NW](slot0 + g, ng, w, w_rows, ahead)
+            for r in range(ng):
+                comptime for v in range(NW):
+                    yp[unsafe_offset=(r0 + g * W + r) * H + min(h + v, H - 1)] = y[v][r]
 
 
 @always_inline
@@ -493,7 +438,7 @@ def _stream_down[wdt: DType](
     comptime if wdt == DType.uint8:
         var slot = st.lane_slot[unsafe_offset=e]
         if slot >= 0:
-            _lanes_down(w.unsafe_bitcast[UInt8](), st, yp, slot, r0, n, h0, dn_rows, H, I)
+            _lanes_down(w.unsafe_bitcast[UInt8](), st, yp, slot, r0, n, h0, dn_rows, H)
             return
     var row_len = _row_len[wdt](I)
     comptime NW = stream_rows_per_pass[wdt]()
@@ -1024,20 +969,22 @@ struct MoeExperts:
                 if n >= Q8_LANES_MIN_M:
                     lane_slot[e] = n_lanes
                     lane_experts.append(e)
-                    n_lanes += _lane_groups(n)
-        var xl_buf = List[Int32](unsafe_uninit_length=n_lanes * (H // 4) * W)
-        var xls_buf = List[Float32](unsafe_uninit_length=n_lanes * (H // Q8_BLOCK) * W)
-        var xlc_buf = List[Int32](unsafe_uninit_length=n_lanes * (H // Q8_BLOCK) * W)
-        var al_buf = List[Int32](unsafe_uninit_length=n_lanes * (I // 4) * W)
-        var als_buf = List[Float32](unsafe_uninit_length=n_lanes * (I // Q8_BLOCK) * W)
-        var alc_buf = List[Int32](unsafe_uninit_length=n_lanes * (I // Q8_BLOCK) * W)
+                    n_lanes += q8_lane_groups(n)
+        var xl_buf = List[Int32](unsafe_uninit_length=Q8LaneSlots.ints(H, n_lanes))
+        var xls_buf = List[Float32](unsafe_uninit_length=Q8LaneSlots.blocks(H, n_lanes))
+        var xlc_buf = List[Int32](unsafe_uninit_length=Q8LaneSlots.blocks(H, n_lanes))
+        var al_buf = List[Int32](unsafe_uninit_length=Q8LaneSlots.ints(I, n_lanes))
+        var als_buf = List[Float32](unsafe_uninit_length=Q8LaneSlots.blocks(I, n_lanes))
+        var alc_buf = List[Int32](unsafe_uninit_length=Q8LaneSlots.blocks(I, n_lanes))
         var lep = untracked(lane_experts.unsafe_ptr())
         var st = _Stream(untracked(sp), gu_rows, gu_tiles, dn_rows, dn_tiles, int8, untracked(xq_buf.unsafe_ptr()),
                          untracked(xs_buf.unsafe_ptr()), untracked(aq_buf.unsafe_ptr()), untracked(as_buf.unsafe_ptr()),
                          pairs, untracked(xb_buf.unsafe_ptr()), untracked(ab_buf.unsafe_ptr()),
-                         untracked(lane_slot.unsafe_ptr()), untracked(xl_buf.unsafe_ptr()),
-                         untracked(xls_buf.unsafe_ptr()), untracked(xlc_buf.unsafe_ptr()),
-                         untracked(al_buf.unsafe_ptr()), untracked(als_buf.unsafe_ptr()), untracked(alc_buf.unsafe_ptr()))
+                         untracked(lane_slot.unsafe_ptr()),
+                         Q8LaneSlots(untracked(xl_buf.unsafe_ptr()), untracked(xls_buf.unsafe_ptr()),
+                                     untracked(xlc_buf.unsafe_ptr()), H),
+                         Q8LaneSlots(untracked(al_buf.unsafe_ptr()), untracked(als_buf.unsafe_ptr()),
+                                     untracked(alc_buf.unsafe_ptr()), I))
 
         def gate_up_task(task: Int) {var rt, var wt, var rw, var st}:
             _stream_gate_up[wdt](rt, wt, rw, st, task)
@@ -1062,11 +1009,11 @@ struct MoeExperts:
 
         def pack_x_lanes(i: Int) {var rt, var st, var lep}:
             var e = lep[unsafe_offset=i]
-            _pack_expert_lanes(rt, st.xq, st.xs, st.xl, st.xls, st.xlc, rt.H, e, st.lane_slot[unsafe_offset=e])
+            _pack_expert_lanes(rt, st.xq, st.xs, st.x_lanes, e, st.lane_slot[unsafe_offset=e])
 
         def pack_act_lanes(i: Int) {var rt, var st, var lep}:
             var e = lep[unsafe_offset=i]
-            _pack_expert_lanes(rt, st.aq, st.as_, st.al, st.als, st.alc, rt.I, e, st.lane_slot[unsafe_offset=e])
+            _pack_expert_lanes(rt, st.aq, st.as_, st.a_lanes, e, st.lane_slot[unsafe_offset=e])
 
         if n_small > 0:
             if int8:  # float32 rows in, int8 rows out (their scales aside)
