@@ -118,6 +118,7 @@ from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, AMX_TILE, Q8_BLOCK, Q8_BL
                            stream_dots_q8_vnni,
                            stream_rows_per_pass, swiglu_row, untracked)
 
+comptime EXPERT_TASKS_PER_CORE = 4  # decode: from this many streaming experts per core, one task each (`_stream_expert`)
 comptime SMALL_ROWS = MAX_STREAM_ROWS  # experts with at most this many rows take the streaming path
 comptime STREAM_TASK_BYTES = 1 << 20  # streaming path: weight bytes per task
 comptime GU_ROWS = MR // 2  # gate_up: gate rows o0..o0+3 with up rows I+o0..I+o0+3, so SwiGLU fuses
@@ -456,6 +457,29 @@ def _stream_down[wdt: DType](
             for r in range(gn):
                 comptime for v in range(NW):
                     yp[unsafe_offset=(r0 + g0 + r) * H + min(h + v, H - 1)] = y[v][r]
+
+
+def _stream_expert[wdt: DType](rt: _Routing, wt: _Weights[wdt], rw: _Rows, st: _Stream, i: Int):
+    """Streaming path, one expert (the i-th streaming one) whole on one core: its gate_up tasks, its SwiGLU outputs
+    quantized (int8: and packed in the lanes), then its down tasks. Taken in decode (every streaming expert at most
+    SMALL_ROWS rows, so each costs its weight bytes, and at least EXPERT_TASKS_PER_CORE of them a core, so whole
+    experts balance the cores): one parallel pass a call instead of two with the quantization between them, and no
+    core waits for the other between gate_up and down. `small`'s routed experts at decode, Q8_0 / bf16: 1.10x /
+    1.06x (docs/perf-notes.md, "One task per expert at decode")."""
+    for tile in range(st.gu_tiles):
+        _stream_gate_up[wdt](rt, wt, rw, st, i * st.gu_tiles + tile)
+    if st.int8:
+        var e = st.sp[unsafe_offset=i]
+        var r0 = Int(rt.offp[unsafe_offset=e])
+        var n = Int(rt.offp[unsafe_offset=e + 1]) - r0
+        for r in range(r0, r0 + n):
+            q8_quantize_activations(rw.ap.unsafe_offset(r * rt.I), rt.I, st.aq.unsafe_offset(r * rt.I),
+                                    st.as_.unsafe_offset(r * q8_activation_scales(rt.I)))
+        var slot = st.lane_slot[unsafe_offset=e]
+        if slot >= 0:
+            _pack_expert_lanes(rt, st.aq, st.as_, st.a_lanes, e, slot)
+    for tile in range(st.dn_tiles):
+        _stream_down[wdt](rt, wt, rw, st, i * st.dn_tiles + tile)
 
 
 @always_inline
@@ -892,6 +916,7 @@ struct MoeExperts:
         var dot_blk0 = List[Int]()  # their first packed block
         var n_blk = 0
         var dot_rows = 0
+        var small_max_rows = 0  # the most rows of a streaming expert
         var q8_stream_max = Q8_LANES_MAX_ROWS if Q8 and use_vnni() else Q8_STREAM_MAX_ROWS
         for e in range(E):
             var n = Int(offp[unsafe_offset=e + 1]) - Int(offp[unsafe_offset=e])
@@ -903,6 +928,7 @@ struct MoeExperts:
             elif n <= (q8_stream_max if Q8 else SMALL_ROWS) or (wdt != DType.float32 and not dot):
                 path[e] = STREAM
                 small.append(e)
+                small_max_rows = max(small_max_rows, n)
             elif wdt == DType.float32:
                 path[e] = MATMUL
             else:
@@ -992,6 +1018,9 @@ struct MoeExperts:
         def down_task(task: Int) {var rt, var wt, var rw, var st}:
             _stream_down[wdt](rt, wt, rw, st, task)
 
+        def expert_task(i: Int) {var rt, var wt, var rw, var st}:
+            _stream_expert[wdt](rt, wt, rw, st, i)
+
         def quantize_x(r: Int) {var rt, var rw, var st}:
             if rt.pathp[unsafe_offset=rt.rep[unsafe_offset=r]] == STREAM:
                 q8_quantize_activations(rw.rp.unsafe_offset(r * rt.H), rt.H, st.xq.unsafe_offset(r * rt.H),
@@ -1021,11 +1050,15 @@ struct MoeExperts:
                 parallelize_sized(pack_x_lanes, len(lane_experts), n_lanes * W * H * 2)
             if pairs:  # float32 rows in, bf16 rows out
                 parallelize_sized(round_x, T * k, T * k * H * 6)
-            parallelize_dynamic(gate_up_task, n_small * gu_tiles, n_small * I * gu_row_bytes)  # the experts' weights
-            if int8:
-                parallelize_sized(quantize_act, T * k, T * k * I * 5)
-                parallelize_sized(pack_act_lanes, len(lane_experts), n_lanes * W * I * 2)
-            parallelize_dynamic(down_task, n_small * dn_tiles, n_small * H * dn_row_bytes)
+            var expert_bytes = n_small * (I * gu_row_bytes + H * dn_row_bytes)  # the experts' weights
+            if n_small >= EXPERT_TASKS_PER_CORE * parallelism_level() and small_max_rows <= SMALL_ROWS:
+                parallelize_dynamic(expert_task, n_small, expert_bytes)
+            else:
+                parallelize_dynamic(gate_up_task, n_small * gu_tiles, n_small * I * gu_row_bytes)
+                if int8:
+                    parallelize_sized(quantize_act, T * k, T * k * I * 5)
+                    parallelize_sized(pack_act_lanes, len(lane_experts), n_lanes * W * I * 2)
+                parallelize_dynamic(down_task, n_small * dn_tiles, n_small * H * dn_row_bytes)
 
         # bf16-dot path (bfloat16 or Q8_0 weights, CPU with AVX512_BF16): activations rounded to bf16 and packed in
         # blocks of MB rows, [block][K/2][MB] bf16 pairs; bf16 weights read in place as bf16 pairs, Q8_0 ones

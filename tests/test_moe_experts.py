@@ -264,6 +264,35 @@ def test_q8_0_experts_deterministic_and_bad_k_refused(experts_models):
                                                         to_buffer(np.zeros((E, 33, 34), np.uint8), DType.uint8))
 
 
+@pytest.mark.parametrize("wdt", ["float32", "bfloat16", "q8_0"])
+def test_decode_one_task_per_expert(experts_models, wdt):
+    """Decode: with every streaming expert at most 4 rows and at least 4 of them a core, each expert is one task
+    (gate_up, its SwiGLU outputs quantized, then down, on one core: `_stream_expert`). The first call routes one
+    row to each of 4 x cores experts (that regime); the second adds 5 tokens on other experts, one of which then
+    has 5 rows, so the same first tokens run the two passes over all experts instead: their outputs must be the
+    same bits (the same dots in the same order), and the first call's must meet the reference."""
+    import os
+    k = {"float32": 8, "bfloat16": BF16_TOP_K, "q8_0": Q8_TOP_K}[wdt]
+    T = -(-4 * os.cpu_count() // k)  # tokens: T * k >= 4 x cores experts of one row each
+    E, H, I = T * k + k, 96, 160
+    rng = np.random.default_rng(3)
+    logits = np.full((T + 5, E), -1.0, np.float32)
+    for t in range(T):  # token t -> experts t k .. t k + k - 1
+        logits[t, t * k:(t + 1) * k] = rng.uniform(1, 2, k)
+    logits[T:, T * k:] = rng.uniform(1, 2, (5, k))  # 5 tokens on the last k experts: 5 rows each
+    x = rng.standard_normal((T + 5, H)).astype(np.float32)
+    gate_up = (rng.standard_normal((E, 2 * I, H)) / 10).astype(np.float32)
+    down = (rng.standard_normal((E, H, I)) / 13).astype(np.float32)
+    if wdt == "q8_0":
+        alone = check_q8(experts_models, x[:T], logits[:T], gate_up, down)
+        with_batch = run_q8(experts_models, x, logits, gate_up, down)[0]
+    else:
+        bf16 = wdt == "bfloat16"
+        alone = check(experts_models, k, x[:T], logits[:T], gate_up, down, bf16)[0]
+        with_batch = run(experts_models, k, x, logits, gate_up, down, bf16)[0]
+    assert np.array_equal(alone, with_batch[:T])
+
+
 def test_deterministic_bit_for_bit(experts_models):
     rng = np.random.default_rng(5)
     T, E, H, I = 300, 12, 64, 48
