@@ -26,7 +26,9 @@
 #     in the first later pass at least 8 KiB on (microkernels.stream_ahead: Hy3's short down rows, 3 KiB, would
 #     otherwise prefetch inside the current pass).
 #     All such experts' (expert, ~1 MiB of weight rows) tasks share one parallel loop, so both cores stay
-#     busy whether one expert or all of them are active. bf16 weights on a CPU with AVX512_BF16 (even H and I):
+#     busy whether one expert or all of them are active; at decode (every streaming expert <= SMALL_ROWS rows,
+#     >= EXPERT_TASKS_PER_CORE of them a core) each expert is instead one task, gate_up then down on one core
+#     (`_stream_expert`: one parallel pass instead of two; `small`'s experts 1.06-1.10x). bf16 weights on a CPU with AVX512_BF16 (even H and I):
 #     the rows and then the SwiGLU outputs are rounded to bf16 (as the bf16-dot GEMM below and HF's bf16 experts
 #     round them) and dotted on vdpbf16ps (microkernels.stream_dots_bf16), 8 weight rows a pass; otherwise the
 #     weights are widened exactly against float32 activations.
