@@ -321,7 +321,9 @@ def _stream_task[dt: DType, SWIGLU: Bool, READ: Int, NW: Int](pb: _Problem[dt], 
     STREAM_MAX_M), NW at a time, for the rows of x in chunks of STREAM_MAX_M (more only on the
     portable path), each chunk in groups of four. With more than four rows and long rows the reduction runs in K
     slices (`_stream_k_slice`), so the chunk's activation slices stay in cache while each group passes over the
-    weight rows' slice. Columns past N alias N - 1 (the same value is stored twice)."""
+    weight rows' slice. At M <= 4 (decode) a pass stores its dots' sums directly: the chunks' run-time-indexed sums
+    cost a third of a pass on K-256 rows (docs/perf-notes.md, "`linear` decode passes"). Columns past N alias N - 1
+    (the same value is stored twice)."""
     comptime if READ == READ_Q8_LANES:
         _stream_task_lanes[dt, SWIGLU, NW](pb, cols_per_task, task)
         return
@@ -334,6 +336,20 @@ def _stream_task[dt: DType, SWIGLU: Bool, READ: Int, NW: Int](pb: _Problem[dt], 
     var ahead = stream_ahead(NW * row_units, 1 if Q8 else size_of[dt]()) if k_slice >= K else (
         PREFETCH_AHEAD_Q8 if Q8 else PREFETCH_AHEAD)
     var o0 = task * cols_per_task
+    if pb.M <= MAX_STREAM_ROWS:  # decode: one group of rows over whole rows, so the dots' sums are the outputs
+        for o in range(o0, min(N, o0 + cols_per_task), NW):
+            var w_rows = StaticTuple[Int, NW](fill=0)
+            comptime for v in range(NW):
+                w_rows[v] = min(o + v, N - 1) * row_units
+            var y = _stream_dots[dt, READ, NW](pb, pb.wa, w_rows, 0, pb.M, 0, K, ahead)
+            comptime if SWIGLU:
+                var u = _stream_dots[dt, READ, NW](pb, pb.wb, w_rows, 0, pb.M, 0, K, ahead)
+                comptime for v in range(NW):
+                    y[v] = silu[4](y[v]) * u[v]
+            comptime for v in range(NW):
+                for r in range(pb.M):
+                    _store[dt, 1](pb.yp, r * N + min(o + v, N - 1), SIMD[DType.float32, 1](y[v][r]))
+        return
     for o in range(o0, min(N, o0 + cols_per_task), NW):
         var w_rows = StaticTuple[Int, NW](fill=0)
         comptime for v in range(NW):
