@@ -7,7 +7,7 @@
 # `linear_q8_0` / `linear_swiglu_q8_0`: the same with Q8_0 weights (llama.cpp's blocks of 32 int8 along K with a
 # float16 scale, uint8 [N, K / 32 * 34], hyv3_graph/q8_0.py; K a multiple of 32, else an error): y = x .
 # dequantize(w)^T, x and y float32 or bfloat16, the weights dequantized exactly into float32 (d * q fits it);
-# on AVX512_VNNI the streaming path (M <= 256) takes x's int8 blocks (q8_0.quantize_activations) instead of x.
+# on AVX512_VNNI the streaming path (M <= 16) takes x's int8 blocks (q8_0.quantize_activations) instead of x.
 #
 # Reference (the spec): hyv3_graph/kernels/linear.py::linear_reference (float64)
 # Wrapper:              hyv3_graph/kernels/linear.py::linear, linear_swiglu (a uint8 weight takes the Q8_0 op)
@@ -43,7 +43,7 @@
 #   * MATMUL (float32, M > STREAM_MAX_M): MAX's own linalg matmul on the raw pointers (it is fast in float32:
 #     ~300 GFLOP/s here); SwiGLU writes gate into y and up into a scratch, then combines.
 #   * Portable (bf16 without AVX512_BF16, HYV3_PORTABLE_KERNELS=1, or odd K at large M): STREAM at every M.
-#   * Q8_0 weights, M <= STREAM_MAX_M (Q8_LANES_MAX_M on AVX512_VNNI): STREAM, reading 34 bytes per 32 weights (53% of
+#   * Q8_0 weights, M <= STREAM_MAX_M: STREAM, reading 34 bytes per 32 weights (53% of
 #     bf16's). On a CPU with AVX512_VNNI (cpu_isa.use_vnni): x is quantized once per call into int8 blocks of 32 with a
 #     float32 scale each (microkernels.q8_quantize_activations), and microkernels.stream_dots_q8_vnni runs vpdpbusd on
 #     two weight blocks at a time, exact int32 block sums scaled by d_w * d_x in float32: 1.4-1.6x the compute ceiling
@@ -56,13 +56,13 @@
 #     x's -128 * sum(x) start packed once per call): the same cost at 9 rows as at 16 (`_stream_task_lanes`), and
 #     up to Q8_LANES_NARROW_M = 8 rows in 8 lanes on ymm (microkernels.q8_lane_width: 0.66x of 16 lanes' cost),
 #     1.1-1.4x the row kernel at 6-8 rows (docs/perf-notes.md, "Q8_0 with the activation rows in the lanes, kept",
-#     and "Q8_0's lanes on ymm from 6 rows"). Past 16 rows, up to Q8_LANES_MAX_M = 256, the call keeps streaming
-#     on the lanes in groups of 16 rows (microkernels.Q8LaneSlots, one slot a group; each pass of weight rows is
-#     dotted against every group while in cache): the bf16-dot GEMM costs a whole 48-row block from 17 rows, the
-#     lanes one group's time per 16 rows, 2.2x / 1.7x / 1.6x / 1.2x / 1.06x the GEMM at 17 / 32 / 64 / 128 / 256
-#     rows on Hy3's qkv (docs/perf-notes.md, "Q8_0's lanes in `linear` up to 256 rows"). Otherwise (no VNNI,
+#     and "Q8_0's lanes on ymm from 6 rows"). Past 16 rows the lanes in groups of 16 (microkernels.Q8LaneSlots)
+#     ran 2.2x / 1.2x / 1.06x the GEMM at 17 / 128 / 256 rows on Hy3's qkv, but their int8 activations cut `tiny`'s
+#     q8_0 prefill logits' correlation with HF to 0.979 (tests/test_model.py holds it above 0.995), so calls of
+#     more than 16 rows keep the GEMM's bf16-rounded x (docs/perf-notes.md, "Q8_0's lanes in `linear` up to 256
+#     rows"). Otherwise (no VNNI,
 #     HYV3_PORTABLE_KERNELS=1): microkernels.stream_dots_q8_0, each block widened and scaled exactly and FMA'd into
-#     float32 x, so y is x . dequantize(w)^T to float32 rounding. M > STREAM_MAX_M (VNNI: M > Q8_LANES_MAX_M) on a CPU
+#     float32 x, so y is x . dequantize(w)^T to float32 rounding. M > STREAM_MAX_M on a CPU
 #     with AVX512_BF16: DOT on Q8_0 rows (microkernels.q8_dot_panel, the same tasks, packing and epilogue): each task
 #     widens its rows' K slice into a scratch of bf16 pairs (int8 values are exact in bf16) and sums each block's 16
 #     pairs apart, then scales them by the block's d, so the weights are exactly the dequantized ones and only x is
@@ -138,7 +138,6 @@ from .microkernels import (W, MAX_STREAM_ROWS, STREAM_NW, MB, MR, KC, NVMAX, AMX
 from .work_queue import parallelize_dynamic, parallelize_sized
 
 comptime STREAM_MAX_M = 16  # at most this many rows stream the weights (see the header)
-comptime Q8_LANES_MAX_M = 256  # Q8_0 on AVX512_VNNI: at most this many rows stream on the lanes (see the header)
 comptime STREAM_TASK_BYTES = 1 << 20  # streaming: weight bytes per task
 comptime STREAM_GROUPS = STREAM_MAX_M // MAX_STREAM_ROWS  # streaming: groups of 4 activation rows
 comptime STREAM_WHOLE_X_BYTES = 256 << 10  # streaming, M > 4: whole rows a pass while the chunk's x fits this
@@ -291,7 +290,7 @@ def _stream[dt: DType, SWIGLU: Bool, Q8: Bool](pb: _Problem[dt], x_form: Int, re
 
 @always_inline
 def _stream_task_lanes[dt: DType, SWIGLU: Bool, NW: Int](pb: _Problem[dt], cols_per_task: Int, task: Int):
-    """STREAM with x's rows in the lanes (READ_Q8_LANES: Q8_0 weights, Q8_LANES_MIN_M..Q8_LANES_MAX_M rows on
+    """STREAM with x's rows in the lanes (READ_Q8_LANES: Q8_0 weights, Q8_LANES_MIN_M..STREAM_MAX_M rows on
     AVX512_VNNI): as _stream_task, each pass of NW weight rows read from memory once, then dotted against every group
     of up to W rows of x in turn while it is in cache (Q8LaneSlots.dots: the same cost for 9 rows of a group as for
     16; 8 lanes up to Q8_LANES_NARROW_M rows)."""
@@ -700,8 +699,6 @@ def _path[dt: DType, Q8: Bool](M: Int, K: Int) -> Int:
     if M <= STREAM_MAX_M:
         return STREAM
     comptime if Q8:
-        if M <= Q8_LANES_MAX_M and use_vnni():
-            return STREAM  # on the lanes
         return DOT if use_bf16_dot() else DEQUANT
     comptime if dt == DType.float32:
         return MATMUL

@@ -33,8 +33,8 @@ from hyv3_graph.dtypes import bf16_rounded, buffer_numpy, to_buffer, to_dtype
 from hyv3_graph.kernels import MOJO_KERNELS
 from hyv3_graph.kernels.cpu_isa import (DISABLE_AMX_ENV, PORTABLE_ENV, bf16_dot_available, cpu_has_avx512_bf16,
                                         cpu_has_avx512_vnni, vnni_available)
-from hyv3_graph.kernels.linear import (INT8_X_PATHS, Q8_LANES_MAX_M, Q8_LANES_MIN_M, Q8_LANES_NARROW_M, STREAM_MAX_M,
-                                       linear, linear_path, linear_reference, linear_stream_peak, linear_swiglu)
+from hyv3_graph.kernels.linear import (INT8_X_PATHS, Q8_LANES_MIN_M, Q8_LANES_NARROW_M, STREAM_MAX_M, linear,
+                                       linear_path, linear_reference, linear_stream_peak, linear_swiglu)
 
 from conftest import ISA_MODES, set_isa
 
@@ -157,12 +157,11 @@ def q8_case(draw):
 @settings(max_examples=120)
 @given(q8_case())
 def test_q8_0_matches_reference(q8_models, case):
-    """Q8_0 weights, both activation dtypes: where the CPU has AVX512_VNNI, vpdpbusd on int8 x up to
-    Q8_LANES_MAX_M rows (from Q8_LANES_MIN_M rows on the lanes, in groups of up to 16 rows, a last group of 8 lanes
-    or 16); otherwise streaming at M <= 16 on float32 x (the portable path: the fuzz draws the ISA mode); at more
-    rows the bf16-dot GEMM (AVX512_BF16; partial activation blocks, weight rows past N, K slices past 128 pairs) or,
-    portable, DEQUANT (N past one chunk of 256 dequantized rows); K in whole blocks, including one block, odd block
-    counts (the vpdpbusd path's ymm tail); K slices: test_stream_k_slices."""
+    """Q8_0 weights, both activation dtypes: streaming at M <= 16 (vpdpbusd on int8 x where the CPU has
+    AVX512_VNNI, float32 x on the portable path: the fuzz draws the ISA mode); at more rows the bf16-dot GEMM
+    (AVX512_BF16; partial activation blocks, weight rows past N, K slices past 128 pairs) or, portable, DEQUANT (N
+    past one chunk of 256 dequantized rows); K in whole blocks, including one block, odd block counts (the vpdpbusd
+    path's ymm tail); K slices: test_stream_k_slices."""
     dt, x, wq, uq, isa = case
     with pytest.MonkeyPatch.context() as m:
         set_isa(m, isa)
@@ -171,18 +170,16 @@ def test_q8_0_matches_reference(q8_models, case):
 
 @pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("M", [1, Q8_LANES_MIN_M - 1, Q8_LANES_MIN_M, Q8_LANES_NARROW_M + 1, STREAM_MAX_M,
-                               STREAM_MAX_M + 1, 200, Q8_LANES_MAX_M + 1])
+                               STREAM_MAX_M + 1, 200])
 def test_q8_0_deterministic_bit_for_bit(q8_models, dt, M):
     rng = np.random.default_rng(M)
     x = _values(rng, (M, 1024), dt)
     wq, uq = (q8_0.quantize(_values(rng, (300, 1024), DType.float32, 0.03)) for _ in "wu")
     a, b = run_q8(q8_models, dt, x, wq, uq), run_q8(q8_models, dt, x, wq, uq)
     assert all(np.array_equal(p, q) for p, q in zip(a, b))
-    if vnni_available() and M <= Q8_LANES_MAX_M:
-        want = "lanes" if M >= Q8_LANES_MIN_M else "vnni"
-    else:
-        want = "stream" if M <= STREAM_MAX_M else "dot" if bf16_dot_available() else "dequant"
-    assert linear_path(M, 1024, bf16=dt == DType.bfloat16, q8=True) == want
+    assert linear_path(M, 1024, bf16=dt == DType.bfloat16, q8=True) == (
+        (("lanes" if M >= Q8_LANES_MIN_M else "vnni") if vnni_available() else "stream") if M <= STREAM_MAX_M
+        else "dot" if bf16_dot_available() else "dequant")
 
 
 @pytest.mark.skipif(not cpu_has_avx512_vnni(), reason="the CPU has no AVX512_VNNI")
@@ -190,17 +187,17 @@ def test_vnni_path_is_taken(q8_models, monkeypatch):
     """Where the CPU has AVX512_VNNI the Q8_0 streaming path runs vpdpbusd on int8-quantized x (a forced portable
     setting in the environment does not turn this into a skip): its outputs meet the reference on the quantized x,
     and differ from the portable path's, which meet it on x itself. From Q8_LANES_MIN_M rows x's rows sit in the
-    vector lanes ("lanes": 8 of them up to Q8_LANES_NARROW_M rows, 16 above, in groups of up to 16 rows up to
-    Q8_LANES_MAX_M rows). K = 1056 is 33 blocks (the row path's ymm tail)."""
+    vector lanes ("lanes": 8 of them up to Q8_LANES_NARROW_M rows, 16 above). K = 1056 is 33 blocks (the row path's
+    ymm tail)."""
     monkeypatch.delenv(PORTABLE_ENV, raising=False)
     rng = np.random.default_rng(11)
-    for M in (1, 3, Q8_LANES_MIN_M - 1, Q8_LANES_MIN_M, Q8_LANES_NARROW_M + 1, STREAM_MAX_M, 40):
+    for M in (1, 3, Q8_LANES_MIN_M - 1, Q8_LANES_MIN_M, Q8_LANES_NARROW_M + 1, STREAM_MAX_M):
         x = _values(rng, (M, 1056), DType.float32)
         wq, uq = (q8_0.quantize(_values(rng, (200, 1056), DType.float32, 0.03)) for _ in "wu")
         assert linear_path(M, 1056, bf16=False, q8=True) == ("lanes" if M >= Q8_LANES_MIN_M else "vnni")
         fast = check_q8(q8_models, DType.float32, x, wq, uq)
         monkeypatch.setenv(PORTABLE_ENV, "1")
-        assert linear_path(M, 1056, bf16=False, q8=True) == ("stream" if M <= STREAM_MAX_M else "dequant")
+        assert linear_path(M, 1056, bf16=False, q8=True) == "stream"
         exact = check_q8(q8_models, DType.float32, x, wq, uq)
         monkeypatch.delenv(PORTABLE_ENV)
         assert not np.array_equal(fast[0], exact[0]), f"M={M}: the vpdpbusd path gave the float32 path's bits"
@@ -213,15 +210,14 @@ def test_q8_0_lanes_match_rows(q8_models, monkeypatch, dt, K):
     """The lanes path (x's rows in the vector lanes, from Q8_LANES_MIN_M rows) and the row path (below it) dot the
     same int8 blocks with exact int32 block sums: each row's outputs agree to float32 summation order, far inside
     the reference's tolerance. Both lane widths run: 8 (ymm) at M 6 and 8, every lane a row at 8; 16 at M 9 and
-    16, every lane a row at 16; then groups of 16 rows, the last one of 1 row (17), of 8 (40: ymm) or whole (48)."""
+    16, every lane a row at 16."""
     monkeypatch.delenv(PORTABLE_ENV, raising=False)
     rng = np.random.default_rng(K)
-    most = 48
-    x = _values(rng, (most, K), dt)
+    x = _values(rng, (STREAM_MAX_M, K), dt)
     wq, uq = (q8_0.quantize(_values(rng, (37, K), DType.float32, 1 / np.sqrt(K))) for _ in "wu")
     step = Q8_LANES_MIN_M - 1  # the row path's largest call
-    rows = [run_q8(q8_models, dt, x[m:m + step], wq, uq) for m in range(0, most, step)]
-    for M in (Q8_LANES_MIN_M, Q8_LANES_NARROW_M, Q8_LANES_NARROW_M + 1, STREAM_MAX_M, STREAM_MAX_M + 1, 40, most):
+    rows = [run_q8(q8_models, dt, x[m:m + step], wq, uq) for m in range(0, STREAM_MAX_M, step)]
+    for M in (Q8_LANES_MIN_M, Q8_LANES_NARROW_M, Q8_LANES_NARROW_M + 1, STREAM_MAX_M):
         assert linear_path(M, K, bf16=dt == DType.bfloat16, q8=True) == "lanes"
         lanes = run_q8(q8_models, dt, x[:M], wq, uq)
         for out, by_rows in zip(lanes, zip(*rows)):
@@ -235,12 +231,11 @@ def test_q8_0_lanes_match_rows(q8_models, monkeypatch, dt, K):
 def test_q8_0_dot_path_is_taken(q8_models, monkeypatch):
     """Where the CPU has AVX512_BF16 the Q8_0 ops' GEMM (M > 16) runs vdpbf16ps on the blocks' int8 values (a forced
     portable setting in the environment does not turn this into a skip): it meets the reference on x rounded to
-    bf16, and differs from DEQUANT (the portable choice), which meets it on x itself. Above Q8_LANES_MAX_M rows, so
-    that AVX512_VNNI's lanes do not take it. Shapes: a partial last activation block with weight rows past N; K 4128
-    (129 blocks: a last K slice of one block)."""
+    bf16, and differs from DEQUANT (the portable choice), which meets it on x itself. Shapes: one partial
+    activation block with weight rows past N; K 4128 (129 blocks: a last K slice of one block) with 97 rows."""
     monkeypatch.delenv(PORTABLE_ENV, raising=False)
     rng = np.random.default_rng(12)
-    for M, N, K in ((Q8_LANES_MAX_M + 1, 70, 96), (Q8_LANES_MAX_M + 49, 300, 4128)):
+    for M, N, K in ((17, 70, 96), (97, 300, 4128)):
         x = _values(rng, (M, K), DType.float32)
         wq, uq = (q8_0.quantize(_values(rng, (N, K), DType.float32, 1 / np.sqrt(K))) for _ in "wu")
         assert linear_path(M, K, bf16=False, q8=True) == "dot"

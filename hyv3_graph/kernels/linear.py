@@ -15,8 +15,7 @@ from max.graph import DeviceRef, TensorType, TensorValue, ops
 
 from .cpu_isa import AMX_K_STEP, amx_available, bf16_dot_available, vnni_available
 
-STREAM_MAX_M = 16  # kernels/linear.mojo: at most this many rows stream the weights,
-Q8_LANES_MAX_M = 256  # and Q8_0 ones on AVX512_VNNI on the lanes at most this many
+STREAM_MAX_M = 16  # kernels/linear.mojo: at most this many rows stream the weights
 Q8_LANES_MIN_M = 6  # kernels/microkernels.mojo: Q8_0 streaming puts x's rows in the lanes from this many rows,
 Q8_LANES_NARROW_M = 8  # in 8 lanes (ymm) up to this many rows, in 16 above (microkernels.q8_lane_width)
 INT8_X_PATHS = ("vnni", "lanes")  # the paths that dot x's int8 blocks (q8_0.quantize_activations), not x
@@ -26,13 +25,13 @@ DOT_TILE_FLOPS = 8 * 3 * 128 * 64  # one microkernels.dot_tile call: MR x NVMAX 
 def linear_path(M: int, K: int, bf16: bool, q8: bool = False) -> str:
     """The path kernels/linear.mojo takes for an [M, K] input: "stream", "amx" (AMX bf16 tiles), "dot" (bf16-dot
     GEMM), "matmul" (MAX's float32 matmul) or, for Q8_0 weights (q8), "vnni" (streaming on vpdpbusd, x quantized to
-    int8: q8_0.quantize_activations), "lanes" (the same with x's rows in the vector lanes, Q8_LANES_MIN_M to
-    Q8_LANES_MAX_M rows), "stream", "dot" (the bf16-dot GEMM on the blocks' int8 values, each block's
+    int8: q8_0.quantize_activations), "lanes" (the same with x's rows in the vector lanes, from Q8_LANES_MIN_M rows),
+    "stream", "dot" (the bf16-dot GEMM on the blocks' int8 values, each block's
     sum scaled by its d; x rounded to bf16) or "dequant" (float32 rows into MAX's matmul). Mirrors `_path` there;
     the tests use it to cover every path and to pick the reference's activations."""
-    if q8 and vnni_available() and M <= Q8_LANES_MAX_M:
-        return "lanes" if M >= Q8_LANES_MIN_M else "vnni"
     if M <= STREAM_MAX_M:
+        if q8 and vnni_available():
+            return "lanes" if M >= Q8_LANES_MIN_M else "vnni"
         return "stream"
     if q8:
         return "dot" if bf16_dot_available() else "dequant"
