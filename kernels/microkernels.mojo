@@ -17,7 +17,7 @@
 #     (each weight dword broadcast; 8 lanes on ymm up to 8 rows, q8_lane_width): eight vpdpbusd per weight row and
 #     block whatever the number of rows, so it beats stream_dots_q8_vnni from Q8_LANES_MIN_M rows. Q8LaneSlots holds
 #     more rows in groups of 16, a slot each, and picks each group's lane width (`pack`, `dots`). linear's Q8_0
-#     streaming path for batches of 6-256 rows, and moe_experts' for experts of as many.
+#     streaming path for batches of 6-16 rows, and moe_experts' for experts of 6-256 rows.
 #   * dot_tile / dot_panel: the bf16-dot GEMM (vdpbf16ps), compute bound: MR weight rows read in place, a bf16
 #     pair broadcast against MB activation rows packed [K/2][MB] (each op packs its own: moe_experts rounds float32
 #     rows, linear copies bf16 ones). moe_experts' bf16 experts with many rows and linear's bf16 prefill.
