@@ -43,34 +43,31 @@
 #   * MATMUL (float32, M > STREAM_MAX_M): MAX's own linalg matmul on the raw pointers (it is fast in float32:
 #     ~300 GFLOP/s here); SwiGLU writes gate into y and up into a scratch, then combines.
 #   * Portable (bf16 without AVX512_BF16, HYV3_PORTABLE_KERNELS=1, or odd K at large M): STREAM at every M.
-#   * Q8_0 weights, M <= STREAM_MAX_M: STREAM, reading 34 bytes per 32 weights (53% of
-#     bf16's). On a CPU with AVX512_VNNI (cpu_isa.use_vnni): x is quantized once per call into int8 blocks of 32 with a
-#     float32 scale each (microkernels.q8_quantize_activations), and microkernels.stream_dots_q8_vnni runs vpdpbusd on
-#     two weight blocks at a time, exact int32 block sums scaled by d_w * d_x in float32: 1.4-1.6x the compute ceiling
-#     of widening (docs/perf-notes.md, "Q8_0"), at the cost of x's int8 rounding (as llama.cpp's q8_0 does, with a
-#     float32 rather than float16 scale). Q8_0 passes read 8 weight rows (1.2-1.4x the rate of 4 on vpdpbusd at M = 1;
-#     docs/perf-notes.md, "Q8_0 streaming: 8 rows a pass"). That loop costs a vpdpbusd, a
-#     convert, the scale product and an FMA per 64 weights and x row, so from Q8_LANES_MIN_M = 6 rows x is also
-#     packed with its rows in the vector lanes (microkernels.q8_pack_lanes) and microkernels.stream_dots_q8_lanes
-#     runs eight vpdpbusd per weight row and block for all rows at once (the weight dword broadcast, made unsigned;
-#     x's -128 * sum(x) start packed once per call): the same cost at 9 rows as at 16 (`_stream_task_lanes`), and
-#     up to Q8_LANES_NARROW_M = 8 rows in 8 lanes on ymm (microkernels.q8_lane_width: 0.66x of 16 lanes' cost),
-#     1.1-1.4x the row kernel at 6-8 rows (docs/perf-notes.md, "Q8_0 with the activation rows in the lanes, kept",
-#     and "Q8_0's lanes on ymm from 6 rows"). Past 16 rows the lanes in groups of 16 (microkernels.Q8LaneSlots)
-#     ran 2.2x / 1.2x / 1.06x the GEMM at 17 / 128 / 256 rows on Hy3's qkv, but their int8 activations cut `tiny`'s
-#     q8_0 prefill logits' correlation with HF to 0.979 (tests/test_model.py holds it above 0.995), so calls of
-#     more than 16 rows keep the GEMM's bf16-rounded x (docs/perf-notes.md, "Q8_0's lanes in `linear` up to 256
-#     rows"). Otherwise (no VNNI,
-#     HYV3_PORTABLE_KERNELS=1): microkernels.stream_dots_q8_0, each block widened and scaled exactly and FMA'd into
-#     float32 x, so y is x . dequantize(w)^T to float32 rounding. M > STREAM_MAX_M on a CPU
-#     with AVX512_BF16: DOT on Q8_0 rows (microkernels.q8_dot_panel, the same tasks, packing and epilogue): each task
-#     widens its rows' K slice into a scratch of bf16 pairs (int8 values are exact in bf16) and sums each block's 16
-#     pairs apart, then scales them by the block's d, so the weights are exactly the dequantized ones and only x is
+#   * Q8_0 weights, M <= STREAM_MAX_M: STREAM, reading 34 bytes per 32 weights (53% of bf16's). On a CPU with
+#     AVX512_VNNI (cpu_isa.use_vnni): x is quantized once per call into int8 blocks of 32 with a float32 scale each
+#     (microkernels.q8_quantize_activations), and microkernels.stream_dots_q8_vnni runs vpdpbusd on two weight blocks at
+#     a time, exact int32 block sums scaled by d_w * d_x in float32: 1.4-1.6x the compute ceiling of widening
+#     (docs/perf-notes.md, "Q8_0"), at the cost of x's int8 rounding (as llama.cpp's q8_0 does, with a float32 rather
+#     than float16 scale). Q8_0 passes read 8 weight rows (1.2-1.4x the rate of 4 on vpdpbusd at M = 1;
+#     docs/perf-notes.md, "Q8_0 streaming: 8 rows a pass"). That loop costs a vpdpbusd, a convert, the scale product and
+#     an FMA per 64 weights and x row, so from Q8_LANES_MIN_M = 6 rows x is also packed with its rows in the vector
+#     lanes (microkernels.q8_pack_lanes) and microkernels.stream_dots_q8_lanes runs eight vpdpbusd per weight row and
+#     block for all rows at once (the weight dword broadcast, made unsigned; x's -128 * sum(x) start packed once per
+#     call): the same cost at 9 rows as at 16 (`_stream_task_lanes`), and up to Q8_LANES_NARROW_M = 8 rows in 8 lanes on
+#     ymm (microkernels.q8_lane_width: 0.66x of 16 lanes' cost), 1.1-1.4x the row kernel at 6-8 rows
+#     (docs/perf-notes.md, "Q8_0 with the activation rows in the lanes, kept", and "Q8_0's lanes on ymm from 6 rows").
+#     Calls of more than 16 rows take DOT below: its bf16-rounded x keeps a q8_0 prefill's logits within
+#     tests/test_model.py's bound, which int8 x on the lanes did not (docs/perf-notes.md, "Q8_0's lanes in `linear` up
+#     to 256 rows"). Otherwise (no VNNI, HYV3_PORTABLE_KERNELS=1): microkernels.stream_dots_q8_0, each block widened and
+#     scaled exactly and FMA'd into float32 x, so y is x . dequantize(w)^T to float32 rounding. M > STREAM_MAX_M on a
+#     CPU with AVX512_BF16: DOT on Q8_0 rows (microkernels.q8_dot_panel, the same tasks, packing and epilogue): each
+#     task widens its rows' K slice into a scratch of bf16 pairs (int8 values are exact in bf16) and sums each block's
+#     16 pairs apart, then scales them by the block's d, so the weights are exactly the dequantized ones and only x is
 #     rounded to bf16 (packed as bf16 pairs; a bf16 x as it is). 2.0-2.3x DEQUANT, 0.86-0.92x the bf16 weights' DOT
 #     (docs/perf-notes.md, "Q8_0 on the bf16-dot GEMM"). Without AVX512_BF16 (or HYV3_PORTABLE_KERNELS=1): DEQUANT,
 #     DEQUANT_ROWS weight rows at a time dequantized into float32 and multiplied by MAX's matmul (the dequantization is
-#     1/M of the work). Not built: an int8 GEMM
-#     (vpdpbusd or AMX-int8), whose per-32 scales cost a convert, a multiply and an FMA next to each vpdpbusd.
+#     1/M of the work). Not built: an int8 GEMM (vpdpbusd or AMX-int8), whose per-32 scales cost a convert, a multiply
+#     and an FMA next to each vpdpbusd.
 #   * Why no AMX for float32 weights or at M <= 16: the tiles take bf16 only (rounding float32 weights would change
 #     the model), and decode is bound by the weight bytes, which the streaming path already reads once.
 #
@@ -134,8 +131,8 @@ from .microkernels import (W, MAX_STREAM_ROWS, STREAM_NW, MB, MR, KC, NVMAX, AMX
                            dot_panel, dot_tile, n_blocks, q8_dot_panel, q8_activation_scales, q8_dequantize_row,
                            q8_quantize_activations, q8_row_bytes, silu, stream_dots, stream_dots_bf16, stream_dots_q8_0,
                            stream_dots_q8_vnni, stream_ahead, stream_rows_per_pass, swiglu_row,
-                           q8_lane_groups, Q8LaneSlots, Q8_LANES_MIN_M, untracked)
-from .work_queue import parallelize_dynamic, parallelize_sized
+                           Q8LaneSlots, Q8_LANES_MIN_M, untracked)
+from .work_queue import parallelize_dynamic
 
 comptime STREAM_MAX_M = 16  # at most this many rows stream the weights (see the header)
 comptime STREAM_TASK_BYTES = 1 << 20  # streaming: weight bytes per task
@@ -291,9 +288,9 @@ def _stream[dt: DType, SWIGLU: Bool, Q8: Bool](pb: _Problem[dt], x_form: Int, re
 @always_inline
 def _stream_task_lanes[dt: DType, SWIGLU: Bool, NW: Int](pb: _Problem[dt], cols_per_task: Int, task: Int):
     """STREAM with x's rows in the lanes (READ_Q8_LANES: Q8_0 weights, Q8_LANES_MIN_M..STREAM_MAX_M rows on
-    AVX512_VNNI): as _stream_task, each pass of NW weight rows read from memory once, then dotted against every group
-    of up to W rows of x in turn while it is in cache (Q8LaneSlots.dots: the same cost for 9 rows of a group as for
-    16; 8 lanes up to Q8_LANES_NARROW_M rows)."""
+    AVX512_VNNI, one lanes slot): as _stream_task, each pass of NW weight rows read once for every row of x at the
+    same cost (Q8LaneSlots.dots: 8 lanes up to Q8_LANES_NARROW_M rows, 16 above)."""
+    comptime assert STREAM_MAX_M <= W, "the lanes hold every row of a streaming call"
     var N = pb.N
     var row_bytes = q8_row_bytes(pb.K)
     var ahead = stream_ahead(NW * row_bytes, 1)
@@ -302,16 +299,14 @@ def _stream_task_lanes[dt: DType, SWIGLU: Bool, NW: Int](pb: _Problem[dt], cols_
         var w_rows = StaticTuple[Int, NW](fill=0)
         comptime for v in range(NW):
             w_rows[v] = min(o + v, N - 1) * row_bytes
-        for g in range(q8_lane_groups(pb.M)):
-            var ng = min(W, pb.M - g * W)
-            var a = pb.lanes.dots[NW](g, ng, pb.wa.unsafe_bitcast[UInt8](), w_rows, ahead)
-            comptime if SWIGLU:
-                var u = pb.lanes.dots[NW](g, ng, pb.wb.unsafe_bitcast[UInt8](), w_rows, ahead)
-                comptime for v in range(NW):
-                    a[v] = silu[W](a[v]) * u[v]
+        var a = pb.lanes.dots[NW](0, pb.M, pb.wa.unsafe_bitcast[UInt8](), w_rows, ahead)
+        comptime if SWIGLU:
+            var u = pb.lanes.dots[NW](0, pb.M, pb.wb.unsafe_bitcast[UInt8](), w_rows, ahead)
             comptime for v in range(NW):
-                for r in range(ng):
-                    _store[dt, 1](pb.yp, (g * W + r) * N + min(o + v, N - 1), SIMD[DType.float32, 1](a[v][r]))
+                a[v] = silu[W](a[v]) * u[v]
+        comptime for v in range(NW):
+            for r in range(pb.M):
+                _store[dt, 1](pb.yp, r * N + min(o + v, N - 1), SIMD[DType.float32, 1](a[v][r]))
 
 
 @always_inline
@@ -647,7 +642,7 @@ struct _XForms[dt: DType, Q8: Bool](Movable):
         self.widened = List[Float32](unsafe_uninit_length=M * K if widen else 0)
         self.xq = List[UInt8](unsafe_uninit_length=M * K if int8 else 0)
         self.xs = List[Float32](unsafe_uninit_length=M * q8_activation_scales(K) if int8 else 0)
-        var slots = q8_lane_groups(M) if lanes else 0
+        var slots = 1 if lanes else 0  # every row in one slot: M <= STREAM_MAX_M <= W
         self.xl = List[Int32](unsafe_uninit_length=Q8LaneSlots.ints(K, slots))
         self.xls = List[Float32](unsafe_uninit_length=Q8LaneSlots.blocks(K, slots))
         self.xlc = List[Int32](unsafe_uninit_length=Q8LaneSlots.blocks(K, slots))
@@ -655,23 +650,14 @@ struct _XForms[dt: DType, Q8: Bool](Movable):
         comptime if Self.dt != DType.float32:
             if widen:
                 widen_row(xf, x, M * K)
-        if not int8:
-            return
-        var xq = untracked(self.xq.unsafe_ptr())
-        var xs = untracked(self.xs.unsafe_ptr())
-        var slot_of = self._lanes(K)
-
-        def quantize_group(g: Int) {var xf, var xq, var xs, var slot_of, var M, var K, var lanes}:
-            """x's rows g * W .. (a group of the lanes) to int8 blocks, then into the group's lanes slot."""
-            var m0 = g * W
-            var rows = min(W, M - m0)
-            for m in range(m0, m0 + rows):
+        if int8:
+            var xq = untracked(self.xq.unsafe_ptr())
+            var xs = untracked(self.xs.unsafe_ptr())
+            for m in range(M):
                 q8_quantize_activations(xf.unsafe_offset(m * K), K, xq.unsafe_offset(m * K),
                                         xs.unsafe_offset(m * q8_activation_scales(K)))
             if lanes:
-                slot_of.pack(g, xq.unsafe_offset(m0 * K), xs.unsafe_offset(m0 * q8_activation_scales(K)), rows)
-
-        parallelize_sized(quantize_group, q8_lane_groups(M), M * K * 6)
+                self._lanes(K).pack(0, xq, xs, M)
 
     def _lanes(mut self, K: Int) -> Q8LaneSlots:
         """The lanes slots (empty unless the call streams on the lanes)."""

@@ -18,20 +18,19 @@
 # float32. Deterministic bit for bit, whatever the thread count.
 #
 # Design, and why:
-#   * An expert with few rows (<= SMALL_ROWS: decode, or a long tail of lightly used experts) is
-#     memory bound: its weights are streamed exactly once, each weight row chunk feeding the FMAs of
-#     all its rows (register accumulators, a tile of 1, 2 or 4 rows so that no FMA is wasted). Four weight
-#     rows share each pass over the activations (gate rows o, o + 1 with up rows I + o, I + o + 1, so SwiGLU
-#     is fused into the gate_up pass; or four adjacent down rows); each row is prefetched at the same position
-#     in the first later pass at least 8 KiB on (microkernels.stream_ahead: Hy3's short down rows, 3 KiB, would
-#     otherwise prefetch inside the current pass).
-#     All such experts' (expert, ~1 MiB of weight rows) tasks share one parallel loop, so both cores stay
-#     busy whether one expert or all of them are active; at decode (every streaming expert <= SMALL_ROWS rows,
-#     >= EXPERT_TASKS_PER_CORE of them a core) each expert is instead one task, gate_up then down on one core
-#     (`_stream_expert`: one parallel pass instead of two; `small`'s experts 1.06-1.10x). bf16 weights on a CPU with AVX512_BF16 (even H and I):
-#     the rows and then the SwiGLU outputs are rounded to bf16 (as the bf16-dot GEMM below and HF's bf16 experts
-#     round them) and dotted on vdpbf16ps (microkernels.stream_dots_bf16), 8 weight rows a pass; otherwise the
-#     weights are widened exactly against float32 activations.
+#   * An expert with few rows (<= SMALL_ROWS: decode, or a long tail of lightly used experts) is memory bound: its
+#     weights are streamed exactly once, each weight row chunk feeding the FMAs of all its rows (register accumulators,
+#     a tile of 1, 2 or 4 rows so that no FMA is wasted). Four weight rows share each pass over the activations (gate
+#     rows o, o + 1 with up rows I + o, I + o + 1, so SwiGLU is fused into the gate_up pass; or four adjacent down
+#     rows); each row is prefetched at the same position in the first later pass at least 8 KiB on
+#     (microkernels.stream_ahead: Hy3's short down rows, 3 KiB, would otherwise prefetch inside the current pass). All
+#     such experts' (expert, ~1 MiB of weight rows) tasks share one parallel loop, so both cores stay busy whether one
+#     expert or all of them are active; at decode (every streaming expert <= SMALL_ROWS rows, >= EXPERT_TASKS_PER_CORE
+#     of them a core) each expert is instead one task, gate_up then down on one core (`_stream_expert`: one parallel
+#     pass instead of two; `small`'s experts 1.06-1.10x). bf16 weights on a CPU with AVX512_BF16 (even H and I): the
+#     rows and then the SwiGLU outputs are rounded to bf16 (as the bf16-dot GEMM below and HF's bf16 experts round them)
+#     and dotted on vdpbf16ps (microkernels.stream_dots_bf16), 8 weight rows a pass; otherwise the weights are widened
+#     exactly against float32 activations.
 #   * An expert with many rows is compute bound. float32 weights: gathered rows times its weights through
 #     MAX's own CPU matmul (linalg.matmul.cpu, transpose_b), SwiGLU in between. Each expert runs on one core,
 #     experts with the most rows first, whenever that greedy schedule ends within 10% of an even split;
@@ -57,23 +56,22 @@
 #     reads 34 bytes per 32 weights, 53% of bf16: on AVX512_VNNI (cpu_isa.use_vnni) its rows and then its SwiGLU
 #     activations are quantized to int8 blocks (microkernels.q8_quantize_activations) and dotted on vpdpbusd
 #     (stream_dots_q8_vnni), as linear does, 8 weight rows a pass (4 gate rows with their up rows, or 8 down rows; bf16
-#     weights the same); an expert with
-#     Q8_LANES_MIN_M rows or more (a prefill, a large batch) has its int8 rows, then its activations, packed with
-#     the rows in the vector lanes, in groups of up to 16 rows (microkernels.q8_pack_lanes; 8 lanes for a group of
-#     up to 8) and runs stream_dots_q8_lanes, eight vpdpbusd per weight row, block and group, each weight pass
-#     dotted against every group while it is in L1 (`_lanes_gate_up`, `_lanes_down`). At Hy3's dims (E 32) that
-#     is 1.2-1.7x the row kernel at 6-16 rows, and 2.1x / 1.8x / 1.5x / 1.2x / 1.1x the bf16-dot GEMM at 17-24 /
-#     32 / 48-64 / 128 / 256 rows (vpdpbusd does twice vdpbf16ps's products; docs/perf-notes.md, "Q8_0's lanes in
+#     weights the same); an expert with Q8_LANES_MIN_M rows or more (a prefill, a large batch) has its int8 rows, then
+#     its activations, packed with the rows in the vector lanes, in groups of up to 16 rows (microkernels.q8_pack_lanes;
+#     8 lanes for a group of up to 8) and runs stream_dots_q8_lanes, eight vpdpbusd per weight row, block and group,
+#     each weight pass dotted against every group while it is in L1 (`_lanes_gate_up`, `_lanes_down`). At Hy3's dims (E
+#     32) that is 1.2-1.7x the row kernel at 6-16 rows, and 2.1x / 1.8x / 1.5x / 1.2x / 1.1x the bf16-dot GEMM at 17-24
+#     / 32 / 48-64 / 128 / 256 rows (vpdpbusd does twice vdpbf16ps's products; docs/perf-notes.md, "Q8_0's lanes in
 #     moe_experts"), so up to Q8_LANES_MAX_ROWS rows such an expert streams on the lanes instead of taking the GEMM;
 #     otherwise each weight block is widened and scaled, exact in float32, against exact float32 activations
-#     (stream_dots_q8_0). An expert with more rows (prefill) takes the bf16-dot GEMM below on its Q8_0 rows where
-#     the CPU has AVX512_BF16 (microkernels.q8_dot_panel: each K slice widened into a scratch per task, each block's
-#     sum scaled by its d, so the weights are exactly the dequantized ones; x and the SwiGLU output rounded to bf16
-#     as for bf16 weights; never AMX): 1.66x DEQUANT at Hy3's dims (docs/perf-notes.md, "Q8_0 on the bf16-dot
-#     GEMM"). Otherwise DEQUANT, as linear does: tasks of (expert, DEQUANT_ROWS weight rows: gate rows with their
-#     up rows, or down rows), each dequantizing its rows once into a float32 scratch (exact) and multiplying the
-#     expert's rows by them through MAX's matmul on its core; streaming them instead re-read every expert's
-#     activations from L3 for each 4 weight rows. Why no int8 GEMM: docs/perf-notes.md, "Q8_0".
+#     (stream_dots_q8_0). An expert with more rows (prefill) takes the bf16-dot GEMM below on its Q8_0 rows where the
+#     CPU has AVX512_BF16 (microkernels.q8_dot_panel: each K slice widened into a scratch per task, each block's sum
+#     scaled by its d, so the weights are exactly the dequantized ones; x and the SwiGLU output rounded to bf16 as for
+#     bf16 weights; never AMX): 1.66x DEQUANT at Hy3's dims (docs/perf-notes.md, "Q8_0 on the bf16-dot GEMM"). Otherwise
+#     DEQUANT, as linear does: tasks of (expert, DEQUANT_ROWS weight rows: gate rows with their up rows, or down rows),
+#     each dequantizing its rows once into a float32 scratch (exact) and multiplying the expert's rows by them through
+#     MAX's matmul on its core; streaming them instead re-read every expert's activations from L3 for each 4 weight
+#     rows. Why no int8 GEMM: docs/perf-notes.md, "Q8_0".
 #   * The streaming and bf16-dot tasks go to whichever core is free (work_queue.mojo): MAX's parallelize
 #     gives each core a fixed half of the task list, which leaves one idle when experts' row counts differ.
 #   * Combine is deterministic, without atomics: out[t] accumulates its experts in ascending expert
@@ -120,7 +118,7 @@ from .microkernels import (W, MAX_STREAM_ROWS, MB, MR, AMX_TILE, Q8_BLOCK, Q8_BL
                            stream_dots_q8_vnni,
                            stream_rows_per_pass, swiglu_row, untracked)
 
-comptime EXPERT_TASKS_PER_CORE = 4  # decode: from this many streaming experts per core, one task each (`_stream_expert`)
+comptime EXPERT_TASKS_PER_CORE = 4  # decode: from this many streaming experts a core, one task each (_stream_expert)
 comptime SMALL_ROWS = MAX_STREAM_ROWS  # experts with at most this many rows take the streaming path
 comptime STREAM_TASK_BYTES = 1 << 20  # streaming path: weight bytes per task
 comptime GU_ROWS = MR // 2  # gate_up: gate rows o0..o0+3 with up rows I+o0..I+o0+3, so SwiGLU fuses
@@ -461,6 +459,13 @@ def _stream_down[wdt: DType](
                     yp[unsafe_offset=(r0 + g0 + r) * H + min(h + v, H - 1)] = y[v][r]
 
 
+@always_inline
+def _quantize_act_row(rt: _Routing, rw: _Rows, st: _Stream, r: Int):
+    """Grouped row r's SwiGLU outputs (float32, ap) to int8 blocks for the down pass (aq, as_)."""
+    q8_quantize_activations(rw.ap.unsafe_offset(r * rt.I), rt.I, st.aq.unsafe_offset(r * rt.I),
+                            st.as_.unsafe_offset(r * q8_activation_scales(rt.I)))
+
+
 def _stream_expert[wdt: DType](rt: _Routing, wt: _Weights[wdt], rw: _Rows, st: _Stream, i: Int):
     """Streaming path, one expert (the i-th streaming one) whole on one core: its gate_up tasks, its SwiGLU outputs
     quantized (int8: and packed in the lanes), then its down tasks. Taken in decode (every streaming expert at most
@@ -475,8 +480,7 @@ def _stream_expert[wdt: DType](rt: _Routing, wt: _Weights[wdt], rw: _Rows, st: _
         var r0 = Int(rt.offp[unsafe_offset=e])
         var n = Int(rt.offp[unsafe_offset=e + 1]) - r0
         for r in range(r0, r0 + n):
-            q8_quantize_activations(rw.ap.unsafe_offset(r * rt.I), rt.I, st.aq.unsafe_offset(r * rt.I),
-                                    st.as_.unsafe_offset(r * q8_activation_scales(rt.I)))
+            _quantize_act_row(rt, rw, st, r)
         var slot = st.lane_slot[unsafe_offset=e]
         if slot >= 0:
             _pack_expert_lanes(rt, st.aq, st.as_, st.a_lanes, e, slot)
@@ -1035,8 +1039,7 @@ struct MoeExperts:
 
         def quantize_act(r: Int) {var rt, var rw, var st}:
             if rt.pathp[unsafe_offset=rt.rep[unsafe_offset=r]] == STREAM:
-                q8_quantize_activations(rw.ap.unsafe_offset(r * rt.I), rt.I, st.aq.unsafe_offset(r * rt.I),
-                                        st.as_.unsafe_offset(r * q8_activation_scales(rt.I)))
+                _quantize_act_row(rt, rw, st, r)
 
         def pack_x_lanes(i: Int) {var rt, var st, var lep}:
             var e = lep[unsafe_offset=i]
